@@ -1,0 +1,352 @@
+"""Typed settings for every part of the toolkit, YAML loading and `key.sub=value` overrides.
+
+Owns: the dataclasses (each default lives in its field, with its help text beside it), loading,
+validation that collects every problem and raises once (`ConfigError`), and rendering a
+commented YAML of the defaults. Does not own: what the settings mean (the modules that read
+them do). Layer 0: no torch import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nmt.errors import ConfigError, UsageError
+
+
+def opt(default, help: str, choices: tuple | None = None, min=None, max=None, **kw):  # noqa: A002
+    """A dataclass field carrying its help text and its allowed values."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel text is and how it is filtered."""
+
+    corpus: str = opt("multi30k", "corpus name from nmt.corpora (used by recipes and `prepare`)")
+    src_lang: str = opt("en", "source language code")
+    tgt_lang: str = opt("de", "target language code")
+    train_src: str = opt("", "training source text file (one sentence per line; .gz allowed)")
+    train_tgt: str = opt("", "training target text file, line-aligned with train_src")
+    valid_src: str = opt("", "validation source text file")
+    valid_tgt: str = opt("", "validation target text file, line-aligned with valid_src")
+    dir: str = opt("runs/data", "folder for the tokenizer models and the cached encoded datasets")
+    max_len: int = opt(200, "pairs with more pieces than this on either side are dropped", min=1)
+    min_len: int = opt(1, "pairs with fewer pieces than this on either side are dropped", min=0)
+    num_proc: int = opt(1, "worker processes for encoding (1 = in-process)", min=1)
+
+
+@dataclass
+class TokenizerConfig:
+    """The sentencepiece model learned from the training split."""
+
+    model_type: str = opt("bpe", "sentencepiece algorithm", choices=("bpe", "unigram"))
+    vocab_size: int = opt(8000, "pieces per model (joint: one shared model)", min=16)
+    joint: bool = opt(True, "one model for both sides (also shares the embeddings)")
+    character_coverage: float = opt(1.0, "share of characters covered", min=0.9, max=1.0)
+    input_sentence_size: int = opt(
+        2_000_000, "sentences sampled to learn the model (0 = all)", min=0
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and sizes. Presets live in configs/."""
+
+    arch: str = opt("gnmt", "model family for both sides", choices=("gnmt", "tcn"))
+    encoder: str = opt("", "encoder family if it differs from arch", choices=("", "gnmt", "tcn"))
+    decoder: str = opt("", "decoder family if it differs from arch", choices=("", "gnmt", "tcn"))
+    cell: str = opt("lstm", "recurrent cell of the GNMT stacks", choices=("lstm", "gru", "rnn"))
+    emb_dim: int = opt(256, "embedding size", min=1)
+    hidden: int = opt(256, "hidden size of every unidirectional layer (and attention)", min=1)
+    bi_hidden: int = opt(128, "per-direction size of the bidirectional first encoder layer", min=1)
+    enc_layers: int = opt(2, "encoder layers (the first is bidirectional)", min=1)
+    dec_layers: int = opt(2, "decoder layers (the first feeds attention)", min=1)
+    residual_start: int = opt(3, "first layer (1-based) with a residual connection", min=2)
+    attention: str = opt(
+        "bahdanau", "attention score", choices=("bahdanau", "dot", "general")
+    )
+    dropout: float = opt(0.2, "dropout between layers and on embeddings", min=0.0, max=0.9)
+    tie_embeddings: bool = opt(False, "tie the output projection to the target embedding")
+    share_embeddings: bool = opt(True, "share source and target embeddings when joint")
+    init_scale: float = opt(0.1, "uniform(-s, s) initialisation of weights", min=0.0)
+    kernel_size: int = opt(3, "TCN: convolution kernel size", min=1)
+    levels: int = opt(4, "TCN: temporal blocks per stack; dilation doubles per level", min=1)
+    channels: int = opt(256, "TCN: channels of every temporal block", min=1)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, validation and checkpointing."""
+
+    out_dir: str = opt("runs/model", "run folder: checkpoints, config.yaml and log.jsonl")
+    max_tokens: int = opt(3000, "padded tokens per batch (max of source and target side)", min=1)
+    max_epochs: int = opt(10, "stop after this many epochs (0 = no limit)", min=0)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", min=0)
+    optimizer: str = opt("adam", "optimizer", choices=("adam", "adamw"))
+    lr: float = opt(1e-3, "peak learning rate", min=0.0)
+    betas: list = opt([0.9, 0.999], "Adam betas")
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    schedule: str = opt(
+        "gnmt",
+        "lr schedule: gnmt (warmup, then halve `decay_times` times from decay_start), "
+        "inverse_sqrt, constant",
+        choices=("gnmt", "inverse_sqrt", "constant"),
+    )
+    warmup_steps: int = opt(200, "linear (gnmt: exponential) warmup steps", min=0)
+    decay_start: float = opt(0.666, "gnmt: share of training before the first halving", min=0.0)
+    decay_times: int = opt(4, "gnmt: how many times the lr is halved", min=0)
+    label_smoothing: float = opt(0.1, "label smoothing", min=0.0, max=0.99)
+    clip_norm: float = opt(5.0, "gradient clipping by global norm (0 = off)", min=0.0)
+    accum_steps: int = opt(1, "batches accumulated per optimizer step", min=1)
+    valid_every: int = opt(0, "validate every N steps (0 = at the end of each epoch)", min=0)
+    valid_bleu: bool = opt(True, "compute greedy BLEU at validation")
+    best_metric: str = opt("bleu", "metric that picks `best`", choices=("bleu", "loss"))
+    patience: int = opt(0, "stop after N validations without improvement (0 = never)", min=0)
+    save_every: int = opt(0, "also save a numbered checkpoint every N steps (0 = off)", min=0)
+    keep_last: int = opt(2, "numbered checkpoints kept", min=1)
+    log_every: int = opt(50, "log every N steps", min=1)
+    seed: int = opt(1, "random seed (model init, batch order, dropout)")
+    device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
+    precision: str = opt(
+        "auto", "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    threads: int = opt(0, "torch CPU threads (0 = torch default)", min=0)
+    max_bad_steps: int = opt(20, "stop after this many NaN/inf losses in a row", min=1)
+
+
+@dataclass
+class SearchConfig:
+    """Decoding: used by validation, `translate` and `evaluate`."""
+
+    beam_size: int = opt(5, "beam size (1 = greedy)", min=1)
+    n_best: int = opt(1, "hypotheses returned per sentence (<= beam_size)", min=1)
+    alpha: float = opt(0.6, "GNMT length penalty ((5+|Y|)/6)^alpha (0 = off)", min=0.0)
+    beta: float = opt(0.0, "GNMT coverage penalty weight (0 = off)", min=0.0)
+    max_len_a: float = opt(1.5, "max output length = a * source length + b", min=0.0)
+    max_len_b: int = opt(10, "max output length = a * source length + b", min=1)
+    batch_size: int = opt(64, "sentences per decoding batch", min=1)
+    max_src_len: int = opt(250, "longer inputs are truncated with a warning", min=1)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "search": SearchConfig,
+}
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _resolve_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
+    """Return (value, problem). Ints are accepted where floats are expected; nothing else."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value, None
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+    elif tp is str:
+        if isinstance(value, str):
+            return value, None
+    elif tp is list:
+        if isinstance(value, list):
+            return value, None
+    found = "null" if value is None else type(value).__name__
+    return value, f"{path}: expected {_type_name(tp)}, found {found} {value!r}"
+
+
+def _check_field(f: dataclasses.Field, value, path: str) -> str | None:
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        hint = _did_you_mean(str(value), [c for c in meta["choices"] if c])
+        return f"{path}: expected one of {allowed}, found {value!r}{hint}"
+    if meta.get("min") is not None and value < meta["min"]:
+        return f"{path}: must be >= {meta['min']}, found {value!r}"
+    if meta.get("max") is not None and value > meta["max"]:
+        return f"{path}: must be <= {meta['max']}, found {value!r}"
+    return None
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    m, s = cfg.model, cfg.search
+    if s.n_best > s.beam_size:
+        problems.append(f"search.n_best: must be <= search.beam_size ({s.beam_size}), "
+                        f"found {s.n_best}")
+    if m.tie_embeddings and m.emb_dim != m.hidden and "gnmt" in (m.decoder or m.arch):
+        problems.append(f"model.tie_embeddings: needs model.emb_dim == model.hidden, "
+                        f"found {m.emb_dim} and {m.hidden}")
+    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
+        problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
+    if cfg.data.min_len > cfg.data.max_len:
+        problems.append(f"data.min_len: must be <= data.max_len ({cfg.data.max_len}), "
+                        f"found {cfg.data.min_len}")
+    return problems
+
+
+def from_dict(raw: dict, source: str | None = None, extra_problems=()) -> Config:
+    """Build a Config from nested dicts, collecting every problem before raising once."""
+    problems: list[str] = list(extra_problems)
+    cfg = Config()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"expected a mapping of sections at the top level, found "
+                           f"{type(raw).__name__}"], source)
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            problems.append(f"{section}: unknown section{_did_you_mean(str(section), SECTIONS)}"
+                            f"; sections are {', '.join(SECTIONS)}")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{section}: expected a mapping, found {type(values).__name__}")
+            continue
+        cls = _SECTION_TYPES[section]
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            path = f"{section}.{key}"
+            if key not in fields:
+                problems.append(f"{path}: unknown key{_did_you_mean(str(key), fields)}")
+                continue
+            f = fields[key]
+            value, problem = _coerce(value, _resolve_type(cls, f), path)
+            problem = problem or _check_field(f, value, path)
+            if problem:
+                problems.append(problem)
+            else:
+                setattr(obj, key, value)
+    if not problems:
+        problems.extend(_cross_checks(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """`section.key=value` strings to a nested dict; values are read as YAML scalars."""
+    nested: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"override {item!r}: expected section.key=value, e.g. train.lr=0.001")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested, problems
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(out.get(section), dict) and isinstance(values, dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML file; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e)
+        if "\t" in text and "tab" in str(e).lower():
+            what += " (YAML does not allow tabs for indentation)"
+        raise UsageError(f"{path}:{where}: invalid YAML: {what}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+    raw = read_yaml(path) if path else {}
+    extra, problems = parse_overrides(list(overrides))
+    source = str(path) if path else None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"expected a mapping of sections at the top level, found "
+                           f"{type(raw).__name__}"], source)
+    return from_dict(_merge(raw, extra), source, problems)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def defaults_yaml() -> str:
+    """Every setting with its default and help, generated from the dataclasses."""
+    lines = ["# nmt: every setting with its default. Generated by `nmt config --defaults`."]
+    for section, cls in _SECTION_TYPES.items():
+        lines.append("")
+        lines.append(f"{section}:  # {cls.__doc__.strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            value = yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            help_text = f.metadata["help"]
+            if f.metadata.get("choices"):
+                help_text += f" [{'|'.join(repr(c) if c == '' else c for c in f.metadata['choices'])}]"
+            lines.append(f"  {f.name}: {value}  # {help_text}")
+    return "\n".join(lines) + "\n"

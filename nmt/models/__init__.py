@@ -1,0 +1,77 @@
+"""Model families and `build_model`.
+
+A model is an `EncoderDecoder`: one encoder and one decoder, each from a family in `FAMILIES`
+(a plain dict, no registration by import side effect). Families can be mixed where the contract
+holds: the decoder only sees the encoder's `EncoderOut` (memory of width `encoder.out_dim`).
+
+Encoder classes: `Cls(cfg: dict, vocab_size: int, pad_id: int)`, `.out_dim`, `.embed`
+(nn.Embedding), `forward(src_ids (B, S), src_lens (B,)) -> EncoderOut`.
+Decoder classes: `Cls(cfg: dict, vocab_size: int, pad_id: int, memory_dim: int)`, `.embed`,
+`prepare(enc) -> EncoderOut` (cache keys once per sentence), `forward(tgt_in_ids (B, T), enc)
+-> logits (B, T, V)`, `init_state(enc)`, `step(tgt_ids_t (B,), state, enc) -> (logits (B, V),
+state, attn (B, S))`, `reorder_state(state, index)`, `tie_output()` (share the output projection
+with `.embed`, called only when cfg["tie_embeddings"]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmt.models import gnmt
+from nmt.models.base import EncoderOut, Seq2Seq
+
+FAMILIES = {
+    "gnmt": (gnmt.GNMTEncoder, gnmt.GNMTDecoder),
+}
+try:  # the TCN family lands separately; keep gnmt usable on its own
+    from nmt.models import tcn
+
+    FAMILIES["tcn"] = (tcn.TCNEncoder, tcn.TCNDecoder)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class EncoderDecoder(Seq2Seq):
+    """An encoder and a decoder joined through `EncoderOut` (see nmt.models.base)."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.src_vocab_size = encoder.embed.num_embeddings
+        self.tgt_vocab_size = decoder.embed.num_embeddings
+
+    def encode(self, src_ids, src_lens) -> EncoderOut:
+        return self.decoder.prepare(self.encoder(src_ids, src_lens))
+
+    def forward(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
+        return self.decoder(tgt_in_ids, self.encode(src_ids, src_lens))  # (B, T, V)
+
+    def init_state(self, enc):
+        return self.decoder.init_state(enc)
+
+    def step(self, tgt_ids_t, state, enc):
+        logits, state, attn = self.decoder.step(tgt_ids_t, state, enc)
+        return torch.log_softmax(logits.float(), dim=-1), state, attn  # (B, V)
+
+    def reorder_state(self, state, index):
+        return self.decoder.reorder_state(state, index)
+
+
+def build_model(
+    cfg: dict, src_vocab_size: int, tgt_vocab_size: int, pad_id: int, joint_vocab: bool
+) -> EncoderDecoder:
+    """Build a model from the plain dict of `ModelConfig` (dataclasses.asdict)."""
+    enc_family = cfg.get("encoder") or cfg["arch"]
+    dec_family = cfg.get("decoder") or cfg["arch"]
+    for family in (enc_family, dec_family):
+        if family not in FAMILIES:
+            raise ValueError(f"model family {family!r} is not available: {sorted(FAMILIES)}")
+    encoder = FAMILIES[enc_family][0](cfg, src_vocab_size, pad_id)
+    decoder = FAMILIES[dec_family][1](cfg, tgt_vocab_size, pad_id, encoder.out_dim)
+    same_shape = encoder.embed.weight.shape == decoder.embed.weight.shape
+    if cfg.get("share_embeddings", True) and joint_vocab and same_shape:
+        decoder.embed = encoder.embed
+    if cfg.get("tie_embeddings", False):
+        decoder.tie_output()
+    return EncoderDecoder(encoder, decoder)

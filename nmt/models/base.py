@@ -1,0 +1,76 @@
+"""The Seq2Seq contract that search and training rely on.
+
+Owns: `EncoderOut` and the abstract `Seq2Seq` interface. Does not own any layer of a model.
+
+- `encode(src_ids (B, S), src_lens (B,)) -> EncoderOut`
+- `forward(src_ids, src_lens, tgt_in_ids (B, T)) -> logits (B, T, V)` (teacher forcing)
+- `init_state(enc) -> state`
+- `step(tgt_ids_t (B,), state, enc) -> (log_probs (B, V), state, attn (B, S))`
+- `reorder_state(state, index)` and `reorder_encoder_out(enc, index)`: select rows by `index`
+  (a LongTensor of row numbers, possibly repeated or fewer than B). Beam search grows, reorders
+  and shrinks the batch through these alone.
+
+Invariants, tested for every architecture: running `step` T times gives the log-softmax of
+`forward`'s logits (float tolerance), and a sentence's output does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderOut:
+    memory: torch.Tensor  # (B, S, H_enc)
+    src_mask: torch.Tensor  # (B, S) bool, True = real token
+    keys: torch.Tensor | None = None  # (B, S, A) attention keys projected once, if the model does
+    src_lens: torch.Tensor | None = None  # (B,)
+
+    def index_select(self, index: torch.Tensor) -> EncoderOut:
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = value.index_select(0, index)
+        return replace(self, **changes)
+
+
+def select_rows(state, index: torch.Tensor):
+    """Apply `index_select(0, index)` to every tensor in a nested tuple/list/dict state."""
+    if isinstance(state, torch.Tensor):
+        return state.index_select(0, index)
+    if isinstance(state, (tuple, list)):
+        return type(state)(select_rows(s, index) for s in state)
+    if isinstance(state, dict):
+        return {k: select_rows(v, index) for k, v in state.items()}
+    if state is None:
+        return None
+    raise TypeError(f"cannot reorder state of type {type(state).__name__}")
+
+
+class Seq2Seq(nn.Module):
+    """Base class of every encoder-decoder model. Subclasses implement the five methods."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
+        raise NotImplementedError
+
+    def forward(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_state(self, enc: EncoderOut):
+        raise NotImplementedError
+
+    def step(self, tgt_ids_t: torch.Tensor, state, enc: EncoderOut):
+        raise NotImplementedError
+
+    def reorder_state(self, state, index: torch.Tensor):
+        return select_rows(state, index)
+
+    def reorder_encoder_out(self, enc: EncoderOut, index: torch.Tensor) -> EncoderOut:
+        return enc.index_select(index)
