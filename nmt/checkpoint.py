@@ -1,0 +1,108 @@
+"""One self-contained, versioned checkpoint file; atomic writes; safe loads.
+
+Owns: the file format. A checkpoint is a dict of plain data and tensors only:
+`format_version`, `config` (the resolved config as nested dicts), `model` (state dict),
+`tokenizer` (sentencepiece model bytes as uint8 tensors), and optionally `train_state`
+(optimizer, scheduler, step, sampler position, RNG states...). It is written to a temporary
+file in the same folder, flushed to disk and renamed, so a file under its final name is always
+complete; it is read with `torch.load(weights_only=True)`, so loading can never run code.
+Does not own: what goes into `train_state` (nmt.training does).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nmt.errors import NmtError, UsageError
+
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "config", "model", "tokenizer")
+
+
+def bytes_to_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """Write `obj` next to `path` under a temporary name, fsync, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise NmtError(
+                f"{path}: could not write checkpoint ({e.strerror or e}); "
+                "the previous file under that name is unchanged"
+            ) from None
+        raise
+
+
+def save(
+    path: str | Path,
+    *,
+    config: dict,
+    model_state: dict,
+    tokenizer_bytes: dict[str, bytes],
+    train_state: dict | None = None,
+) -> None:
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "model": model_state,
+        "tokenizer": {k: bytes_to_tensor(v) for k, v in tokenizer_bytes.items()},
+    }
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    atomic_torch_save(ckpt, path)
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Load and check a checkpoint; every way it can be wrong is one clear UsageError."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, expected a checkpoint file (e.g. {path}/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e).splitlines()[0] if str(e) else "unsupported content"
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UsageError(
+                f"{path}: refused to load: the file contains pickled Python objects, which an "
+                f"nmt checkpoint never does and which could run code ({msg[:200]})"
+            ) from None
+        raise UsageError(f"{path}: not an nmt checkpoint or truncated ({msg[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse a user's file is a bad file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(
+            f"{path}: not a readable nmt checkpoint (truncated or another format: {msg[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
+        raise UsageError(f"{path}: not an nmt checkpoint (missing {', '.join(REQUIRED)})")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise UsageError(
+            f"{path}: checkpoint format version {ckpt['format_version']!r}, this nmt reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return ckpt
+
+
+def tokenizer_bytes(ckpt: dict) -> dict[str, bytes]:
+    return {k: tensor_to_bytes(v) for k, v in ckpt["tokenizer"].items()}

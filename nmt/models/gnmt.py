@@ -1,0 +1,166 @@
+"""GNMT recurrent encoder and decoder (Wu et al. 2016 §3; NVIDIA's GNMT v2 is the reference).
+
+Owns: the embeddings, the recurrent stacks, the output projection and the decoder's per-layer
+state. Attention lives in `nmt.models.attention`; search and training see only the contract of
+`nmt.models.base` through `EncoderDecoder`.
+
+Departures from the paper, all as in NVIDIA GNMT v2:
+- attention is queried by the output of decoder layer 1 at the current step (the paper uses the
+  bottom layer's output of the previous step), and its context is fed to every upper layer.
+  Attention therefore depends on layer 1 alone, so in training each layer runs over the whole
+  target sequence in one call: no Python loop over time steps;
+- the decoder starts from zero states: encoder states are not bridged to the decoder;
+- every parameter starts uniform(-init_scale, init_scale) (attention gain and bias excepted,
+  see `BahdanauAttention`); the padding row of the embedding is then zeroed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from nmt.errors import ConfigError
+from nmt.models.attention import build_attention
+from nmt.models.base import EncoderOut, select_rows
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+def _make_rnn(cell: str, input_dim: int, hidden: int, bidirectional: bool = False) -> nn.Module:
+    if cell not in CELLS:
+        raise ConfigError([f"model.cell: expected one of {', '.join(CELLS)}, found {cell!r}"])
+    return CELLS[cell](input_dim, hidden, batch_first=True, bidirectional=bidirectional)
+
+
+def _init_uniform(module: nn.Module, init_scale: float, embed: nn.Embedding) -> None:
+    for param in module.parameters():
+        nn.init.uniform_(param, -init_scale, init_scale)
+    if embed.padding_idx is not None:
+        with torch.no_grad():
+            embed.weight[embed.padding_idx].zero_()
+
+
+class GNMTEncoder(nn.Module):
+    """Embedding, one bidirectional layer, then unidirectional layers with residuals.
+
+    Layer 1 is bidirectional (`bi_hidden` per direction, concatenated); layers 2..N have `hidden`
+    units; layer i >= `residual_start` (1-based) adds its input to its output; dropout on the
+    embeddings and between layers. The whole stack runs on packed sequences, so the backward
+    direction starts at each sentence's last real token and a sentence's memory does not depend on
+    its batch-mates; the memory is zero at padded positions.
+    """
+
+    def __init__(self, cfg: dict, vocab_size: int, pad_id: int):
+        super().__init__()
+        hidden, bi_hidden, layers = cfg["hidden"], cfg["bi_hidden"], cfg["enc_layers"]
+        self.residual_start = cfg["residual_start"]
+        if layers >= 2 and self.residual_start <= 2 and 2 * bi_hidden != hidden:
+            raise ConfigError([
+                f"model.residual_start: a residual at encoder layer 2 needs 2 * model.bi_hidden"
+                f" == model.hidden, found {2 * bi_hidden} and {hidden} (use residual_start >= 3)"
+            ])
+        self.embed = nn.Embedding(vocab_size, cfg["emb_dim"], padding_idx=pad_id)
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.layers = nn.ModuleList([_make_rnn(cfg["cell"], cfg["emb_dim"], bi_hidden, True)])
+        for i in range(2, layers + 1):
+            self.layers.append(_make_rnn(cfg["cell"], 2 * bi_hidden if i == 2 else hidden, hidden))
+        self.out_dim = hidden if layers > 1 else 2 * bi_hidden
+        _init_uniform(self, cfg["init_scale"], self.embed)
+
+    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
+        seq_len = src_ids.size(1)
+        lens_cpu = src_lens.cpu()
+        if bool((lens_cpu < 1).any()):
+            raise ValueError("every source sentence needs at least one token (e.g. eos)")
+        x = self.dropout(self.embed(src_ids))  # (B, S, E)
+        x = pack_padded_sequence(x, lens_cpu, batch_first=True, enforce_sorted=False)
+        for i, rnn in enumerate(self.layers, start=1):
+            inputs = x if i == 1 else x._replace(data=self.dropout(x.data))
+            out: PackedSequence = rnn(inputs)[0]
+            if i >= max(2, self.residual_start):
+                out = out._replace(data=out.data + x.data)
+            x = out
+        memory = pad_packed_sequence(x, batch_first=True, total_length=seq_len)[0]  # (B, S, H)
+        positions = torch.arange(seq_len, device=src_ids.device)
+        src_mask = positions[None, :] < src_lens[:, None]  # (B, S)
+        return EncoderOut(memory=memory, src_mask=src_mask, src_lens=src_lens)
+
+
+class GNMTDecoder(nn.Module):
+    """GNMT v2 decoder: layer 1 on the target embeddings queries the memory; upper layers read
+    [their input, context]; layer i >= `residual_start` adds its input (not the context); dropout
+    on the embeddings and on every upper layer's input; a projection hidden -> V.
+
+    State: a tuple with one entry per layer, `(h, c)` for an LSTM or `h` for GRU/RNN, each
+    (B, H), batch first so that `select_rows` reorders it. `init_state` gives zeros (GNMT v2 does
+    not bridge encoder states).
+    """
+
+    def __init__(self, cfg: dict, vocab_size: int, pad_id: int, memory_dim: int):
+        super().__init__()
+        hidden, emb_dim = cfg["hidden"], cfg["emb_dim"]
+        self.hidden = hidden
+        self.is_lstm = cfg["cell"] == "lstm"
+        self.residual_start = cfg["residual_start"]
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.layers = nn.ModuleList([_make_rnn(cfg["cell"], emb_dim, hidden)])
+        for _ in range(2, cfg["dec_layers"] + 1):
+            self.layers.append(_make_rnn(cfg["cell"], hidden + memory_dim, hidden))
+        self.out = nn.Linear(hidden, vocab_size)
+        _init_uniform(self, cfg["init_scale"], self.embed)
+        # built after the uniform init so that its own defaults (gain, bias) stand
+        self.attention = build_attention(cfg["attention"], hidden, memory_dim, cfg["init_scale"])
+
+    def tie_output(self) -> None:
+        """Share the output projection's weight with `self.embed` (needs emb_dim == hidden)."""
+        if self.embed.weight.shape != self.out.weight.shape:
+            raise ConfigError([
+                f"model.tie_embeddings: needs model.emb_dim == model.hidden, found "
+                f"{self.embed.embedding_dim} and {self.hidden}"
+            ])
+        self.out.weight = self.embed.weight
+
+    def prepare(self, enc: EncoderOut) -> EncoderOut:
+        """Project the memory to attention keys once per sentence."""
+        return EncoderOut(
+            memory=enc.memory,
+            src_mask=enc.src_mask,
+            keys=self.attention.project_keys(enc.memory),  # (B, S, A) or None
+            src_lens=enc.src_lens,
+        )
+
+    def _run(self, tgt_ids: torch.Tensor, states: list, enc: EncoderOut):
+        """All layers over tgt_ids (B, T); `states` holds each layer's initial state or None."""
+        x = self.dropout(self.embed(tgt_ids))  # (B, T, E)
+        x, states[0] = self.layers[0](x, states[0])  # (B, T, H)
+        context, attn = self.attention(x, enc.keys, enc.memory, enc.src_mask)  # (B,T,D) (B,T,S)
+        for i in range(1, len(self.layers)):
+            inputs = self.dropout(torch.cat((x, context), dim=-1))  # (B, T, H + D)
+            out, states[i] = self.layers[i](inputs, states[i])  # (B, T, H)
+            x = out + x if i + 1 >= self.residual_start else out
+        return self.out(x), states, attn  # (B, T, V)
+
+    def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        return self._run(tgt_in_ids, [None] * len(self.layers), enc)[0]  # (B, T, V)
+
+    def init_state(self, enc: EncoderOut) -> tuple:
+        zeros = enc.memory.new_zeros(enc.memory.size(0), self.hidden)  # (B, H)
+        return tuple((zeros, zeros) if self.is_lstm else zeros for _ in self.layers)
+
+    def step(self, tgt_ids_t: torch.Tensor, state: tuple, enc: EncoderOut):
+        """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V)."""
+        if self.is_lstm:
+            hx = [(h.unsqueeze(0), c.unsqueeze(0)) for h, c in state]  # (1, B, H) each
+        else:
+            hx = [h.unsqueeze(0) for h in state]  # (1, B, H)
+        logits, hx, attn = self._run(tgt_ids_t.unsqueeze(1), hx, enc)  # (B, 1, V)
+        if self.is_lstm:
+            state = tuple((h[0], c[0]) for h, c in hx)  # (B, H) each
+        else:
+            state = tuple(h[0] for h in hx)  # (B, H)
+        return logits.squeeze(1), state, attn.squeeze(1)  # (B, V) (B, S)
+
+    def reorder_state(self, state: tuple, index: torch.Tensor) -> tuple:
+        return select_rows(state, index)

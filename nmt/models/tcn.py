@@ -1,0 +1,321 @@
+"""Temporal convolutional encoder and decoder (TCN family).
+
+Owns: `TemporalBlock`, `TCNEncoder`, `TCNDecoder`, the receptive-field formula and its config
+check. Does not own search, losses or embedding sharing (see `nmt.models.build_model`).
+
+Temporal block (Bai, Kolter & Koltun 2018, "An empirical evaluation of generic convolutional and
+recurrent networks for sequence modeling", Sec. 3 and Fig. 1): two dilated Conv1d, each
+weight-normalised with `torch.nn.utils.parametrizations.weight_norm`, each followed by ReLU and
+dropout; a residual connection (1x1 conv where the widths differ) and a final ReLU. Level `l`
+(0-based) has dilation 2**l, so a stack of L blocks with kernel size k sees
+`1 + 2(k-1)(2**L - 1)` positions. Departures from the reference code:
+- padding is explicit (`F.pad`) instead of pad-both-sides-then-chomp, so kernel size 1 works;
+- the encoder is non-causal: each conv pads ceil((k-1)d/2) on the left and floor((k-1)d/2) on the
+  right (equal for odd k), so a position sees both sides. Padded positions of a batch are set to
+  zero before every conv, so a sentence's encoding is exactly what it would be alone;
+- the decoder is causal (left padding (k-1)d only) and attends to the encoder after every block,
+  as in ConvS2S (Gehring et al. 2017, Sec. 3.3, "multi-step attention"): a per-block query
+  projection of the decoder state, scaled dot product against keys projected once from the
+  encoder memory (`prepare`), the context (a weighted sum of the same keys, as ConvS2S sums the
+  encoder outputs it scored) projected back and added to the block output. `step` returns the
+  mean of the blocks' attention weights (a distribution over the source, as coverage wants);
+- both sides add sinusoidal position features (Vaswani et al. 2017) times a learned scalar
+  (started at the RMS of the embedding initialisation) to the token embeddings. ConvS2S learns a
+  position table instead; sinusoids need no maximum length. Convolutions only see relative order
+  and the sentence edges within their window; absolute positions make "attend to source position
+  n - t" (reordering) easy to learn.
+
+Initialisation: embeddings uniform(-init_scale, init_scale); convolutions and linear layers keep
+PyTorch's fan-in scaled defaults (a fixed uniform range would blow up or shrink a deep stack as
+`channels` changes); weight norm starts with g = ||v|| so the initial function is unchanged.
+The weight-norm parameters live in the state dict as `...parametrizations.weight.original0`
+(g) and `.original1` (v), so `state_dict`/`load_state_dict` round-trip them without any hook.
+
+Incremental decoding: the state keeps, for every conv of every decoder block, the last (k-1)d
+inputs of that conv; one `step` runs each conv on that window plus the new column only, so it
+costs O(levels * k) column products instead of recomputing the prefix. `step_recompute` is the
+slow reference path (whole prefix every step), kept for tests and benchmarks.
+
+Interfaces are batch-first; only the inside of the stacks transposes to (B, C, T).
+The `hidden` setting is a GNMT size and is not used here: every TCN width is `channels`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from nmt.models.base import EncoderOut, select_rows
+
+
+def receptive_field(kernel_size: int, levels: int) -> int:
+    """Positions one output sees through `levels` blocks of two dilated convs (dilation 2**l)."""
+    return 1 + 2 * (kernel_size - 1) * (2**levels - 1)
+
+
+def check_receptive_field(cfg: dict, max_len: int) -> str | None:
+    """A problem message if a TCN side of `cfg` cannot see `max_len` positions, else None.
+
+    The decoder must see its whole prefix and the encoder's (centered) window must span the
+    whole sentence, so the receptive field must be at least `max_len`. Returns None when
+    neither side of the model is a TCN.
+    """
+    families = {cfg.get("encoder") or cfg["arch"], cfg.get("decoder") or cfg["arch"]}
+    if "tcn" not in families:
+        return None
+    k, levels = cfg["kernel_size"], cfg["levels"]
+    rf = receptive_field(k, levels)
+    if rf >= max_len:
+        return None
+    where = (
+        f"model.levels: the TCN receptive field 1 + 2(k-1)(2^L - 1) = {rf} "
+        f"(kernel_size {k}, levels {levels}) is shorter than the maximum length {max_len}"
+    )
+    if k == 1:
+        return f"{where}; kernel_size 1 sees one position whatever the levels: use kernel_size >= 2"
+    needed = levels
+    while receptive_field(k, needed) < max_len:
+        needed += 1
+    return (
+        f"{where}; use model.levels >= {needed} (receptive field "
+        f"{receptive_field(k, needed)}) or a larger model.kernel_size"
+    )
+
+
+def sinusoid_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of integer positions: (...,) -> (..., dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / max(half, 1))
+    )  # (dim/2,)
+    angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (..., dim/2)
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2*(dim/2))
+    if dim % 2:
+        out = F.pad(out, (0, 1))  # (..., dim)
+    return out
+
+
+class _Embedding(nn.Module):
+    """Token embedding plus scaled sinusoidal positions, then dropout. Owns the position scale
+    only: `embed` is assigned by the owner so that `build_model` can share it."""
+
+    def __init__(self, emb_dim: int, init_scale: float, dropout: float):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.pos_scale = nn.Parameter(torch.tensor(init_scale / math.sqrt(3.0)))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, embed: nn.Embedding, ids: torch.Tensor, positions: torch.Tensor):
+        pos = sinusoid_positions(positions, self.emb_dim)  # (..., E)
+        return self.dropout(embed(ids) + self.pos_scale * pos)  # (..., E)
+
+
+class TemporalBlock(nn.Module):
+    """Two weight-normalised dilated convs with ReLU and dropout, plus a residual (Bai et al.).
+
+    Owns its convs and padding. `forward` works on (B, C, T); `step` computes one new column
+    from a cache of each conv's last (k-1)*dilation inputs (causal blocks only).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int,
+        dropout: float,
+        causal: bool,
+    ):
+        super().__init__()
+        self.span = (kernel_size - 1) * dilation  # inputs before the newest one a conv reads
+        self.causal = causal
+        if causal:
+            self.padding = (self.span, 0)
+        else:  # centered; for even kernel sizes the extra position goes to the left
+            self.padding = ((self.span + 1) // 2, self.span // 2)
+        self.conv1 = weight_norm(
+            nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation)
+        )
+        self.conv2 = weight_norm(
+            nn.Conv1d(out_channels, out_channels, kernel_size, dilation=dilation)
+        )
+        self.residual = (
+            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, T), mask (B, 1, T) float with 1 = real token, or None -> (B, C_out, T)."""
+        if mask is not None:
+            x = x * mask
+        h = self.dropout(F.relu(self.conv1(F.pad(x, self.padding))))  # (B, C_out, T)
+        if mask is not None:
+            h = h * mask
+        h = self.dropout(F.relu(self.conv2(F.pad(h, self.padding))))  # (B, C_out, T)
+        res = x if self.residual is None else self.residual(x)  # (B, C_out, T)
+        return F.relu(h + res)
+
+    def init_cache(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Zeros standing for the left padding: [(B, C_in, span), (B, C_out, span)]."""
+        c_in, c_out = self.conv1.in_channels, self.conv1.out_channels
+        return [like.new_zeros(batch, c_in, self.span), like.new_zeros(batch, c_out, self.span)]
+
+    def step(self, x_t: torch.Tensor, cache: list[torch.Tensor]):
+        """x_t (B, C_in, 1) -> (y_t (B, C_out, 1), new cache). Causal blocks only."""
+        window1 = torch.cat([cache[0], x_t], dim=2)  # (B, C_in, span + 1)
+        h = self.dropout(F.relu(self.conv1(window1)))  # (B, C_out, 1)
+        window2 = torch.cat([cache[1], h], dim=2)  # (B, C_out, span + 1)
+        h = self.dropout(F.relu(self.conv2(window2)))  # (B, C_out, 1)
+        res = x_t if self.residual is None else self.residual(x_t)  # (B, C_out, 1)
+        return F.relu(h + res), [window1[:, :, 1:], window2[:, :, 1:]]
+
+
+def _stack(in_dim: int, channels: int, kernel_size: int, levels: int, dropout: float, causal):
+    return nn.ModuleList(
+        TemporalBlock(
+            in_dim if level == 0 else channels, channels, kernel_size, 2**level, dropout, causal
+        )
+        for level in range(levels)
+    )
+
+
+class TCNEncoder(nn.Module):
+    """Source embedding + positions, then a non-causal TCN stack. Owns its embedding and stack.
+
+    forward(src_ids (B, S), src_lens (B,)) -> EncoderOut(memory (B, S, channels), src_mask,
+    src_lens); memory is zero at padded positions.
+    """
+
+    def __init__(self, cfg: dict, vocab_size: int, pad_id: int):
+        super().__init__()
+        emb_dim, channels = cfg["emb_dim"], cfg["channels"]
+        self.out_dim = channels
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        nn.init.uniform_(self.embed.weight, -cfg["init_scale"], cfg["init_scale"])
+        self.embed_pos = _Embedding(emb_dim, cfg["init_scale"], cfg["dropout"])
+        self.blocks = _stack(
+            emb_dim, channels, cfg["kernel_size"], cfg["levels"], cfg["dropout"], causal=False
+        )
+
+    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
+        S = src_ids.size(1)
+        positions = torch.arange(S, device=src_ids.device)  # (S,)
+        src_mask = positions.unsqueeze(0) < src_lens.to(src_ids.device).unsqueeze(1)  # (B, S)
+        x = self.embed_pos(self.embed, src_ids, positions)  # (B, S, E)
+        mask = src_mask.unsqueeze(1).to(x.dtype)  # (B, 1, S)
+        h = x.transpose(1, 2)  # (B, E, S)
+        for block in self.blocks:
+            h = block(h, mask)  # (B, C, S)
+        memory = (h * mask).transpose(1, 2)  # (B, S, C)
+        return EncoderOut(memory=memory, src_mask=src_mask, src_lens=src_lens)
+
+
+class TCNDecoder(nn.Module):
+    """Target embedding + positions, a causal TCN stack with attention after every block
+    (ConvS2S multi-step attention), and the output projection. Owns all of these and the
+    incremental-decoding state (per-conv caches and the position).
+    """
+
+    def __init__(self, cfg: dict, vocab_size: int, pad_id: int, memory_dim: int):
+        super().__init__()
+        emb_dim, channels, levels = cfg["emb_dim"], cfg["channels"], cfg["levels"]
+        self.channels = channels
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        nn.init.uniform_(self.embed.weight, -cfg["init_scale"], cfg["init_scale"])
+        self.embed_pos = _Embedding(emb_dim, cfg["init_scale"], cfg["dropout"])
+        self.blocks = _stack(
+            emb_dim, channels, cfg["kernel_size"], levels, cfg["dropout"], causal=True
+        )
+        self.key_proj = nn.Linear(memory_dim, channels)
+        self.queries = nn.ModuleList(nn.Linear(channels, channels) for _ in range(levels))
+        self.contexts = nn.ModuleList(nn.Linear(channels, channels) for _ in range(levels))
+        self.dropout = nn.Dropout(cfg["dropout"])
+        # Tying needs the output input width to be the embedding width: project down first.
+        needs_bottleneck = cfg["tie_embeddings"] and channels != emb_dim
+        self.bottleneck = nn.Linear(channels, emb_dim) if needs_bottleneck else None
+        self.out = nn.Linear(emb_dim if needs_bottleneck else channels, vocab_size)
+
+    def tie_output(self) -> None:
+        """Share the output projection weight with `self.embed` (call after any sharing)."""
+        if self.out.in_features != self.embed.embedding_dim:
+            raise ValueError(
+                f"TCN decoder: cannot tie the output projection (input width "
+                f"{self.out.in_features}) to an embedding of width "
+                f"{self.embed.embedding_dim}; build it with cfg['tie_embeddings'] = True"
+            )
+        self.out.weight = self.embed.weight
+
+    def prepare(self, enc: EncoderOut) -> EncoderOut:
+        """Project the attention keys once per sentence."""
+        return replace(enc, keys=self.key_proj(enc.memory))  # keys (B, S, C)
+
+    def _attend(self, level: int, h: torch.Tensor, enc: EncoderOut):
+        """h (B, T, C) -> (h + context (B, T, C), attn (B, T, S))."""
+        query = self.queries[level](h)  # (B, T, C)
+        scores = torch.bmm(query, enc.keys.transpose(1, 2)) / math.sqrt(self.channels)  # (B,T,S)
+        scores = scores.masked_fill(~enc.src_mask.unsqueeze(1), float("-inf"))
+        attn = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (B, T, S)
+        context = torch.bmm(attn, enc.keys)  # (B, T, C)
+        return h + self.contexts[level](context), attn
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(h)
+        if self.bottleneck is not None:
+            h = self.bottleneck(h)  # (..., E)
+        return self.out(h)  # (..., V)
+
+    def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the blocks)."""
+        positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
+        x = self.embed_pos(self.embed, tgt_in_ids, positions)  # (B, T, E)
+        h = x.transpose(1, 2)  # (B, E, T)
+        attn_sum = 0.0
+        for level, block in enumerate(self.blocks):
+            h = block(h)  # (B, C, T)
+            h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, T, C), (B, T, S)
+            attn_sum = attn_sum + attn
+            h = h.transpose(1, 2)  # (B, C, T)
+        return self._output(h.transpose(1, 2)), attn_sum / len(self.blocks)  # (B, T, V)
+
+    def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        return self.forward_with_attention(tgt_in_ids, enc)[0]  # (B, T, V)
+
+    def init_state(self, enc: EncoderOut) -> dict:
+        """{"pos": (B,) next position, "caches": [per conv (B, C_in, (k-1)d)]} (zeros = padding)."""
+        batch = enc.memory.size(0)
+        caches = []
+        for block in self.blocks:
+            caches.extend(block.init_cache(batch, enc.memory))
+        pos = torch.zeros(batch, dtype=torch.long, device=enc.memory.device)
+        return {"pos": pos, "caches": caches}
+
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
+        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S))."""
+        x = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
+        h = x.unsqueeze(2)  # (B, E, 1)
+        caches = []
+        attn_sum = 0.0
+        for level, block in enumerate(self.blocks):
+            h, cache = block.step(h, state["caches"][2 * level : 2 * level + 2])  # (B, C, 1)
+            caches.extend(cache)
+            h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, 1, C), (B, 1, S)
+            attn_sum = attn_sum + attn
+            h = h.transpose(1, 2)  # (B, C, 1)
+        logits = self._output(h.squeeze(2))  # (B, V)
+        attn = (attn_sum / len(self.blocks)).squeeze(1)  # (B, S)
+        return logits, {"pos": state["pos"] + 1, "caches": caches}, attn
+
+    def step_recompute(self, prefix_ids: torch.Tensor, enc: EncoderOut):
+        """Slow reference path: rerun the whole prefix (B, t) -> (logits (B, V), attn (B, S))
+        of its last position. For tests and benchmarks of the cached `step`."""
+        logits, attn = self.forward_with_attention(prefix_ids, enc)  # (B, t, V), (B, t, S)
+        return logits[:, -1], attn[:, -1]
+
+    def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
+        return select_rows(state, index)

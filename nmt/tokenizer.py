@@ -1,0 +1,267 @@
+"""Sentencepiece models: learn, load, encode, decode, and carry as bytes (layer 1).
+
+Owns: one joint sentencepiece model shared by both sides, or one per side; the special ids
+(`pad_id`, `unk_id`, `bos_id`, `eos_id`, read from the model, never hard-coded elsewhere); the
+files `spm.model` (joint) or `spm.src.model` + `spm.tgt.model` in a folder; bytes for
+checkpoints. Encoding returns pieces only: adding bos/eos is the data layer's job.
+Does not own: which text to learn from (nmt.data.prepare decides) or batching.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nmt.errors import DataError, UsageError
+
+JOINT_FILE = "spm.model"
+SRC_FILE = "spm.src.model"
+TGT_FILE = "spm.tgt.model"
+# The ids every model trained here gets; loaded models are read, not assumed.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def _processor(model_bytes: bytes, name: str) -> spm.SentencePieceProcessor:
+    """A processor from model bytes; anything that is not a sentencepiece model is a UsageError."""
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(model_bytes)
+    except (RuntimeError, OSError, TypeError) as e:
+        raise UsageError(f"{name}: not a sentencepiece model ({e})") from None
+    missing = [k for k in ("pad", "bos", "eos", "unk") if getattr(sp, f"{k}_id")() < 0]
+    if missing:
+        raise UsageError(
+            f"{name}: the sentencepiece model has no {', '.join(missing)} piece "
+            f"(train it with nmt, or with pad_id/bos_id/eos_id set)"
+        )
+    return sp
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: tokenizer model not found") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read tokenizer model: {e.strerror}") from None
+
+
+def _plain_inputs(files: Sequence[str | Path], tmp_dir: Path) -> list[str]:
+    """Paths sentencepiece can read: .gz files are decompressed into `tmp_dir`."""
+    plain = []
+    for i, f in enumerate(files):
+        f = Path(f)
+        if not f.is_file():
+            raise DataError(f"{f}: training text not found" + (" (a folder)" if f.exists() else ""))
+        if f.suffix != ".gz":
+            plain.append(str(f))
+            continue
+        out = tmp_dir / f"{i}.{f.stem}"
+        try:
+            with gzip.open(f, "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(f"{f}: truncated or corrupt gzip file ({e})") from None
+        plain.append(str(out))
+    return plain
+
+
+def _train_one(
+    inputs: list[str],
+    prefix: Path,
+    model_type: str,
+    vocab_size: int,
+    character_coverage: float,
+    input_sentence_size: int,
+    seed: int,
+) -> None:
+    # sentencepiece refuses a sample of 1..100 sentences; such a sample means "small": take 101.
+    sample = 0 if input_sentence_size <= 0 else max(input_sentence_size, 101)
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=inputs,
+            model_prefix=str(prefix),
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            input_sentence_size=sample,
+            shuffle_input_sentence=True,
+            hard_vocab_limit=False,  # a small corpus gives a smaller vocabulary, not an error
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            num_threads=max(1, min(16, os.cpu_count() or 1)),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(
+            f"sentencepiece could not learn a model from {', '.join(inputs)}: {e}"
+        ) from None
+
+
+class Tokenizer:
+    """One joint sentencepiece model, or a source and a target model."""
+
+    def __init__(self, src_model: bytes, tgt_model: bytes | None = None, name: str = "tokenizer"):
+        """`tgt_model=None` means joint: `src_model` serves both sides."""
+        self.joint = tgt_model is None
+        self._src_bytes = bytes(src_model)
+        self._tgt_bytes = self._src_bytes if self.joint else bytes(tgt_model)
+        self.src_sp = _processor(self._src_bytes, f"{name} (source)" if not self.joint else name)
+        self.tgt_sp = self.src_sp if self.joint else _processor(self._tgt_bytes, f"{name} (target)")
+        ids = [
+            (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+            for sp in (self.src_sp, self.tgt_sp)
+        ]
+        if ids[0] != ids[1]:
+            raise UsageError(
+                f"{name}: source and target models disagree on special ids "
+                f"(pad, unk, bos, eos): {ids[0]} vs {ids[1]}"
+            )
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = ids[0]
+
+    # -- learning and files --------------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        src_files: Sequence[str | Path],
+        tgt_files: Sequence[str | Path],
+        out_dir: str | Path,
+        model_type: str = "bpe",
+        vocab_size: int = 8000,
+        joint: bool = True,
+        character_coverage: float = 1.0,
+        input_sentence_size: int = 2_000_000,
+        seed: int = 1,
+    ) -> Tokenizer:
+        """Learn the model(s) and write them into `out_dir` (renamed into place when complete).
+
+        Joint: one model from source and target text together (`vocab_size` pieces). Separate:
+        one model per side, each with `vocab_size` pieces. `input_sentence_size` sentences are
+        sampled (shuffled) per model; 0 = all.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        opts = dict(
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            seed=seed,
+        )
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-") as tmp:
+            tmp = Path(tmp)
+            if joint:
+                _train_one(_plain_inputs([*src_files, *tgt_files], tmp), tmp / "spm", **opts)
+                built = {JOINT_FILE: "spm"}
+            else:
+                _train_one(_plain_inputs(src_files, tmp), tmp / "spm.src", **opts)
+                _train_one(_plain_inputs(tgt_files, tmp), tmp / "spm.tgt", **opts)
+                built = {SRC_FILE: "spm.src", TGT_FILE: "spm.tgt"}
+            for stale in (JOINT_FILE, SRC_FILE, TGT_FILE):  # never leave both kinds around
+                if stale not in built:
+                    (out_dir / stale).unlink(missing_ok=True)
+                    (out_dir / stale.replace(".model", ".vocab")).unlink(missing_ok=True)
+            for final, prefix in built.items():
+                os.replace(tmp / f"{prefix}.vocab", out_dir / final.replace(".model", ".vocab"))
+                os.replace(tmp / f"{prefix}.model", out_dir / final)
+        return cls.load(out_dir)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """From a folder holding `spm.model` or `spm.src.model` + `spm.tgt.model` (or a
+        `.model` file, read as a joint model)."""
+        path = Path(path)
+        if path.is_file():
+            return cls(_read_bytes(path), name=str(path))
+        if (path / JOINT_FILE).is_file():
+            return cls(_read_bytes(path / JOINT_FILE), name=str(path / JOINT_FILE))
+        if (path / SRC_FILE).is_file() and (path / TGT_FILE).is_file():
+            return cls(
+                _read_bytes(path / SRC_FILE),
+                _read_bytes(path / TGT_FILE),
+                name=str(path / "spm.{src,tgt}.model"),
+            )
+        raise UsageError(
+            f"{path}: no tokenizer found (expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE})"
+        )
+
+    def to_bytes(self) -> dict[str, bytes]:
+        """{"joint": model} or {"src": model, "tgt": model}: what a checkpoint stores."""
+        if self.joint:
+            return {"joint": self._src_bytes}
+        return {"src": self._src_bytes, "tgt": self._tgt_bytes}
+
+    @classmethod
+    def from_bytes(cls, models: dict[str, bytes], name: str = "checkpoint tokenizer") -> Tokenizer:
+        if set(models) == {"joint"}:
+            return cls(models["joint"], name=name)
+        if set(models) == {"src", "tgt"}:
+            return cls(models["src"], models["tgt"], name=name)
+        raise UsageError(
+            f"{name}: expected the keys 'joint', or 'src' and 'tgt'; found {sorted(models)}"
+        )
+
+    def __getstate__(self) -> dict:  # picklable for datasets' worker processes
+        return {"models": self.to_bytes()}
+
+    def __setstate__(self, state: dict) -> None:
+        models = state["models"]
+        if "joint" in models:
+            self.__init__(models["joint"])
+        else:
+            self.__init__(models["src"], models["tgt"])
+
+    # -- sizes and text ------------------------------------------------------------------------
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.src_sp.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.tgt_sp.get_piece_size()
+
+    def encode_src(self, lines: Sequence[str]) -> list[list[int]]:
+        """Piece ids per line; no bos/eos."""
+        return self.src_sp.encode(list(lines), out_type=int)
+
+    def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
+        """Piece ids per line; no bos/eos."""
+        return self.tgt_sp.encode(list(lines), out_type=int)
+
+    def _decode(self, sp: spm.SentencePieceProcessor, ids) -> list[str]:
+        special = {self.pad_id, self.bos_id, self.eos_id}
+        if len(ids) == 0:  # sentencepiece reads an empty list as one empty sentence
+            return []
+        return sp.decode([[int(i) for i in seq if int(i) not in special] for seq in ids])
+
+    def decode_src(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Text per id sequence; pad, bos and eos ids are ignored."""
+        return self._decode(self.src_sp, ids)
+
+    def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Text per id sequence; pad, bos and eos ids are ignored."""
+        return self._decode(self.tgt_sp, ids)
+
+    def __repr__(self) -> str:
+        sizes = (
+            f"vocab={self.src_vocab_size}"
+            if self.joint
+            else f"src_vocab={self.src_vocab_size}, tgt_vocab={self.tgt_vocab_size}"
+        )
+        return f"Tokenizer(joint={self.joint}, {sizes})"

@@ -1,0 +1,85 @@
+"""Config: defaults, YAML loading, overrides and the exact error messages."""
+
+import pytest
+
+from nmt.config import Config, defaults_yaml, load_config, read_yaml
+from nmt.errors import ConfigError, UsageError
+
+
+def test_defaults_load_and_render():
+    cfg = load_config()
+    assert cfg == Config()
+    text = defaults_yaml()
+    for key in ("vocab_size: 8000", "beam_size: 5", "cell: lstm  # recurrent cell"):
+        assert key in text
+
+
+def test_unknown_key_bad_type_bad_value_all_reported_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lrr: 0.1\n  max_tokens: lots\nmodel:\n  dropout: 1.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"3 config problems in {path}:")
+    assert '  - train.lrr: unknown key (did you mean "lr"?)' in msg
+    assert "  - train.max_tokens: expected int, found str 'lots'" in msg
+    assert "  - model.dropout: must be <= 0.9, found 1.5" in msg
+
+
+def test_choice_with_suggestion_and_unknown_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.cell=lstn", "modle.hidden=3"])
+    msg = str(err.value)
+    assert "model.cell: expected one of 'lstm', 'gru', 'rnn', found 'lstn' (did you mean" in msg
+    assert 'modle: unknown section (did you mean "model"?)' in msg
+
+
+def test_overrides_apply_after_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  seed: 7\n")
+    cfg = load_config(path, ["train.lr=0.5", "model.tie_embeddings=true", "data.dir=x/y"])
+    assert cfg.train.lr == 0.5 and cfg.train.seed == 7
+    assert cfg.model.tie_embeddings is False or cfg.model.emb_dim == cfg.model.hidden
+    assert cfg.data.dir == "x/y"
+
+
+def test_int_accepted_for_float_but_not_bool_for_int():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(ConfigError, match="train.max_tokens: expected int, found bool True"):
+        load_config(None, ["train.max_tokens=true"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["lr=0.1"])
+
+
+def test_cross_check_n_best_beam():
+    with pytest.raises(ConfigError, match=r"search.n_best: must be <= search.beam_size \(2\)"):
+        load_config(None, ["search.beam_size=2", "search.n_best=3"])
+
+
+def test_yaml_with_tab_names_line(tmp_path):
+    path = tmp_path / "tab.yaml"
+    path.write_text("train:\n\tlr: 0.1\n")
+    with pytest.raises(UsageError) as err:
+        read_yaml(path)
+    assert str(path) in str(err.value) and "line 2" in str(err.value)
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(UsageError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"train:\n  lr: \xff\n")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "demo"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    assert path.read_text().startswith("#")
+    load_config(path)
