@@ -21,9 +21,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML config file")
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _load_config(args):
+    from nmt import config
+
+    overrides = list(args.overrides)
+    path = args.config
+    if path and "=" in path and not path.endswith((".yaml", ".yml")):
+        overrides.insert(0, path)
+        path = None
+    return config.load_config(path, overrides)
 
 
 def cmd_download(args) -> int:
@@ -42,27 +53,22 @@ def cmd_config(args) -> int:
     if args.defaults:
         sys.stdout.write(config.defaults_yaml())
         return 0
-    overrides = list(args.overrides)
-    path = args.config
-    if path and "=" in path and not path.endswith((".yaml", ".yml")):
-        overrides.insert(0, path)
-        path = None
-    sys.stdout.write(config.to_yaml(config.load_config(path, overrides)))
+    sys.stdout.write(config.to_yaml(_load_config(args)))
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from nmt import config, data
+    from nmt import data
 
-    cfg = config.load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     print(data.prepare(cfg))
     return 0
 
 
 def cmd_train(args) -> int:
-    from nmt import config, training
+    from nmt import training
 
-    cfg = config.load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     summary = training.train(cfg, resume=args.resume, reset_optimizer=args.reset_optimizer)
     print(json.dumps(summary))
     return 130 if summary["stop"] in ("SIGINT", "SIGTERM") else 0
@@ -87,8 +93,9 @@ def cmd_translate(args) -> int:
     from nmt.translator import Translator, translate_stream
 
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    translate_stream(translator, args.input, args.output, n_best=args.n_best,
-                     **_search_kwargs(args))
+    translate_stream(
+        translator, args.input, args.output, n_best=args.n_best, **_search_kwargs(args)
+    )
     return 0
 
 
@@ -98,8 +105,14 @@ def cmd_evaluate(args) -> int:
     if not args.testset and not (args.src and args.ref):
         raise _usage("evaluate: give --testset NAME, or --src FILE and --ref FILE")
     result = evaluation.evaluate(
-        args.checkpoint, args.src, args.ref or [], args.testset, hyp_out=args.output,
-        lowercase=args.lowercase, tokenize=args.tokenize, device=args.device,
+        args.checkpoint,
+        args.src,
+        args.ref or [],
+        args.testset,
+        hyp_out=args.output,
+        lowercase=args.lowercase,
+        tokenize=args.tokenize,
+        device=args.device,
         **_search_kwargs(args),
     )
     print(json.dumps(result) if args.json else evaluation.format_report(result))
@@ -109,8 +122,9 @@ def cmd_evaluate(args) -> int:
 def cmd_score(args) -> int:
     from nmt import evaluation
 
-    result = evaluation.score_files(args.hyp, args.ref, lowercase=args.lowercase,
-                                    tokenize=args.tokenize)
+    result = evaluation.score_files(
+        args.hyp, args.ref, lowercase=args.lowercase, tokenize=args.tokenize
+    )
     print(json.dumps(result) if args.json else evaluation.format_report(result))
     return 0
 
@@ -123,8 +137,12 @@ def _usage(msg: str):
 
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (-lc)")
-    p.add_argument("--tokenize", default="13a", choices=("13a", "intl", "none", "char"),
-                   help="sacreBLEU tokenizer (GNMT/MLPerf quote -lc -tok intl)")
+    p.add_argument(
+        "--tokenize",
+        default="13a",
+        choices=("13a", "intl", "none", "char"),
+        help="sacreBLEU tokenizer (GNMT/MLPerf quote -lc -tok intl)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -142,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("config", help="validate and print a resolved config")
-    _config_args(p, required=False)
+    _config_args(p)
     p.add_argument("--defaults", action="store_true", help="print every setting with its help")
     p.set_defaults(func=cmd_config)
 
@@ -153,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
-    p.add_argument("--reset-optimizer", action="store_true",
-                   help="with --resume: fresh optimizer and schedule state (e.g. a new lr)")
+    p.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="with --resume: fresh optimizer and schedule state (e.g. a new lr)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("translate", help="translate a file or stdin, one line in, one line out")

@@ -73,9 +73,7 @@ class ModelConfig:
     enc_layers: int = opt(2, "encoder layers (the first is bidirectional)", min=1)
     dec_layers: int = opt(2, "decoder layers (the first feeds attention)", min=1)
     residual_start: int = opt(3, "first layer (1-based) with a residual connection", min=2)
-    attention: str = opt(
-        "bahdanau", "attention score", choices=("bahdanau", "dot", "general")
-    )
+    attention: str = opt("bahdanau", "attention score", choices=("bahdanau", "dot", "general"))
     dropout: float = opt(0.2, "dropout between layers and on embeddings", min=0.0, max=0.9)
     tie_embeddings: bool = opt(False, "tie the output projection to the target embedding")
     share_embeddings: bool = opt(True, "share source and target embeddings when joint")
@@ -119,7 +117,8 @@ class TrainConfig:
     seed: int = opt(1, "random seed (model init, batch order, dropout)")
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
     precision: str = opt(
-        "auto", "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16",
+        "auto",
+        "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     threads: int = opt(0, "torch CPU threads (0 = torch default)", min=0)
@@ -217,16 +216,20 @@ def _cross_checks(cfg: Config) -> list[str]:
     problems = []
     m, s = cfg.model, cfg.search
     if s.n_best > s.beam_size:
-        problems.append(f"search.n_best: must be <= search.beam_size ({s.beam_size}), "
-                        f"found {s.n_best}")
+        problems.append(
+            f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"
+        )
     if m.tie_embeddings and m.emb_dim != m.hidden and "gnmt" in (m.decoder or m.arch):
-        problems.append(f"model.tie_embeddings: needs model.emb_dim == model.hidden, "
-                        f"found {m.emb_dim} and {m.hidden}")
+        problems.append(
+            f"model.tie_embeddings: needs model.emb_dim == model.hidden, "
+            f"found {m.emb_dim} and {m.hidden}"
+        )
     if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
         problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
     if cfg.data.min_len > cfg.data.max_len:
-        problems.append(f"data.min_len: must be <= data.max_len ({cfg.data.max_len}), "
-                        f"found {cfg.data.min_len}")
+        problems.append(
+            f"data.min_len: must be <= data.max_len ({cfg.data.max_len}), found {cfg.data.min_len}"
+        )
     return problems
 
 
@@ -237,12 +240,15 @@ def from_dict(raw: dict, source: str | None = None, extra_problems=()) -> Config
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"expected a mapping of sections at the top level, found "
-                           f"{type(raw).__name__}"], source)
+        raise ConfigError(
+            [f"expected a mapping of sections at the top level, found {type(raw).__name__}"], source
+        )
     for section, values in raw.items():
         if section not in _SECTION_TYPES:
-            problems.append(f"{section}: unknown section{_did_you_mean(str(section), SECTIONS)}"
-                            f"; sections are {', '.join(SECTIONS)}")
+            problems.append(
+                f"{section}: unknown section{_did_you_mean(str(section), SECTIONS)}"
+                f"; sections are {', '.join(SECTIONS)}"
+            )
             continue
         if values is None:
             continue
@@ -327,8 +333,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     extra, problems = parse_overrides(list(overrides))
     source = str(path) if path else None
     if not isinstance(raw, dict):
-        raise ConfigError([f"expected a mapping of sections at the top level, found "
-                           f"{type(raw).__name__}"], source)
+        raise ConfigError(
+            [f"expected a mapping of sections at the top level, found {type(raw).__name__}"], source
+        )
     return from_dict(_merge(raw, extra), source, problems)
 
 
@@ -347,6 +354,8 @@ def defaults_yaml() -> str:
             value = value.removesuffix("\n...").removesuffix("...").strip()
             help_text = f.metadata["help"]
             if f.metadata.get("choices"):
-                help_text += f" [{'|'.join(repr(c) if c == '' else c for c in f.metadata['choices'])}]"
+                help_text += (
+                    f" [{'|'.join(repr(c) if c == '' else c for c in f.metadata['choices'])}]"
+                )
             lines.append(f"  {f.name}: {value}  # {help_text}")
     return "\n".join(lines) + "\n"

@@ -25,7 +25,9 @@ class ConfigError(UsageError):
         self.problems = list(problems)
         self.source = source
         where = f" in {source}" if source else ""
-        head = f"{len(self.problems)} config problem{'s' if len(self.problems) != 1 else ''}{where}:"
+        head = (
+            f"{len(self.problems)} config problem{'s' if len(self.problems) != 1 else ''}{where}:"
+        )
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 
 

@@ -108,7 +108,11 @@ def _as_tuple(x):
 
 
 def _diff(a: dict, b: dict) -> list[str]:
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 class Trainer:
@@ -138,7 +142,10 @@ class Trainer:
         random.seed(cfg.train.seed)
         tok = self.tokenizer
         self.model = build_model(
-            dataclasses.asdict(cfg.model), tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id,
+            dataclasses.asdict(cfg.model),
+            tok.src_vocab_size,
+            tok.tgt_vocab_size,
+            tok.pad_id,
             tok.joint,
         ).to(self.device)
         self.optimizer = self._make_optimizer()
@@ -181,17 +188,23 @@ class Trainer:
         old = from_dict(ckpt["config"])
         changed = _diff(dataclasses.asdict(old.model), dataclasses.asdict(self.cfg.model))
         if changed:
-            raise UsageError(f"{path}: cannot resume with a different model shape: "
-                             + "; ".join(f"model.{c}" for c in changed))
+            raise UsageError(
+                f"{path}: cannot resume with a different model shape: "
+                + "; ".join(f"model.{c}" for c in changed)
+            )
         if checkpoint.tokenizer_bytes(ckpt) != self.tokenizer.to_bytes():
-            raise UsageError(f"{path}: cannot resume: the tokenizer in {self.cfg.data.dir} is not "
-                             "the one this run was trained with")
+            raise UsageError(
+                f"{path}: cannot resume: the tokenizer in {self.cfg.data.dir} is not "
+                "the one this run was trained with"
+            )
         train_changed = _diff(dataclasses.asdict(old.train), dataclasses.asdict(self.cfg.train))
         opt_keys = ("lr", "optimizer", "betas", "weight_decay", "schedule", "warmup_steps")
         opt_changed = [c for c in train_changed if c.split(":")[0] in opt_keys]
         if opt_changed and not reset_optimizer:
-            raise UsageError(f"{path}: optimizer settings changed ({'; '.join(opt_changed)}); "
-                             "pass --reset-optimizer to continue with a fresh optimizer")
+            raise UsageError(
+                f"{path}: optimizer settings changed ({'; '.join(opt_changed)}); "
+                "pass --reset-optimizer to continue with a fresh optimizer"
+            )
         self.model.load_state_dict(ckpt["model"])
         state = ckpt["train_state"]
         if not reset_optimizer:
@@ -284,7 +297,10 @@ class Trainer:
         window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "time": time.perf_counter()}
         accum = []
         for batch in data.make_batches(
-            self.train_set, self.sampler, self.tokenizer.pad_id, self.tokenizer.bos_id,
+            self.train_set,
+            self.sampler,
+            self.tokenizer.pad_id,
+            self.tokenizer.bos_id,
             self.tokenizer.eos_id,
         ):
             accum.append(batch)
@@ -353,8 +369,14 @@ class Trainer:
     def _bad_step(self, value: float) -> None:
         self.bad_steps_in_row += 1
         self.bad_steps_total += 1
-        self._write_log({"type": "bad_step", "step": self.step, "loss": str(value),
-                         "in_a_row": self.bad_steps_in_row})
+        self._write_log(
+            {
+                "type": "bad_step",
+                "step": self.step,
+                "loss": str(value),
+                "in_a_row": self.bad_steps_in_row,
+            }
+        )
         _log(f"step {self.step + 1}: loss is {value}; skipped ({self.bad_steps_in_row} in a row)")
         if self.bad_steps_in_row >= self.cfg.train.max_bad_steps:
             raise NmtError(
@@ -367,9 +389,13 @@ class Trainer:
         elapsed = max(now - window["time"], 1e-9)
         tgt = max(window["tgt"], 1)
         record = {
-            "type": "train", "step": self.step, "epoch": self.epoch + 1,
-            "loss": window["loss"] / tgt, "ppl": math.exp(min(window["nll"] / tgt, 50)),
-            "lr": self._lr(), "tgt_tok_s": window["tgt"] / elapsed,
+            "type": "train",
+            "step": self.step,
+            "epoch": self.epoch + 1,
+            "loss": window["loss"] / tgt,
+            "ppl": math.exp(min(window["nll"] / tgt, 50)),
+            "lr": self._lr(),
+            "tgt_tok_s": window["tgt"] / elapsed,
             "src_tgt_tok_s": (window["tgt"] + window["src"]) / elapsed,
         }
         self._write_log(record)
@@ -387,25 +413,30 @@ class Trainer:
         self.model.eval()
         tok = self.tokenizer
         src_lens, tgt_lens = data.lengths(self.valid_set)
-        sampler = data.TokenBatchSampler(src_lens, tgt_lens, self.cfg.train.max_tokens,
-                                         shuffle=False)
+        sampler = data.TokenBatchSampler(
+            src_lens, tgt_lens, self.cfg.train.max_tokens, shuffle=False
+        )
         loss_sum = nll_sum = 0.0
         n_tokens = 0
         hyps: dict[int, str] = {}
         refs: dict[int, str] = {}
-        for batch in data.make_batches(self.valid_set, sampler, tok.pad_id, tok.bos_id,
-                                       tok.eos_id):
+        for batch in data.make_batches(self.valid_set, sampler, tok.pad_id, tok.bos_id, tok.eos_id):
             batch = batch.to(self.device)
             logits = self.model(batch.src_ids, batch.src_lens, batch.tgt_in_ids)
-            loss, nll = label_smoothed_loss(logits, batch.tgt_out_ids, tok.pad_id,
-                                            self.cfg.train.label_smoothing)
+            loss, nll = label_smoothed_loss(
+                logits, batch.tgt_out_ids, tok.pad_id, self.cfg.train.label_smoothing
+            )
             loss_sum += float(loss)
             nll_sum += float(nll)
             n_tokens += batch.num_tgt_tokens
             if self.cfg.train.valid_bleu:
                 results = search.greedy_search(
-                    self.model, batch.src_ids, batch.src_lens, bos_id=tok.bos_id,
-                    eos_id=tok.eos_id, max_len_a=self.cfg.search.max_len_a,
+                    self.model,
+                    batch.src_ids,
+                    batch.src_lens,
+                    bos_id=tok.bos_id,
+                    eos_id=tok.eos_id,
+                    max_len_a=self.cfg.search.max_len_a,
                     max_len_b=self.cfg.search.max_len_b,
                 )
                 texts = tok.decode_tgt([r[0].tokens for r in results])
@@ -418,7 +449,9 @@ class Trainer:
         result = {"loss": loss_sum / n_tokens, "ppl": math.exp(min(nll_sum / n_tokens, 50))}
         if self.cfg.train.valid_bleu and hyps:
             order = sorted(hyps)
-            result["bleu"] = metrics.bleu([hyps[i] for i in order], [[refs[i] for i in order]]).score
+            result["bleu"] = metrics.bleu(
+                [hyps[i] for i in order], [[refs[i] for i in order]]
+            ).score
         return result
 
     def _validate_and_save(self) -> str | None:
@@ -427,14 +460,22 @@ class Trainer:
         result = self.validate()
         metric = "bleu" if t.best_metric == "bleu" and "bleu" in result else "loss"
         value = result[metric]
-        improved = self.best is None or (value > self.best if metric == "bleu" else value < self.best)
+        improved = self.best is None or (
+            value > self.best if metric == "bleu" else value < self.best
+        )
         if improved:
             self.best = value
             self.bad_validations = 0
         else:
             self.bad_validations += 1
-        record = {"type": "valid", "step": self.step, "epoch": self.epoch, **result,
-                  "best": self.best, "seconds": time.perf_counter() - start}
+        record = {
+            "type": "valid",
+            "step": self.step,
+            "epoch": self.epoch,
+            **result,
+            "best": self.best,
+            "seconds": time.perf_counter() - start,
+        }
         self._write_log(record)
         _log("valid " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "type"))
         if improved:

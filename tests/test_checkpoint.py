@@ -12,8 +12,13 @@ from nmt.errors import NmtError, UsageError
 
 def _save(path, **extra):
     state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
-    checkpoint.save(path, config={"model": {"hidden": 3}}, model_state=state,
-                    tokenizer_bytes={"joint": b"\x00spm\xff"}, train_state=extra or None)
+    checkpoint.save(
+        path,
+        config={"model": {"hidden": 3}},
+        model_state=state,
+        tokenizer_bytes={"joint": b"\x00spm\xff"},
+        train_state=extra or None,
+    )
     return state
 
 

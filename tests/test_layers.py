@@ -8,15 +8,26 @@ import pytest
 
 ROOT = Path(__file__).parents[1] / "nmt"
 LAYERS = {
-    "nmt": 0, "nmt.errors": -1, "nmt.config": 0, "nmt.metrics": 0, "nmt.progress": 0,
-    "nmt.corpora": 1, "nmt.tokenizer": 1,
+    "nmt": 0,
+    "nmt.errors": -1,
+    "nmt.config": 0,
+    "nmt.metrics": 0,
+    "nmt.progress": 0,
+    "nmt.corpora": 1,
+    "nmt.tokenizer": 1,
     "nmt.data": 2,
-    "nmt.models": 3, "nmt.models.base": 3, "nmt.models.attention": 3, "nmt.models.gnmt": 3,
+    "nmt.models": 3,
+    "nmt.models.base": 3,
+    "nmt.models.attention": 3,
+    "nmt.models.gnmt": 3,
     "nmt.models.tcn": 3,
     "nmt.search": 4,
     "nmt.checkpoint": 5,
-    "nmt.training": 6, "nmt.translator": 6, "nmt.evaluation": 6.5,
-    "nmt.cli": 7, "nmt.__main__": 8,
+    "nmt.training": 6,
+    "nmt.translator": 6,
+    "nmt.evaluation": 6.5,
+    "nmt.cli": 7,
+    "nmt.__main__": 8,
 }
 
 

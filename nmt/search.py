@@ -1,0 +1,348 @@
+"""Greedy and batched beam search over the Seq2Seq contract (layer 4).
+
+Owns: the decoding loop, hypothesis scoring (GNMT length and coverage penalties), the maximum
+output length and the n-best lists. Does not own the model (eval mode and device are the
+caller's job), tokenisation or the batching of sentences. It uses the model only through
+`encode`, `init_state`, `step`, `reorder_state` and `reorder_encoder_out` (nmt.models.base), and
+takes every special id as an argument.
+
+How the search works (fairseq-style, over batch x beam at once):
+- Each step scores all (B*K, V) continuations, takes the top 2K of every hypothesis, then the
+  top 2K of the K*2K candidates of each sentence. Among the K best candidates, those ending in
+  eos are finished and frozen with their final score; the live beam is refilled with the K best
+  candidates that do not end in eos (there are always K of them in the 2K), so finished
+  hypotheses never starve the beam.
+- A sentence keeps its `beam_size` best finished hypotheses. It is done when it holds
+  `beam_size` of them and no live hypothesis can beat the worst one: the bound used is exact,
+  live log-prob L <= 0 can only fall, the coverage penalty is <= 0, so the best final score a
+  live hypothesis can reach is L / max(lp) over the lengths it can still reach. A sentence is
+  also done at its maximum length (eos is then forced, so every live hypothesis is finalised).
+  Done sentences leave the active batch: state and encoder output are shrunk to the surviving
+  rows, so work shrinks as sentences end.
+- Greedy search is the same loop with one hypothesis per sentence that stops at its first eos;
+  `beam_search(beam_size=1)` is routed to it, so both give identical results.
+
+Documented choices:
+- Scoring (Wu et al. 2016, eq. 14): score = log P(Y|X) / lp(Y) + cp(X; Y) with
+  lp = ((5 + |Y|) / 6) ** alpha and cp = beta * sum_i log(min(sum_t attn[t, i], 1.0)) over the
+  real source positions i (padding masked by `src_lens`). |Y| counts the eos; the coverage sums
+  the attention of every step that produced a token of Y, the eos step included. Attention sums
+  are clamped below at 1e-10 so that an unattended word costs beta * log(1e-10), not -inf.
+  alpha = beta = 0 gives the plain log-probability.
+- Live hypotheses are ranked by their raw cumulative log-prob; lp and cp are applied when a
+  hypothesis is finished (fairseq's choice; NVIDIA GNMT applies them at every step).
+- Maximum output length: floor(max_len_a * src_len + max_len_b) tokens, eos NOT counted. At that
+  length only eos is allowed (with the model's own eos log-prob), so a hypothesis takes at most
+  max_len + 1 decoding steps.
+- bos, and pad when `pad_id` is given, are never generated (unless equal to eos).
+- Ties are broken by the lower (beam, token id), finished hypotheses of equal score keep the
+  order in which they finished; nothing is normalised across sentences, so a sentence's result
+  does not depend on the other sentences of its batch.
+- If the model gives probability zero to every way of finishing a sentence (only possible with a
+  model that outputs -inf log-probs), that sentence gets one empty hypothesis scored -inf rather
+  than no output, so callers can always read `results[i][0]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nmt.errors import UsageError
+
+_COVERAGE_FLOOR = 1e-10
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # output ids, without bos/eos
+    score: float  # the search score: log_prob / lp + cp
+    log_prob: float  # plain sum of the token log-probs, eos included
+    attn: torch.Tensor | None = None  # (len(tokens) + 1, src_len) on the CPU, if asked for
+
+
+def max_output_lens(src_lens: torch.Tensor, max_len_a: float, max_len_b: float) -> torch.Tensor:
+    """floor(a * src_len + b) per sentence, eos not counted, at least 0."""
+    lens = torch.floor(src_lens.double() * max_len_a + max_len_b)  # float64: exact for a = 0.1
+    return lens.long().clamp(min=0)  # (B,)
+
+
+def length_penalty(length: torch.Tensor | float, alpha: float):
+    """GNMT length penalty ((5 + |Y|) / 6) ** alpha, |Y| counting the eos."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def greedy_search(
+    model,
+    src_ids: torch.Tensor,
+    src_lens: torch.Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len_a: float = 1.5,
+    max_len_b: float = 10,
+    alpha: float = 0.0,
+    beta: float = 0.0,
+    pad_id: int | None = None,
+    return_attn: bool = False,
+) -> list[list[Hypothesis]]:
+    """Most probable token at each step. One hypothesis per sentence, in input order.
+
+    `alpha` and `beta` only change the reported score (the choice of tokens does not depend on
+    them); they are there so that `beam_search(beam_size=1, ...)` returns exactly this result.
+    """
+    return _search(
+        model,
+        src_ids,
+        src_lens,
+        beam_size=1,
+        n_best=1,
+        greedy=True,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        alpha=alpha,
+        beta=beta,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        return_attn=return_attn,
+    )
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    src_ids: torch.Tensor,
+    src_lens: torch.Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int = 5,
+    n_best: int = 1,
+    alpha: float = 0.6,
+    beta: float = 0.0,
+    max_len_a: float = 1.5,
+    max_len_b: float = 10,
+    pad_id: int | None = None,
+    return_attn: bool = False,
+) -> list[list[Hypothesis]]:
+    """Batched beam search. `n_best` hypotheses per sentence (best first), in input order."""
+    if beam_size < 1:
+        raise UsageError(f"search: beam_size must be >= 1, found {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise UsageError(
+            f"search: n_best must be between 1 and beam_size ({beam_size}), found {n_best}"
+        )
+    return _search(
+        model,
+        src_ids,
+        src_lens,
+        beam_size=beam_size,
+        n_best=n_best,
+        greedy=beam_size == 1,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        alpha=alpha,
+        beta=beta,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        return_attn=return_attn,
+    )
+
+
+def _search(
+    model,
+    src_ids,
+    src_lens,
+    *,
+    beam_size,
+    n_best,
+    greedy,
+    bos_id,
+    eos_id,
+    pad_id,
+    alpha,
+    beta,
+    max_len_a,
+    max_len_b,
+    return_attn,
+) -> list[list[Hypothesis]]:
+    if src_ids.dim() != 2 or src_lens.shape != (src_ids.size(0),):
+        raise ValueError(
+            f"search: expected src_ids (B, S) and src_lens (B,), found "
+            f"{tuple(src_ids.shape)} and {tuple(src_lens.shape)}"
+        )
+    device, num_sents, k = src_ids.device, src_ids.size(0), beam_size
+    finished: list[list[Hypothesis]] = [[] for _ in range(num_sents)]
+    if num_sents == 0:
+        return finished
+    blocked = sorted({i for i in (bos_id, pad_id) if i is not None and i >= 0 and i != eos_id})
+    beam_arange = torch.arange(k, device=device)
+
+    # Per active sentence (n,): original index, length limits, finished count and worst score.
+    sent_ids = torch.arange(num_sents, device=device)
+    sent_src_lens = src_lens.to(device)
+    max_lens = max_output_lens(sent_src_lens, max_len_a, max_len_b)
+    lp_at_max = length_penalty(max_lens.double() + 1.0, alpha)  # (n,) lp of the longest output
+    num_finished = torch.zeros(num_sents, dtype=torch.long, device=device)
+    worst_finished = torch.full((num_sents,), -math.inf, device=device)
+
+    enc = model.encode(src_ids, src_lens)
+    if k > 1:
+        enc = model.reorder_encoder_out(
+            enc, torch.arange(num_sents, device=device).repeat_interleave(k)
+        )
+    state = model.init_state(enc)
+    # Per live hypothesis, row = sentence * k + beam. Beams 1..k-1 start dead so that the first
+    # step does not pick k copies of the same continuation.
+    cum_log_probs = torch.full((num_sents, k), -math.inf, device=device)  # (n, K)
+    cum_log_probs[:, 0] = 0.0
+    tgt_ids_t = torch.full((num_sents * k,), bos_id, dtype=torch.long, device=device)  # (n*K,)
+    history = torch.empty((num_sents * k, 0), dtype=torch.long, device=device)  # (n*K, t)
+    coverage = None  # (n*K, S) attention summed over the steps so far, when beta != 0
+    attn_history = None  # (n*K, t, S), when return_attn
+
+    t = 0
+    while True:
+        log_probs, state, attn = model.step(tgt_ids_t, state, enc)
+        log_probs = _mask_log_probs(
+            log_probs.float(), blocked, eos_id, (max_lens == t).repeat_interleave(k)
+        )  # (n*K, V)
+        attn = attn.float()  # (n*K, S)
+        n, vocab = cum_log_probs.size(0), log_probs.size(1)
+        if coverage is None and beta != 0.0:
+            coverage = torch.zeros_like(attn)
+        if attn_history is None and return_attn:
+            attn_history = attn.new_zeros(attn.size(0), 0, attn.size(1))
+
+        cand_scores, cand_beams, cand_tokens = _top_candidates(
+            cum_log_probs.view(-1, 1) + log_probs, n, k, vocab
+        )  # (n, 2K) each
+        is_eos = (cand_tokens == eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
+
+        fin = is_eos[:, :k].nonzero()  # (F, 2): (sentence, candidate rank)
+        if fin.numel():
+            fin_sents, fin_ranks = fin[:, 0], fin[:, 1]
+            fin_rows = fin_sents * k + cand_beams[fin_sents, fin_ranks]  # (F,)
+            hyps = _finalise(
+                fin_rows,
+                cand_scores[fin_sents, fin_ranks],
+                sent_src_lens[fin_sents],
+                t,
+                history,
+                coverage,
+                attn,
+                attn_history,
+                alpha,
+                beta,
+            )
+            touched = _store(finished, hyps, fin_sents.tolist(), sent_ids[fin_sents].tolist(), k)
+            if touched:
+                idx = torch.tensor(list(touched), device=device)
+                lists = [finished[i] for i in touched.values()]
+                num_finished[idx] = torch.tensor([len(h) for h in lists], device=device)
+                worst_finished[idx] = torch.tensor(
+                    [h[-1].score if len(h) >= k else -math.inf for h in lists], device=device
+                )
+
+        # The live beam: the k best candidates that do not end in eos, in rank order.
+        live = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :k]  # (n, K)
+        new_scores = cand_scores.gather(1, live)
+        new_scores = new_scores.masked_fill(is_eos.gather(1, live), -math.inf)  # (n, K)
+        new_tokens = cand_tokens.gather(1, live)  # (n, K)
+        src_rows = torch.arange(n, device=device)[:, None] * k + cand_beams.gather(
+            1, live
+        )  # (n, K) parent row of each live hypothesis
+
+        best_live = new_scores.max(dim=1).values  # (n,)
+        lp_max = torch.clamp(lp_at_max, min=length_penalty(float(t + 2), alpha))
+        can_beat = (best_live.double() / lp_max).float() > worst_finished  # (n,)
+        full = num_finished >= k if greedy else (num_finished >= k) & ~can_beat
+        done = (max_lens <= t) | ~torch.isfinite(best_live) | full  # (n,)
+        if bool(done.all()):
+            break
+        dropped = bool(done.any())
+        if dropped:
+            keep = (~done).nonzero().squeeze(1)  # (n',)
+            src_rows, new_tokens, new_scores = src_rows[keep], new_tokens[keep], new_scores[keep]
+            sent_ids, sent_src_lens, max_lens = sent_ids[keep], sent_src_lens[keep], max_lens[keep]
+            lp_at_max, num_finished = lp_at_max[keep], num_finished[keep]
+            worst_finished = worst_finished[keep]
+            enc = model.reorder_encoder_out(enc, (keep[:, None] * k + beam_arange).view(-1))
+        src_rows = src_rows.view(-1)  # (n'*K,)
+        if k > 1 or dropped:
+            state = model.reorder_state(state, src_rows)
+        history = torch.cat([history[src_rows], new_tokens.view(-1, 1)], dim=1)  # (n'*K, t+1)
+        if coverage is not None:
+            coverage = (coverage + attn)[src_rows]  # (n'*K, S)
+        if attn_history is not None:
+            attn_history = torch.cat([attn_history, attn.unsqueeze(1)], dim=1)[src_rows]
+        tgt_ids_t, cum_log_probs = new_tokens.view(-1), new_scores
+        t += 1
+
+    empty = Hypothesis(tokens=[], score=-math.inf, log_prob=-math.inf)
+    return [hyps[:n_best] if hyps else [empty] for hyps in finished]
+
+
+def _mask_log_probs(log_probs, blocked, eos_id, at_max):
+    """Forbid the blocked ids everywhere and everything but eos on rows at their max length."""
+    if blocked:
+        log_probs = log_probs.index_fill(
+            1, torch.tensor(blocked, device=log_probs.device), -math.inf
+        )
+    not_eos = torch.arange(log_probs.size(1), device=log_probs.device) != eos_id  # (V,)
+    return log_probs.masked_fill(at_max[:, None] & not_eos, -math.inf)  # (n*K, V)
+
+
+def _top_candidates(scores, n, k, vocab):
+    """The 2k best (score, beam, token) of each sentence from `scores` (n*k, V).
+
+    Top 2k per hypothesis first (cheap for a large V; the 2k best of a sentence are among
+    them), then an exact order over the n x (k * 2k) survivors: by score, ties by the lower
+    (beam, token), so the result depends on nothing but the sentence's own rows.
+    """
+    per_hyp = min(2 * k, vocab)
+    top_scores, top_tokens = scores.topk(per_hyp, dim=1)  # (n*K, k1)
+    flat = top_tokens + (torch.arange(n * k, device=scores.device) % k)[:, None] * vocab
+    flat, order = flat.view(n, -1).sort(dim=1)  # (n, K*k1), unique keys
+    top_scores = top_scores.view(n, -1).gather(1, order)
+    top_scores, order = top_scores.sort(dim=1, descending=True, stable=True)
+    flat = flat.gather(1, order)[:, : min(2 * k, k * per_hyp)]  # (n, 2K)
+    return top_scores[:, : flat.size(1)], flat // vocab, flat % vocab
+
+
+def _finalise(rows, log_probs, src_lens, t, history, coverage, attn, attn_history, alpha, beta):
+    """Hypotheses for the hypotheses `rows` (F,) that emit eos at step t (|Y| = t + 1)."""
+    scores = log_probs / length_penalty(float(t + 1), alpha)  # (F,)
+    if coverage is not None:
+        total = (coverage[rows] + attn[rows]).clamp(_COVERAGE_FLOOR, 1.0)  # (F, S)
+        real_mask = torch.arange(total.size(1), device=total.device)[None, :] < src_lens[:, None]
+        scores = scores + beta * torch.where(real_mask, total.log(), 0.0).sum(dim=1)
+    attns = [None] * rows.size(0)
+    if attn_history is not None:
+        full = torch.cat([attn_history[rows], attn[rows].unsqueeze(1)], dim=1).cpu()  # (F, t+1, S)
+        attns = [a[:, : int(n)] for a, n in zip(full, src_lens.tolist())]
+    return [
+        Hypothesis(tokens=tokens, score=score, log_prob=log_prob, attn=a)
+        for tokens, score, log_prob, a in zip(
+            history[rows].tolist(), scores.tolist(), log_probs.tolist(), attns
+        )
+    ]
+
+
+def _store(finished, hyps, active_sents, orig_sents, k):
+    """Keep the k best finished hypotheses of each sentence; returns {active index: sentence}."""
+    touched = {}
+    for hyp, s, orig in zip(hyps, active_sents, orig_sents):
+        best = finished[orig]
+        if len(best) >= k and not hyp.score > best[-1].score:
+            continue
+        best.append(hyp)
+        best.sort(key=lambda h: -h.score)  # stable: equal scores keep their finishing order
+        del best[k:]
+        touched[s] = orig
+    return touched

@@ -1,0 +1,406 @@
+"""Translation with a trained checkpoint: the Python inference API and `nmt translate`.
+
+Owns: rebuilding the model and tokenizer from one checkpoint file; turning raw lines into source
+batches (sorted by length, over-long lines truncated with a warning, empty lines answered without
+the model); greedy or beam search through `nmt.search`; restoring input order; streaming a file or
+stdin to a file or stdout, one line out per line in, whatever the bytes inside a line are.
+Does not own the search (nmt.search), the model (nmt.models) or the file format (nmt.checkpoint).
+
+Line semantics, shared with nmt.evaluation: a line ends at b"\\n" and nowhere else ("\\r",
+"\\x0b", "\\x1c", "\\x85", "\\u2028" stay inside their line); input is strict UTF-8 (a leading
+BOM is dropped); an output line never contains "\\n" or "\\r".
+
+n-best output (`translate_stream(..., n_best=K)` with K > 1, `nmt translate --n-best K`), as in
+fairseq and Moses: one line per hypothesis, best first,
+    `INDEX ||| HYPOTHESIS ||| SCORE`
+where INDEX is the 0-based input line number and SCORE is the search score (log-probability with
+the GNMT length and coverage penalties) with 4 decimals. Every input line appears at least once;
+an empty input line gives one entry with an empty hypothesis and score 0.0000.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from nmt import checkpoint, search
+from nmt.config import Config, SearchConfig, from_dict
+from nmt.errors import UsageError
+from nmt.models import build_model
+from nmt.tokenizer import Tokenizer
+from nmt.training import resolve_device, resolve_dtype
+
+SEARCH_KEYS = ("beam_size", "alpha", "beta", "batch_size", "max_len_a", "max_len_b")
+MAX_WARNINGS = 10  # truncation warnings printed per call before they are only counted
+_NEWLINES = str.maketrans({"\n": " ", "\r": " "})
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _resolve_inference_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("auto", "fp32", "bf16", "fp16"):
+        return resolve_dtype(dtype, device)
+    raise UsageError(f"dtype {dtype!r}: expected auto, fp32, bf16 or fp16")
+
+
+class Translator:
+    """A model, its tokenizer and its search defaults, ready to translate lists of lines.
+
+    `translate(lines)` returns one string per line, in input order; `translate_nbest` returns the
+    `n_best` best (text, score) pairs per line. Search settings default to the checkpoint's
+    `search` section; any of them can be overridden per call.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        cfg: Config,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype=None) -> Translator:
+        """Load a checkpoint file; every way it can be unusable is one UsageError naming it."""
+        dev = resolve_device(device)
+        ckpt = checkpoint.load(path)
+        cfg = from_dict(ckpt["config"], source=f"{path} (config)")
+        try:
+            tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None
+        state = ckpt["model"]
+        sides = (
+            ("source", "encoder.embed.weight", tokenizer.src_vocab_size),
+            ("target", "decoder.embed.weight", tokenizer.tgt_vocab_size),
+        )
+        for side, key, size in sides:
+            weight = state.get(key)
+            if weight is not None and weight.shape[0] != size:
+                raise UsageError(
+                    f"{path}: the {side} sentencepiece model has {size} pieces but the model's "
+                    f"{side} embedding has {weight.shape[0]} rows: tokenizer and weights do not "
+                    f"belong together"
+                )
+        try:
+            model = build_model(
+                dataclasses.asdict(cfg.model),
+                tokenizer.src_vocab_size,
+                tokenizer.tgt_vocab_size,
+                tokenizer.pad_id,
+                tokenizer.joint,
+            )
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError) as e:
+            msg = str(e).strip().splitlines()
+            raise UsageError(
+                f"{path}: weights do not match the model its config describes "
+                f"({' '.join(msg[:3])[:300]})"
+            ) from None
+        return cls(model, tokenizer, cfg, dev, _resolve_inference_dtype(dtype, dev))
+
+    # ------------------------------------------------------------------ settings
+    def search_settings(self, n_best: int = 1, **overrides) -> SearchConfig:
+        """The checkpoint's search settings with `overrides` (None = keep) applied, checked."""
+        unknown = sorted(set(overrides) - set(SEARCH_KEYS))
+        if unknown:
+            raise UsageError(f"unknown search setting(s) {', '.join(unknown)}; "
+                             f"expected {', '.join(SEARCH_KEYS)}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        s = dataclasses.replace(self.cfg.search, n_best=n_best, **changes)
+        problems = []
+        for key in ("beam_size", "n_best", "batch_size", "max_len_b"):
+            value = getattr(s, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{key} must be an integer >= 1, found {value!r}")
+        for key in ("alpha", "beta", "max_len_a"):
+            value = getattr(s, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"{key} must be a number >= 0, found {value!r}")
+        if not problems and s.n_best > s.beam_size:
+            problems.append(f"n_best ({s.n_best}) must be <= beam_size ({s.beam_size})")
+        if problems:
+            raise UsageError("; ".join(problems))
+        return s
+
+    # ------------------------------------------------------------------ public API
+    def translate(
+        self,
+        lines: list[str],
+        beam_size: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        batch_size: int | None = None,
+        max_len_a: float | None = None,
+        max_len_b: int | None = None,
+    ) -> list[str]:
+        """One translation per line, in input order; an empty line gives ""."""
+        settings = self.search_settings(
+            1, beam_size=beam_size, alpha=alpha, beta=beta, batch_size=batch_size,
+            max_len_a=max_len_a, max_len_b=max_len_b,
+        )
+        results, truncated = self.run(lines, settings)
+        warn_truncated(truncated, "line", settings.max_src_len)
+        return [r[0][0] for r in results]
+
+    def translate_nbest(
+        self,
+        lines: list[str],
+        n_best: int,
+        beam_size: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        batch_size: int | None = None,
+        max_len_a: float | None = None,
+        max_len_b: int | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """The `n_best` best (text, score) pairs per line, best first, in input order."""
+        settings = self.search_settings(
+            n_best, beam_size=beam_size, alpha=alpha, beta=beta, batch_size=batch_size,
+            max_len_a=max_len_a, max_len_b=max_len_b,
+        )
+        results, truncated = self.run(lines, settings)
+        warn_truncated(truncated, "line", settings.max_src_len)
+        return results
+
+    # ------------------------------------------------------------------ the work
+    def encode(self, lines: list[str], max_src_len: int):
+        """Piece ids per line (None for a line with nothing to translate), and the truncated lines.
+
+        Returns (pieces, truncated) where truncated lists (0-based index, original piece count).
+        """
+        keep = [i for i, line in enumerate(lines) if line.strip()]
+        encoded = self.tokenizer.encode_src([lines[i] for i in keep]) if keep else []
+        pieces: list[list[int] | None] = [None] * len(lines)
+        truncated = []
+        for i, ids in zip(keep, encoded):
+            if len(ids) > max_src_len:
+                truncated.append((i, len(ids)))
+                ids = ids[:max_src_len]
+            pieces[i] = list(ids) if ids else None
+        return pieces, truncated
+
+    @torch.no_grad()
+    def run(self, lines: list[str], settings: SearchConfig):
+        """Translate `lines` with checked `settings`.
+
+        Returns (results, truncated): per line, the (text, score) pairs best first; and the
+        (0-based index, piece count) of every line cut to `settings.max_src_len` pieces.
+        """
+        pieces, truncated = self.encode(lines, settings.max_src_len)
+        results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+        todo = [i for i, p in enumerate(pieces) if p is not None]
+        # Longest first: batches of similar lengths waste little padding, and an out-of-memory
+        # error (if any) comes at once. Results are placed back by index.
+        todo.sort(key=lambda i: len(pieces[i]), reverse=True)
+        for start in range(0, len(todo), settings.batch_size):
+            index = todo[start : start + settings.batch_size]
+            hyps = self._search_batch([pieces[i] for i in index], settings)
+            for i, sent_hyps in zip(index, hyps):
+                texts = self.tokenizer.decode_tgt([list(h.tokens) for h in sent_hyps])
+                results[i] = [
+                    (text.translate(_NEWLINES), float(h.score))
+                    for text, h in zip(texts, sent_hyps)
+                ] or [("", 0.0)]
+        return results, truncated
+
+    def _search_batch(self, batch_pieces: list[list[int]], s: SearchConfig):
+        tok = self.tokenizer
+        seqs = [p + [tok.eos_id] for p in batch_pieces]
+        src_lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)  # (B,)
+        src_ids = torch.full((len(seqs), int(src_lens.max())), tok.pad_id, dtype=torch.long)
+        for row, q in enumerate(seqs):
+            src_ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)  # (B, S)
+        src_ids, src_lens = src_ids.to(self.device), src_lens.to(self.device)
+        autocast = torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
+        with autocast:  # beam_size 1 is routed to greedy search by nmt.search itself
+            return search.beam_search(
+                self.model, src_ids, src_lens, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                pad_id=tok.pad_id, beam_size=s.beam_size, n_best=s.n_best, alpha=s.alpha,
+                beta=s.beta, max_len_a=s.max_len_a, max_len_b=s.max_len_b,
+            )
+
+
+def warn_truncated(truncated, where: str, max_src_len: int, first_line: int = 1,
+                   already: int = 0) -> int:
+    """Print one warning per truncated line (at most MAX_WARNINGS in all); returns the count.
+
+    `truncated` holds (0-based index in the chunk, piece count); `first_line` is the 1-based line
+    number of index 0; `where` prefixes the line number (a file name, or "line").
+    """
+    for i, n_pieces in truncated:
+        if already < MAX_WARNINGS:
+            sep = " " if where == "line" else ":"
+            _warn(f"{where}{sep}{first_line + i}: {n_pieces} pieces, truncated to the first "
+                  f"{max_src_len} (search.max_src_len)")
+        elif already == MAX_WARNINGS:
+            _warn("more over-long lines were truncated; their warnings are not shown")
+        already += 1
+    return already
+
+
+# ---------------------------------------------------------------------- line I/O
+def iter_lines(f, name: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each b"\\n"-terminated line of binary file `f`.
+
+    Only b"\\n" ends a line; invalid UTF-8 is a UsageError naming `name` and the line.
+    """
+    for lineno, raw in enumerate(f, start=1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = raw[e.start : e.end]
+            raise UsageError(
+                f"{name}: line {lineno}: not valid UTF-8 (byte {e.start + 1} of the line: "
+                f"{bad!r}); convert the file to UTF-8, e.g. with iconv"
+            ) from None
+
+
+@contextlib.contextmanager
+def open_input(path: str | None):
+    """A binary file for `path`, or stdin's bytes for None or "-"; yields (file, display name)."""
+    if path is None or str(path) == "-":
+        yield getattr(sys.stdin, "buffer", sys.stdin), "<stdin>"
+        return
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: input file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, expected a text file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        yield f, str(path)
+
+
+def read_lines(path: str) -> list[str]:
+    """Every line of a UTF-8 text file (see `iter_lines`)."""
+    with open_input(path) as (f, name):
+        return [text for _, text in iter_lines(f, name)]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def open_output(path: str | None):
+    """Yield a write(bytes) function for `path` (stdout for None or "-").
+
+    A file is written under a temporary name in its folder and renamed when the block ends
+    without error; on any error (or an interrupt) the temporary file is removed, so a file under
+    the final name is always complete.
+    """
+    if path is None or str(path) == "-":
+        sys.stdout.flush()  # text written before must come first
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:  # a text-only stream (some test harnesses)
+            yield lambda data: sys.stdout.write(data.decode("utf-8"))
+        else:
+            yield out.write
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{path}: is a folder, expected an output file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{path}: the folder {target.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f.write
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _chunks(f, name: str, chunk_lines: int) -> Iterator[tuple[int, list[str]]]:
+    """(1-based number of the chunk's first line, its lines), `chunk_lines` at a time."""
+    chunk: list[str] = []
+    first = 1
+    for lineno, text in iter_lines(f, name):
+        if not chunk:
+            first = lineno
+        chunk.append(text)
+        if len(chunk) == chunk_lines:
+            yield first, chunk
+            chunk = []
+    if chunk:
+        yield first, chunk
+
+
+def _format(results: list[list[tuple[str, float]]], first_index: int, n_best: int) -> bytes:
+    if n_best == 1:
+        return "".join(r[0][0] + "\n" for r in results).encode("utf-8")
+    lines = [
+        f"{first_index + i} ||| {text} ||| {score:.4f}\n"
+        for i, hyps in enumerate(results)
+        for text, score in hyps
+    ]
+    return "".join(lines).encode("utf-8")
+
+
+def translate_stream(
+    translator: Translator,
+    in_path: str | None,
+    out_path: str | None,
+    *,
+    n_best: int = 1,
+    chunk_lines: int = 2000,
+    **search_kwargs,
+) -> int:
+    """Translate a file (stdin for None or "-") into a file (stdout for None or "-").
+
+    Reads `chunk_lines` lines at a time, so memory does not grow with the input; each chunk is
+    sorted by length inside and written in input order. One output line per input line (n-best
+    format: see the module docstring). `search_kwargs`: any of SEARCH_KEYS. An output file is
+    written atomically (see `open_output`). Returns the number of input lines.
+    """
+    if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:
+        raise UsageError(f"chunk_lines must be an integer >= 1, found {chunk_lines!r}")
+    settings = translator.search_settings(n_best, **search_kwargs)
+    n_lines = n_warned = 0
+    with open_input(in_path) as (fin, name), open_output(out_path) as write:
+        for first, lines in _chunks(fin, name, chunk_lines):
+            results, truncated = translator.run(lines, settings)
+            n_warned = warn_truncated(truncated, name, settings.max_src_len, first, n_warned)
+            write(_format(results, first - 1, n_best))
+            if out_path is None or str(out_path) == "-":
+                sys.stdout.flush()
+            n_lines += len(lines)
+    return n_lines

@@ -1,0 +1,68 @@
+"""Shared fixtures.
+
+`tiny_checkpoint`: a real checkpoint file built without training (synthetic parallel text, a
+sentencepiece model of ~100 pieces, a randomly initialised tiny GNMT). Its weights are random,
+so tests using it assert alignment, order and format invariants, never translation quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+WORDS = [f"w{i}" for i in range(30)] + ["the", "cat", "sat", "on", "mat", "a", "dog"]
+
+
+def write_parallel(folder, n: int, seed: int) -> tuple:
+    """`n` synthetic pairs: random words, and the same words reversed in upper case."""
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(2, 9))
+        src.append(" ".join(words))
+        tgt.append(" ".join(reversed(words)).upper())
+    src_path, tgt_path = folder / f"pairs{seed}.src", folder / f"pairs{seed}.tgt"
+    src_path.write_text("\n".join(src) + "\n", encoding="utf-8")
+    tgt_path.write_text("\n".join(tgt) + "\n", encoding="utf-8")
+    return src_path, tgt_path
+
+
+def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search):
+    """Train a tokenizer, build a random tiny GNMT and save both as `folder/tiny.pt`."""
+    from nmt import checkpoint
+    from nmt.config import Config
+    from nmt.models import build_model
+    from nmt.tokenizer import Tokenizer
+
+    src_path, tgt_path = write_parallel(folder, 300, seed=1)
+    tok = Tokenizer.train([src_path], [tgt_path], folder / "spm", vocab_size=vocab_size)
+    cfg = Config()
+    cfg.data.src_lang, cfg.data.tgt_lang = "en", "de"
+    cfg.tokenizer.vocab_size = vocab_size
+    m = cfg.model
+    m.emb_dim, m.hidden, m.bi_hidden, m.enc_layers, m.dec_layers = 16, 32, 16, 1, 1
+    # Short outputs keep the tests fast: random weights rarely choose eos early.
+    s = cfg.search
+    s.beam_size, s.batch_size, s.max_src_len, s.max_len_a, s.max_len_b = 2, 64, 40, 0.5, 4
+    for key, value in search.items():
+        setattr(s, key, value)
+    torch.manual_seed(seed)
+    model = build_model(
+        dataclasses.asdict(cfg.model), tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id,
+        tok.joint,
+    )
+    path = folder / "tiny.pt"
+    checkpoint.save(
+        path, config=cfg.to_dict(), model_state=model.state_dict(),
+        tokenizer_bytes=tok.to_bytes(),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a real, randomly initialised tiny GNMT checkpoint (joint vocab of ~100 pieces)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))

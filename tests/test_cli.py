@@ -1,0 +1,53 @@
+"""The `nmt` command: in-process and once as a real subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nmt.cli import main
+
+SUBCOMMANDS = ("download", "config", "prepare", "train", "translate", "evaluate", "score")
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+def test_python_dash_m_nmt_help_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in SUBCOMMANDS)
+
+
+def test_config_defaults_and_resolved(capsys, tmp_path):
+    assert main(["config", "--defaults"]) == 0
+    assert "beam_size: 5  # beam size" in capsys.readouterr().out
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n")
+    assert main(["config", str(path), "train.seed=9"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.1" in out and "seed: 9" in out
+
+
+def test_config_error_exits_2_with_one_message(capsys):
+    assert main(["config", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 config problem:")
+    assert "Traceback" not in err
+
+
+def test_unknown_subcommand_and_flag_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tranlsate"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["translate", "x.pt", "--beam", "x"])
+    assert e.value.code == 2

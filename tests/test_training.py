@@ -1,0 +1,151 @@
+"""Training: the train CLI writes its run folder; resume equals an uninterrupted run."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from nmt import checkpoint
+from nmt.cli import main
+from nmt.config import load_config
+from nmt.training import Trainer, lr_factor
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def _write_corpus(folder, n, seed):
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(2, 8))
+        src.append(" ".join(words))
+        tgt.append(" ".join(reversed(words)).upper())
+    (folder / f"s{seed}.src").write_text("\n".join(src) + "\n")
+    (folder / f"s{seed}.tgt").write_text("\n".join(tgt) + "\n")
+    return folder / f"s{seed}.src", folder / f"s{seed}.tgt"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from nmt import data
+
+    folder = tmp_path_factory.mktemp("corpus")
+    train_src, train_tgt = _write_corpus(folder, 300, 1)
+    valid_src, valid_tgt = _write_corpus(folder, 20, 2)
+    overrides = [
+        f"data.train_src={train_src}",
+        f"data.train_tgt={train_tgt}",
+        f"data.valid_src={valid_src}",
+        f"data.valid_tgt={valid_tgt}",
+        f"data.dir={folder / 'data'}",
+        "tokenizer.vocab_size=120",
+    ]
+    data.prepare(load_config(None, overrides))
+    return overrides
+
+
+def _tiny(prepared, out_dir, *extra):
+    return [
+        *prepared,
+        f"train.out_dir={out_dir}",
+        "model.emb_dim=16",
+        "model.hidden=32",
+        "model.bi_hidden=16",
+        "model.enc_layers=1",
+        "model.dec_layers=2",
+        "train.max_tokens=200",
+        "train.max_epochs=2",
+        "train.log_every=2",
+        "train.warmup_steps=3",
+        "train.device=cpu",
+        "train.lr=0.01",
+        *extra,
+    ]
+
+
+def test_train_cli_writes_run_folder(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--", *_tiny(prepared, out)]) == 0
+    for name in ("last.pt", "best.pt", "config.yaml", "log.jsonl"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    kinds = {r["type"] for r in records}
+    assert {"train", "valid"} <= kinds
+    valid = [r for r in records if r["type"] == "valid"]
+    assert len(valid) == 2 and all("bleu" in r and r["ppl"] > 1 for r in valid)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["stop"] == "max_epochs" and summary["epoch"] == 2
+    ckpt = checkpoint.load(out / "last.pt")
+    assert ckpt["config"]["train"]["out_dir"] == str(out)
+    assert "train_state" in ckpt and "train_state" not in checkpoint.load(out / "best.pt")
+
+
+def _weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def test_resume_equals_uninterrupted_run(prepared, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    Trainer(load_config(None, _tiny(prepared, full))).run()
+
+    cut = tmp_path / "cut"
+    cfg = load_config(None, _tiny(prepared, cut))
+    trainer = Trainer(cfg)
+    steps_per_epoch = len(trainer.sampler)
+    stop_at = steps_per_epoch + 2  # mid-way through the second epoch
+    original = Trainer._optimizer_step
+
+    def stop_after(self, batches, window):
+        original(self, batches, window)
+        if self.step == stop_at:
+            self.stop_signal = "SIGTERM"
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
+    assert trainer.run()["stop"] == "SIGTERM"
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    assert checkpoint.load(cut / "last.pt")["train_state"]["step"] == stop_at
+
+    resumed = Trainer(load_config(None, _tiny(prepared, cut)), resume=True)
+    assert resumed.step == stop_at
+    assert resumed.run()["stop"] == "max_epochs"
+    a, b = _weights(full / "last.pt"), _weights(cut / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_changed_model_and_lr_without_reset(prepared, tmp_path):
+    from nmt.errors import UsageError
+
+    out = tmp_path / "run"
+    Trainer(load_config(None, _tiny(prepared, out, "train.max_epochs=1"))).run()
+    with pytest.raises(UsageError, match="different model shape: model.hidden"):
+        Trainer(load_config(None, _tiny(prepared, out, "model.hidden=48")), resume=True)
+    with pytest.raises(UsageError, match="--reset-optimizer"):
+        Trainer(load_config(None, _tiny(prepared, out, "train.lr=0.5")), resume=True)
+    t = Trainer(
+        load_config(None, _tiny(prepared, out, "train.lr=0.5", "train.max_epochs=2")),
+        resume=True,
+        reset_optimizer=True,
+    )
+    assert t.optimizer.param_groups[0]["initial_lr"] == 0.5
+
+
+def test_resume_without_checkpoint_is_a_usage_error(prepared, tmp_path, capsys):
+    code = main(["train", "--resume", "--", *_tiny(prepared, tmp_path / "none")])
+    assert code == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_gnmt_schedule_warmup_then_halvings():
+    cfg = load_config(
+        None, ["train.warmup_steps=10", "train.decay_start=0.5", "train.decay_times=2"]
+    )
+    assert lr_factor(cfg, 0, 100) == pytest.approx(0.01)
+    assert lr_factor(cfg, 10, 100) == 1.0
+    assert lr_factor(cfg, 50, 100) == 1.0
+    assert lr_factor(cfg, 51, 100) == 0.5
+    assert lr_factor(cfg, 100, 100) == 0.25
+    inv = load_config(None, ["train.schedule=inverse_sqrt", "train.warmup_steps=4"])
+    assert lr_factor(inv, 2, 0) == 0.5 and lr_factor(inv, 16, 0) == 0.5
