@@ -224,6 +224,11 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"model.tie_embeddings: needs model.emb_dim == model.hidden, "
             f"found {m.emb_dim} and {m.hidden}"
         )
+    if (m.decoder or m.arch) == "gnmt" and m.dec_layers < 2:
+        problems.append(
+            "model.dec_layers: the GNMT decoder needs >= 2 layers (attention feeds layers 2 "
+            f"and up), found {m.dec_layers}"
+        )
     if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
         problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
     if cfg.data.min_len > cfg.data.max_len:

@@ -448,13 +448,19 @@ def download(
 
 
 def split_files(
-    corpus_name: str, split: str, src_lang: str, tgt_lang: str, out_dir: str | Path, **kwargs
+    corpus_name: str,
+    split: str,
+    src_lang: str,
+    tgt_lang: str,
+    out_dir: str | Path,
+    retries: int = 3,
+    timeout: float = 30,
+    quiet: bool = False,
 ) -> tuple[Path, Path]:
-    """(source text, target text) of one split, downloaded into `out_dir` if needed.
-
-    `kwargs` go to `download` (retries, timeout, backoff, quiet).
-    """
-    files = download(corpus_name, [src_lang, tgt_lang], out_dir, splits=[split], **kwargs)
+    """(source text, target text) of one split, downloaded into `out_dir` if needed."""
+    files = download(
+        corpus_name, [src_lang, tgt_lang], out_dir, [split], retries, timeout, quiet=quiet
+    )
     return files[split][src_lang], files[split][tgt_lang]
 
 

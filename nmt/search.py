@@ -45,8 +45,9 @@ Documented choices:
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -94,10 +95,7 @@ def greedy_search(
     `alpha` and `beta` only change the reported score (the choice of tokens does not depend on
     them); they are there so that `beam_search(beam_size=1, ...)` returns exactly this result.
     """
-    return _search(
-        model,
-        src_ids,
-        src_lens,
+    settings = _Settings(
         beam_size=1,
         n_best=1,
         greedy=True,
@@ -110,6 +108,7 @@ def greedy_search(
         max_len_b=max_len_b,
         return_attn=return_attn,
     )
+    return _search(model, src_ids, src_lens, settings)
 
 
 @torch.no_grad()
@@ -133,13 +132,8 @@ def beam_search(
     if beam_size < 1:
         raise UsageError(f"search: beam_size must be >= 1, found {beam_size}")
     if not 1 <= n_best <= beam_size:
-        raise UsageError(
-            f"search: n_best must be between 1 and beam_size ({beam_size}), found {n_best}"
-        )
-    return _search(
-        model,
-        src_ids,
-        src_lens,
+        raise UsageError(f"search: n_best must be in 1..beam_size ({beam_size}), found {n_best}")
+    settings = _Settings(
         beam_size=beam_size,
         n_best=n_best,
         greedy=beam_size == 1,
@@ -152,162 +146,165 @@ def beam_search(
         max_len_b=max_len_b,
         return_attn=return_attn,
     )
+    return _search(model, src_ids, src_lens, settings)
 
 
-def _search(
-    model,
-    src_ids,
-    src_lens,
-    *,
-    beam_size,
-    n_best,
-    greedy,
-    bos_id,
-    eos_id,
-    pad_id,
-    alpha,
-    beta,
-    max_len_a,
-    max_len_b,
-    return_attn,
-) -> list[list[Hypothesis]]:
+@dataclass(frozen=True)
+class _Settings:
+    beam_size: int
+    n_best: int
+    greedy: bool  # one hypothesis per sentence, done at its first eos
+    bos_id: int
+    eos_id: int
+    pad_id: int | None
+    alpha: float
+    beta: float
+    max_len_a: float
+    max_len_b: float
+    return_attn: bool
+
+
+@dataclass
+class _Active:
+    """What search keeps per active sentence (n,); rows are dropped together as sentences end."""
+
+    sent_ids: torch.Tensor  # (n,) index of the sentence in the input batch
+    src_lens: torch.Tensor  # (n,)
+    max_lens: torch.Tensor  # (n,) output tokens allowed, eos not counted
+    lp_at_max: torch.Tensor  # (n,) float64 length penalty of the longest output
+    num_finished: torch.Tensor  # (n,) finished hypotheses kept (at most beam_size)
+    worst_finished: torch.Tensor  # (n,) score of the worst kept one, -inf until beam_size kept
+
+    def select(self, keep: torch.Tensor) -> _Active:
+        return replace(self, **{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+
+
+def _search(model, src_ids, src_lens, cfg: _Settings) -> list[list[Hypothesis]]:
     if src_ids.dim() != 2 or src_lens.shape != (src_ids.size(0),):
         raise ValueError(
             f"search: expected src_ids (B, S) and src_lens (B,), found "
             f"{tuple(src_ids.shape)} and {tuple(src_lens.shape)}"
         )
-    device, num_sents, k = src_ids.device, src_ids.size(0), beam_size
+    device, num_sents, k = src_ids.device, src_ids.size(0), cfg.beam_size
     finished: list[list[Hypothesis]] = [[] for _ in range(num_sents)]
     if num_sents == 0:
         return finished
-    blocked = sorted({i for i in (bos_id, pad_id) if i is not None and i >= 0 and i != eos_id})
-    beam_arange = torch.arange(k, device=device)
-
-    # Per active sentence (n,): original index, length limits, finished count and worst score.
-    sent_ids = torch.arange(num_sents, device=device)
-    sent_src_lens = src_lens.to(device)
-    max_lens = max_output_lens(sent_src_lens, max_len_a, max_len_b)
-    lp_at_max = length_penalty(max_lens.double() + 1.0, alpha)  # (n,) lp of the longest output
-    num_finished = torch.zeros(num_sents, dtype=torch.long, device=device)
-    worst_finished = torch.full((num_sents,), -math.inf, device=device)
-
+    blocked = sorted(
+        {i for i in (cfg.bos_id, cfg.pad_id) if i is not None and i >= 0} - {cfg.eos_id}
+    )
+    max_lens = max_output_lens(src_lens.to(device), cfg.max_len_a, cfg.max_len_b)
+    act = _Active(
+        sent_ids=torch.arange(num_sents, device=device),
+        src_lens=src_lens.to(device),
+        max_lens=max_lens,
+        lp_at_max=length_penalty(max_lens.double() + 1.0, cfg.alpha),
+        num_finished=torch.zeros(num_sents, dtype=torch.long, device=device),
+        worst_finished=torch.full((num_sents,), -math.inf, device=device),
+    )
+    min_max_len = int(max_lens.min())  # no row needs the eos-only mask before this step
     enc = model.encode(src_ids, src_lens)
     if k > 1:
-        enc = model.reorder_encoder_out(
-            enc, torch.arange(num_sents, device=device).repeat_interleave(k)
-        )
+        expand = torch.arange(num_sents, device=device).repeat_interleave(k)  # (n*K,)
+        enc = model.reorder_encoder_out(enc, expand)
     state = model.init_state(enc)
-    # Per live hypothesis, row = sentence * k + beam. Beams 1..k-1 start dead so that the first
-    # step does not pick k copies of the same continuation.
+    # Per hypothesis row = sentence * k + beam. Beams 1..k-1 start dead, so that the first step
+    # does not fill the beam with k copies of the same continuation.
     cum_log_probs = torch.full((num_sents, k), -math.inf, device=device)  # (n, K)
     cum_log_probs[:, 0] = 0.0
-    tgt_ids_t = torch.full((num_sents * k,), bos_id, dtype=torch.long, device=device)  # (n*K,)
+    tgt_ids_t = torch.full((num_sents * k,), cfg.bos_id, dtype=torch.long, device=device)
     history = torch.empty((num_sents * k, 0), dtype=torch.long, device=device)  # (n*K, t)
     coverage = None  # (n*K, S) attention summed over the steps so far, when beta != 0
     attn_history = None  # (n*K, t, S), when return_attn
 
-    t = 0
-    while True:
+    for t in itertools.count():
         log_probs, state, attn = model.step(tgt_ids_t, state, enc)
-        log_probs = _mask_log_probs(
-            log_probs.float(), blocked, eos_id, (max_lens == t).repeat_interleave(k)
-        )  # (n*K, V)
+        at_max = (act.max_lens == t).repeat_interleave(k) if t >= min_max_len else None
+        scores = _continuation_scores(log_probs, cum_log_probs, blocked, cfg.eos_id, at_max)
         attn = attn.float()  # (n*K, S)
-        n, vocab = cum_log_probs.size(0), log_probs.size(1)
-        if coverage is None and beta != 0.0:
+        if coverage is None and cfg.beta != 0.0:
             coverage = torch.zeros_like(attn)
-        if attn_history is None and return_attn:
-            attn_history = attn.new_zeros(attn.size(0), 0, attn.size(1))
+        if attn_history is None and cfg.return_attn:
+            attn_history = attn.new_zeros(attn.size(0), 0, attn.size(1))  # (n*K, 0, S)
 
-        cand_scores, cand_beams, cand_tokens = _top_candidates(
-            cum_log_probs.view(-1, 1) + log_probs, n, k, vocab
-        )  # (n, 2K) each
-        is_eos = (cand_tokens == eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
-
-        fin = is_eos[:, :k].nonzero()  # (F, 2): (sentence, candidate rank)
+        n = cum_log_probs.size(0)
+        cand_scores, cand_beams, cand_tokens = _top_candidates(scores, n, k)  # (n, 2K) each
+        is_eos = (cand_tokens == cfg.eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
+        fin = is_eos[:, :k].nonzero()  # (F, 2): (sentence, rank) of the eos among the k best
         if fin.numel():
             fin_sents, fin_ranks = fin[:, 0], fin[:, 1]
-            fin_rows = fin_sents * k + cand_beams[fin_sents, fin_ranks]  # (F,)
+            rows = fin_sents * k + cand_beams[fin_sents, fin_ranks]  # (F,)
             hyps = _finalise(
-                fin_rows,
+                rows,
                 cand_scores[fin_sents, fin_ranks],
-                sent_src_lens[fin_sents],
+                act.src_lens[fin_sents],
                 t,
                 history,
                 coverage,
                 attn,
                 attn_history,
-                alpha,
-                beta,
+                cfg,
             )
-            touched = _store(finished, hyps, fin_sents.tolist(), sent_ids[fin_sents].tolist(), k)
-            if touched:
-                idx = torch.tensor(list(touched), device=device)
-                lists = [finished[i] for i in touched.values()]
-                num_finished[idx] = torch.tensor([len(h) for h in lists], device=device)
-                worst_finished[idx] = torch.tensor(
-                    [h[-1].score if len(h) >= k else -math.inf for h in lists], device=device
-                )
+            _store(finished, hyps, fin_sents, act, k)
 
         # The live beam: the k best candidates that do not end in eos, in rank order.
         live = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :k]  # (n, K)
-        new_scores = cand_scores.gather(1, live)
-        new_scores = new_scores.masked_fill(is_eos.gather(1, live), -math.inf)  # (n, K)
+        new_scores = cand_scores.gather(1, live).masked_fill(is_eos.gather(1, live), -math.inf)
         new_tokens = cand_tokens.gather(1, live)  # (n, K)
-        src_rows = torch.arange(n, device=device)[:, None] * k + cand_beams.gather(
-            1, live
-        )  # (n, K) parent row of each live hypothesis
+        parents = torch.arange(n, device=device)[:, None] * k + cand_beams.gather(1, live)
 
-        best_live = new_scores.max(dim=1).values  # (n,)
-        lp_max = torch.clamp(lp_at_max, min=length_penalty(float(t + 2), alpha))
-        can_beat = (best_live.double() / lp_max).float() > worst_finished  # (n,)
-        full = num_finished >= k if greedy else (num_finished >= k) & ~can_beat
-        done = (max_lens <= t) | ~torch.isfinite(best_live) | full  # (n,)
+        done = _done(act, new_scores, t, cfg)  # (n,)
         if bool(done.all()):
             break
         dropped = bool(done.any())
         if dropped:
             keep = (~done).nonzero().squeeze(1)  # (n',)
-            src_rows, new_tokens, new_scores = src_rows[keep], new_tokens[keep], new_scores[keep]
-            sent_ids, sent_src_lens, max_lens = sent_ids[keep], sent_src_lens[keep], max_lens[keep]
-            lp_at_max, num_finished = lp_at_max[keep], num_finished[keep]
-            worst_finished = worst_finished[keep]
-            enc = model.reorder_encoder_out(enc, (keep[:, None] * k + beam_arange).view(-1))
-        src_rows = src_rows.view(-1)  # (n'*K,)
+            parents, new_tokens, new_scores = parents[keep], new_tokens[keep], new_scores[keep]
+            act = act.select(keep)
+            min_max_len = int(act.max_lens.min())
+            enc = model.reorder_encoder_out(enc, _rows_of(keep, k))
+        parents = parents.view(-1)  # (n'*K,) row of each surviving hypothesis's parent
         if k > 1 or dropped:
-            state = model.reorder_state(state, src_rows)
-        history = torch.cat([history[src_rows], new_tokens.view(-1, 1)], dim=1)  # (n'*K, t+1)
+            state = model.reorder_state(state, parents)
+        history = torch.cat([history[parents], new_tokens.view(-1, 1)], dim=1)  # (n'*K, t+1)
         if coverage is not None:
-            coverage = (coverage + attn)[src_rows]  # (n'*K, S)
+            coverage = (coverage + attn)[parents]  # (n'*K, S)
         if attn_history is not None:
-            attn_history = torch.cat([attn_history, attn.unsqueeze(1)], dim=1)[src_rows]
-        tgt_ids_t, cum_log_probs = new_tokens.view(-1), new_scores
-        t += 1
+            attn_history = torch.cat([attn_history, attn.unsqueeze(1)], dim=1)[parents]
+        tgt_ids_t, cum_log_probs = new_tokens.view(-1), new_scores  # (n'*K,), (n', K)
 
     empty = Hypothesis(tokens=[], score=-math.inf, log_prob=-math.inf)
-    return [hyps[:n_best] if hyps else [empty] for hyps in finished]
+    return [hyps[: cfg.n_best] if hyps else [empty] for hyps in finished]
 
 
-def _mask_log_probs(log_probs, blocked, eos_id, at_max):
-    """Forbid the blocked ids everywhere and everything but eos on rows at their max length."""
+def _rows_of(sents: torch.Tensor, k: int) -> torch.Tensor:
+    """Hypothesis rows sentence * k + beam of the sentences `sents` (n,)."""
+    return (sents[:, None] * k + torch.arange(k, device=sents.device)).view(-1)  # (n*K,)
+
+
+def _continuation_scores(log_probs, cum_log_probs, blocked, eos_id, at_max):
+    """Cumulative log-prob (n*K, V) of every continuation; -inf for the blocked ids and, on the
+    rows `at_max` (n*K,) that reached their maximum length (None: no such row), all but eos."""
+    scores = log_probs.float() + cum_log_probs.view(-1, 1)  # (n*K, V), a new tensor
     if blocked:
-        log_probs = log_probs.index_fill(
-            1, torch.tensor(blocked, device=log_probs.device), -math.inf
-        )
-    not_eos = torch.arange(log_probs.size(1), device=log_probs.device) != eos_id  # (V,)
-    return log_probs.masked_fill(at_max[:, None] & not_eos, -math.inf)  # (n*K, V)
+        scores[:, blocked] = -math.inf
+    if at_max is not None:
+        not_eos = torch.arange(scores.size(1), device=scores.device) != eos_id  # (V,)
+        scores.masked_fill_(at_max[:, None] & not_eos, -math.inf)
+    return scores
 
 
-def _top_candidates(scores, n, k, vocab):
+def _top_candidates(scores, n, k):
     """The 2k best (score, beam, token) of each sentence from `scores` (n*k, V).
 
     Top 2k per hypothesis first (cheap for a large V; the 2k best of a sentence are among
     them), then an exact order over the n x (k * 2k) survivors: by score, ties by the lower
     (beam, token), so the result depends on nothing but the sentence's own rows.
     """
+    vocab = scores.size(1)
     per_hyp = min(2 * k, vocab)
     top_scores, top_tokens = scores.topk(per_hyp, dim=1)  # (n*K, k1)
-    flat = top_tokens + (torch.arange(n * k, device=scores.device) % k)[:, None] * vocab
+    beams = torch.arange(n * k, device=scores.device) % k  # (n*K,)
+    flat = top_tokens + beams[:, None] * vocab  # (n*K, k1) index into the sentence's K*V
     flat, order = flat.view(n, -1).sort(dim=1)  # (n, K*k1), unique keys
     top_scores = top_scores.view(n, -1).gather(1, order)
     top_scores, order = top_scores.sort(dim=1, descending=True, stable=True)
@@ -315,17 +312,17 @@ def _top_candidates(scores, n, k, vocab):
     return top_scores[:, : flat.size(1)], flat // vocab, flat % vocab
 
 
-def _finalise(rows, log_probs, src_lens, t, history, coverage, attn, attn_history, alpha, beta):
-    """Hypotheses for the hypotheses `rows` (F,) that emit eos at step t (|Y| = t + 1)."""
-    scores = log_probs / length_penalty(float(t + 1), alpha)  # (F,)
+def _finalise(rows, log_probs, src_lens, t, history, coverage, attn, attn_history, cfg):
+    """Hypotheses for the rows (F,) that emit eos at step t, so |Y| = t + 1."""
+    scores = log_probs / length_penalty(float(t + 1), cfg.alpha)  # (F,)
     if coverage is not None:
         total = (coverage[rows] + attn[rows]).clamp(_COVERAGE_FLOOR, 1.0)  # (F, S)
-        real_mask = torch.arange(total.size(1), device=total.device)[None, :] < src_lens[:, None]
-        scores = scores + beta * torch.where(real_mask, total.log(), 0.0).sum(dim=1)
+        real_mask = torch.arange(total.size(1), device=total.device) < src_lens[:, None]  # (F, S)
+        scores = scores + cfg.beta * torch.where(real_mask, total.log(), 0.0).sum(dim=1)
     attns = [None] * rows.size(0)
     if attn_history is not None:
         full = torch.cat([attn_history[rows], attn[rows].unsqueeze(1)], dim=1).cpu()  # (F, t+1, S)
-        attns = [a[:, : int(n)] for a, n in zip(full, src_lens.tolist())]
+        attns = [a[:, :n] for a, n in zip(full, src_lens.tolist())]
     return [
         Hypothesis(tokens=tokens, score=score, log_prob=log_prob, attn=a)
         for tokens, score, log_prob, a in zip(
@@ -334,15 +331,35 @@ def _finalise(rows, log_probs, src_lens, t, history, coverage, attn, attn_histor
     ]
 
 
-def _store(finished, hyps, active_sents, orig_sents, k):
-    """Keep the k best finished hypotheses of each sentence; returns {active index: sentence}."""
+def _store(finished, hyps, fin_sents, act: _Active, k) -> None:
+    """Keep the k best finished hypotheses of each sentence and update `act`'s counters."""
     touched = {}
-    for hyp, s, orig in zip(hyps, active_sents, orig_sents):
+    for hyp, s, orig in zip(hyps, fin_sents.tolist(), act.sent_ids[fin_sents].tolist()):
         best = finished[orig]
         if len(best) >= k and not hyp.score > best[-1].score:
             continue
         best.append(hyp)
         best.sort(key=lambda h: -h.score)  # stable: equal scores keep their finishing order
         del best[k:]
-        touched[s] = orig
-    return touched
+        touched[s] = best
+    if touched:
+        device = act.num_finished.device
+        index = torch.tensor(list(touched), device=device)
+        kept = list(touched.values())
+        act.num_finished[index] = torch.tensor([len(b) for b in kept], device=device)
+        worst = [b[-1].score if len(b) >= k else -math.inf for b in kept]
+        act.worst_finished[index] = torch.tensor(worst, device=device)
+
+
+def _done(act: _Active, live_scores, t, cfg: _Settings) -> torch.Tensor:
+    """Sentences that are done after step t, given their live hypotheses' scores (n, K).
+
+    A live log-prob L <= 0 can only fall and cp <= 0, so L / max(lp) over the lengths it can
+    still reach (t + 2 .. max_len + 1) bounds the final score it can reach.
+    """
+    best_live = live_scores.max(dim=1).values  # (n,)
+    full = act.num_finished >= cfg.beam_size
+    if not cfg.greedy:
+        lp_max = act.lp_at_max.clamp(min=length_penalty(float(t + 2), cfg.alpha))  # (n,)
+        full &= (best_live.double() / lp_max).float() <= act.worst_finished
+    return (act.max_lens <= t) | ~torch.isfinite(best_live) | full  # (n,)

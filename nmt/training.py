@@ -22,35 +22,11 @@ import torch.nn.functional as F
 
 from nmt import checkpoint, data, metrics, search
 from nmt.config import Config, from_dict, to_yaml
+from nmt.devices import resolve_device, resolve_dtype
 from nmt.errors import NmtError, UsageError
 from nmt.models import build_model
 from nmt.progress import Progress
 from nmt.tokenizer import Tokenizer
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {name!r}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here"
-            )
-    elif device.type != "cpu":
-        raise UsageError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def lr_factor(cfg, step: int, total_steps: int) -> float:
@@ -293,6 +269,8 @@ class Trainer:
 
     def _train_epoch(self, progress) -> str | None:
         t = self.cfg.train
+        if self.sampler.position >= len(self.sampler):  # stopped right after its last batch
+            return None
         self.model.train()
         window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "time": time.perf_counter()}
         accum = []

@@ -32,10 +32,10 @@ import torch
 
 from nmt import checkpoint, search
 from nmt.config import Config, SearchConfig, from_dict
+from nmt.devices import resolve_device, resolve_dtype
 from nmt.errors import UsageError
 from nmt.models import build_model
 from nmt.tokenizer import Tokenizer
-from nmt.training import resolve_device, resolve_dtype
 
 SEARCH_KEYS = ("beam_size", "alpha", "beta", "batch_size", "max_len_a", "max_len_b")
 MAX_WARNINGS = 10  # truncation warnings printed per call before they are only counted
@@ -82,6 +82,7 @@ class Translator:
     def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype=None) -> Translator:
         """Load a checkpoint file; every way it can be unusable is one UsageError naming it."""
         dev = resolve_device(device)
+        dtype = _resolve_inference_dtype(dtype, dev)
         ckpt = checkpoint.load(path)
         cfg = from_dict(ckpt["config"], source=f"{path} (config)")
         try:
@@ -116,15 +117,16 @@ class Translator:
                 f"{path}: weights do not match the model its config describes "
                 f"({' '.join(msg[:3])[:300]})"
             ) from None
-        return cls(model, tokenizer, cfg, dev, _resolve_inference_dtype(dtype, dev))
+        return cls(model, tokenizer, cfg, dev, dtype)
 
     # ------------------------------------------------------------------ settings
     def search_settings(self, n_best: int = 1, **overrides) -> SearchConfig:
         """The checkpoint's search settings with `overrides` (None = keep) applied, checked."""
         unknown = sorted(set(overrides) - set(SEARCH_KEYS))
         if unknown:
-            raise UsageError(f"unknown search setting(s) {', '.join(unknown)}; "
-                             f"expected {', '.join(SEARCH_KEYS)}")
+            raise UsageError(
+                f"unknown search setting(s) {', '.join(unknown)}; expected {', '.join(SEARCH_KEYS)}"
+            )
         changes = {k: v for k, v in overrides.items() if v is not None}
         s = dataclasses.replace(self.cfg.search, n_best=n_best, **changes)
         problems = []
@@ -155,8 +157,13 @@ class Translator:
     ) -> list[str]:
         """One translation per line, in input order; an empty line gives ""."""
         settings = self.search_settings(
-            1, beam_size=beam_size, alpha=alpha, beta=beta, batch_size=batch_size,
-            max_len_a=max_len_a, max_len_b=max_len_b,
+            1,
+            beam_size=beam_size,
+            alpha=alpha,
+            beta=beta,
+            batch_size=batch_size,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
         )
         results, truncated = self.run(lines, settings)
         warn_truncated(truncated, "line", settings.max_src_len)
@@ -175,8 +182,13 @@ class Translator:
     ) -> list[list[tuple[str, float]]]:
         """The `n_best` best (text, score) pairs per line, best first, in input order."""
         settings = self.search_settings(
-            n_best, beam_size=beam_size, alpha=alpha, beta=beta, batch_size=batch_size,
-            max_len_a=max_len_a, max_len_b=max_len_b,
+            n_best,
+            beam_size=beam_size,
+            alpha=alpha,
+            beta=beta,
+            batch_size=batch_size,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
         )
         results, truncated = self.run(lines, settings)
         warn_truncated(truncated, "line", settings.max_src_len)
@@ -215,11 +227,10 @@ class Translator:
         for start in range(0, len(todo), settings.batch_size):
             index = todo[start : start + settings.batch_size]
             hyps = self._search_batch([pieces[i] for i in index], settings)
+            texts = iter(self.tokenizer.decode_tgt([h.tokens for sent in hyps for h in sent]))
             for i, sent_hyps in zip(index, hyps):
-                texts = self.tokenizer.decode_tgt([list(h.tokens) for h in sent_hyps])
                 results[i] = [
-                    (text.translate(_NEWLINES), float(h.score))
-                    for text, h in zip(texts, sent_hyps)
+                    (next(texts).translate(_NEWLINES), float(h.score)) for h in sent_hyps
                 ] or [("", 0.0)]
         return results, truncated
 
@@ -236,14 +247,24 @@ class Translator:
         )
         with autocast:  # beam_size 1 is routed to greedy search by nmt.search itself
             return search.beam_search(
-                self.model, src_ids, src_lens, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                pad_id=tok.pad_id, beam_size=s.beam_size, n_best=s.n_best, alpha=s.alpha,
-                beta=s.beta, max_len_a=s.max_len_a, max_len_b=s.max_len_b,
+                self.model,
+                src_ids,
+                src_lens,
+                bos_id=tok.bos_id,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                beam_size=s.beam_size,
+                n_best=s.n_best,
+                alpha=s.alpha,
+                beta=s.beta,
+                max_len_a=s.max_len_a,
+                max_len_b=s.max_len_b,
             )
 
 
-def warn_truncated(truncated, where: str, max_src_len: int, first_line: int = 1,
-                   already: int = 0) -> int:
+def warn_truncated(
+    truncated, where: str, max_src_len: int, first_line: int = 1, already: int = 0
+) -> int:
     """Print one warning per truncated line (at most MAX_WARNINGS in all); returns the count.
 
     `truncated` holds (0-based index in the chunk, piece count); `first_line` is the 1-based line
@@ -252,8 +273,10 @@ def warn_truncated(truncated, where: str, max_src_len: int, first_line: int = 1,
     for i, n_pieces in truncated:
         if already < MAX_WARNINGS:
             sep = " " if where == "line" else ":"
-            _warn(f"{where}{sep}{first_line + i}: {n_pieces} pieces, truncated to the first "
-                  f"{max_src_len} (search.max_src_len)")
+            _warn(
+                f"{where}{sep}{first_line + i}: {n_pieces} pieces, truncated to the first "
+                f"{max_src_len} (search.max_src_len)"
+            )
         elif already == MAX_WARNINGS:
             _warn("more over-long lines were truncated; their warnings are not shown")
         already += 1
@@ -386,16 +409,18 @@ def translate_stream(
 ) -> int:
     """Translate a file (stdin for None or "-") into a file (stdout for None or "-").
 
-    Reads `chunk_lines` lines at a time, so memory does not grow with the input; each chunk is
-    sorted by length inside and written in input order. One output line per input line (n-best
-    format: see the module docstring). `search_kwargs`: any of SEARCH_KEYS. An output file is
-    written atomically (see `open_output`). Returns the number of input lines.
+    Reads `chunk_lines` lines at a time (one from a terminal), so memory does not grow with the
+    input; each chunk is sorted by length inside and written in input order. One output line per
+    input line (n-best format: see the module docstring). `search_kwargs`: any of SEARCH_KEYS.
+    An output file is written atomically (see `open_output`). Returns the number of input lines.
     """
     if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:
         raise UsageError(f"chunk_lines must be an integer >= 1, found {chunk_lines!r}")
     settings = translator.search_settings(n_best, **search_kwargs)
     n_lines = n_warned = 0
     with open_input(in_path) as (fin, name), open_output(out_path) as write:
+        if fin.isatty():  # someone typing: answer each line as it comes
+            chunk_lines = 1
         for first, lines in _chunks(fin, name, chunk_lines):
             results, truncated = translator.run(lines, settings)
             n_warned = warn_truncated(truncated, name, settings.max_src_len, first, n_warned)

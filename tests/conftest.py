@@ -13,6 +13,10 @@ import random
 import pytest
 import torch
 
+# Tests use one torch thread: tiny models gain nothing from two, and with the other core busy
+# (CI, a parallel job) two threads run several times slower than one.
+torch.set_num_threads(1)
+
 WORDS = [f"w{i}" for i in range(30)] + ["the", "cat", "sat", "on", "mat", "a", "dog"]
 
 
@@ -43,7 +47,8 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     cfg.data.src_lang, cfg.data.tgt_lang = "en", "de"
     cfg.tokenizer.vocab_size = vocab_size
     m = cfg.model
-    m.emb_dim, m.hidden, m.bi_hidden, m.enc_layers, m.dec_layers = 16, 32, 16, 1, 1
+    m.emb_dim, m.hidden, m.bi_hidden, m.enc_layers, m.dec_layers = 16, 32, 16, 1, 2
+    m.init_scale = 1.0  # large random weights: outputs that differ from line to line
     # Short outputs keep the tests fast: random weights rarely choose eos early.
     s = cfg.search
     s.beam_size, s.batch_size, s.max_src_len, s.max_len_a, s.max_len_b = 2, 64, 40, 0.5, 4
@@ -51,12 +56,17 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
         setattr(s, key, value)
     torch.manual_seed(seed)
     model = build_model(
-        dataclasses.asdict(cfg.model), tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id,
+        dataclasses.asdict(cfg.model),
+        tok.src_vocab_size,
+        tok.tgt_vocab_size,
+        tok.pad_id,
         tok.joint,
     )
     path = folder / "tiny.pt"
     checkpoint.save(
-        path, config=cfg.to_dict(), model_state=model.state_dict(),
+        path,
+        config=cfg.to_dict(),
+        model_state=model.state_dict(),
         tokenizer_bytes=tok.to_bytes(),
     )
     return path
@@ -66,3 +76,15 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
 def tiny_checkpoint(tmp_path_factory):
     """Path of a real, randomly initialised tiny GNMT checkpoint (joint vocab of ~100 pieces)."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_words():
+    """The words of the synthetic corpus the tiny checkpoint's tokenizer was learned from."""
+    return list(WORDS)
+
+
+@pytest.fixture
+def parallel_text(tmp_path):
+    """`make(n, seed)` writes `n` synthetic pairs under tmp_path; returns (src, tgt) paths."""
+    return lambda n, seed=1: write_parallel(tmp_path, n, seed)

@@ -20,78 +20,87 @@ import torch
 from torch import nn
 
 # Bahdanau scores need tanh(q_t + k_s) for every (t, s): a (B, T, S, A) tensor that has no cheaper
-# exact formulation. It is built in chunks over T of at most this many elements; in training the
-# chunks are recomputed in backward when the whole tensor would exceed it, so memory stays bounded.
-BAHDANAU_CHUNK_ELEMENTS = 32 * 2**20
+# exact formulation. It is never materialised whole: it is built in chunks over T of at most this
+# many elements (cache-sized on a CPU, where fresh large buffers cost page faults; larger on a GPU
+# to keep kernels big), reduced to scores at once, and recomputed chunk by chunk in backward.
+CHUNK_ELEMENTS_CPU = 2**20
+CHUNK_ELEMENTS_GPU = 32 * 2**20
 
 
-def _chunk_len(b: int, t: int, s: int, a: int) -> int:
-    return max(1, min(t, BAHDANAU_CHUNK_ELEMENTS // max(1, b * s * a)))
-
-
-def _additive_scores_nograd(query: torch.Tensor, keys: torch.Tensor, v: torch.Tensor):
-    """tanh(q_t + k_s) · v for every (t, s), chunked over T, without autograd."""
+def _chunk_len(query: torch.Tensor, keys: torch.Tensor) -> int:
     b, t, a = query.shape
-    chunk = _chunk_len(b, t, keys.size(1), a)
-    parts = []
+    budget = CHUNK_ELEMENTS_CPU if query.device.type == "cpu" else CHUNK_ELEMENTS_GPU
+    return max(1, min(t, budget // max(1, b * keys.size(1) * a)))
+
+
+def _chunk_view(buffer: torch.Tensor, t: int) -> torch.Tensor:
+    """The contiguous (B, t, S, A) prefix of a (B, chunk, S, A) buffer."""
+    b, _, s, a = buffer.shape
+    return buffer.view(-1)[: b * t * s * a].view(b, t, s, a)
+
+
+def _sigmoid_chunk(query, keys, t0: int, t1: int, buffer) -> torch.Tensor:
+    hidden = _chunk_view(buffer, t1 - t0)  # (B, t, S, A)
+    torch.add(query[:, t0:t1, None, :], keys[:, None, :, :], out=hidden)
+    return hidden.sigmoid_()
+
+
+def _sigmoid_scores(query, keys, w, chunk: int) -> torch.Tensor:
+    b, t, a = query.shape
+    s = keys.size(1)
+    scores = query.new_empty(b, t, s)  # (B, T, S)
+    buffer = query.new_empty(b, chunk, s, a)  # (B, chunk, S, A)
     for t0 in range(0, t, chunk):
-        hidden = torch.add(query[:, t0 : t0 + chunk, None, :], keys[:, None, :, :])  # (B,t,S,A)
-        parts.append(torch.matmul(hidden.tanh_(), v))  # (B, t, S)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, T, S)
+        t1 = min(t, t0 + chunk)
+        hidden = _sigmoid_chunk(query, keys, t0, t1, buffer)  # (B, t, S, A)
+        scores[:, t0:t1] = torch.mv(hidden.view(-1, a), w).view(b, t1 - t0, s)
+    return scores
 
 
-class _AdditiveScores(torch.autograd.Function):
-    """scores[b, t, s] = tanh(query[b, t] + keys[b, s]) · v with memory bounded by chunking.
+class _SigmoidScores(torch.autograd.Function):
+    """scores[b, t, s] = sigmoid(query[b, t] + keys[b, s]) · w, chunked over T.
 
-    The tanh tensor is kept for backward when it fits in one chunk (the common case on a CPU
-    batch) and recomputed chunk by chunk otherwise (large GPU batches). Backward does the same
-    passes autograd would, fused through `aten.tanh_backward`.
+    Saves only its inputs; backward recomputes each chunk (an add and a sigmoid, cheap next to
+    the reductions) so memory stays at one chunk whatever the batch.
     """
 
     @staticmethod
-    def forward(ctx, query, keys, v):
-        b, t, a = query.shape
-        s = keys.size(1)
-        chunk = _chunk_len(b, t, s, a)
-        if chunk >= t:
-            hidden = torch.add(query[:, :, None, :], keys[:, None, :, :]).tanh_()  # (B,T,S,A)
-            ctx.save_for_backward(query, keys, v, hidden)
-            ctx.chunk = t
-            return torch.matmul(hidden, v)  # (B, T, S)
-        ctx.save_for_backward(query, keys, v)
-        ctx.chunk = chunk
-        return _additive_scores_nograd(query, keys, v)  # (B, T, S)
+    def forward(ctx, query, keys, w):
+        ctx.chunk = _chunk_len(query, keys)
+        ctx.save_for_backward(query, keys, w)
+        return _sigmoid_scores(query, keys, w, ctx.chunk)  # (B, T, S)
 
     @staticmethod
     def backward(ctx, grad_scores):
-        query, keys, v = ctx.saved_tensors[:3]
-        saved_hidden = ctx.saved_tensors[3] if len(ctx.saved_tensors) == 4 else None
-        t = query.size(1)
-        a = query.size(2)
+        query, keys, w = ctx.saved_tensors
+        b, t, a = query.shape
+        s = keys.size(1)
         grad_query = torch.empty_like(query)
         grad_keys = torch.zeros_like(keys)
-        grad_v = torch.zeros_like(v)
+        grad_w = torch.zeros_like(w)
+        buffer = query.new_empty(b, ctx.chunk, s, a)  # (B, chunk, S, A)
+        grad_buffer = torch.empty_like(buffer)
         for t0 in range(0, t, ctx.chunk):
             t1 = min(t, t0 + ctx.chunk)
-            if saved_hidden is not None:
-                hidden = saved_hidden
-            else:
-                hidden = torch.add(query[:, t0:t1, None, :], keys[:, None, :, :]).tanh_()
-            grad_s = grad_scores[:, t0:t1].contiguous()  # (B, t, S)
-            grad_v += grad_s.reshape(1, -1).matmul(hidden.reshape(-1, a)).squeeze(0)  # (A,)
-            grad_hidden = grad_s.unsqueeze(-1) * v  # (B, t, S, A)
-            grad_pre = torch.ops.aten.tanh_backward(grad_hidden, hidden)  # (B, t, S, A)
+            hidden = _sigmoid_chunk(query, keys, t0, t1, buffer)  # (B, t, S, A)
+            grad_s = grad_scores[:, t0:t1]  # (B, t, S)
+            grad_w.addmv_(hidden.view(-1, a).t(), grad_s.reshape(-1))  # (A,)
+            grad_pre = _chunk_view(grad_buffer, t1 - t0)  # (B, t, S, A)
+            torch.mul(grad_s.unsqueeze(-1), w, out=grad_pre)
+            torch.ops.aten.sigmoid_backward.grad_input(grad_pre, hidden, grad_input=grad_pre)
             grad_query[:, t0:t1] = grad_pre.sum(dim=2)  # (B, t, A)
-            grad_keys += grad_pre.sum(dim=1)  # (B, S, A)
-        return grad_query, grad_keys, grad_v
+            # a sum over a length-1 dim would cost a zero-fill and a copy
+            grad_keys += grad_pre[:, 0] if t1 - t0 == 1 else grad_pre.sum(dim=1)  # (B, S, A)
+        return grad_query, grad_keys, grad_w
 
 
-def additive_scores(query: torch.Tensor, keys: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """tanh(query[:, t] + keys[:, s]) · v: query (B, T, A), keys (B, S, A), v (A,) -> (B, T, S)."""
-    v = v.to(query.dtype)
-    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad or v.requires_grad):
-        return _AdditiveScores.apply(query, keys, v)
-    return _additive_scores_nograd(query, keys, v)
+def sigmoid_scores(query: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sigmoid(query[:, t] + keys[:, s]) · w: query (B, T, A), keys (B, S, A), w (A,) -> (B,T,S)."""
+    keys = keys.to(query.dtype)
+    w = w.to(query.dtype)
+    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad or w.requires_grad):
+        return _SigmoidScores.apply(query, keys, w)  # (B, T, S)
+    return _sigmoid_scores(query, keys, w, _chunk_len(query, keys))  # (B, T, S)
 
 
 def masked_attention(scores, memory, src_mask):
@@ -106,8 +115,12 @@ class BahdanauAttention(nn.Module):
     """Normalized additive attention, as NVIDIA GNMT v2's `BahdanauAttention(normalize=True)`.
 
     score(q, k) = g · v/|v| · tanh(W_q q + W_k k + b), with a scalar g (init 1/sqrt(A)) and a bias b
-    (init 0); W_q, W_k and v are uniform(-init_scale, init_scale) like every other weight. The bias
-    is folded into the keys at `project_keys`, so it costs nothing per decoding step.
+    (init 0); W_q, W_k and v are uniform(-init_scale, init_scale) like every other weight.
+
+    Computed as sigmoid(2 W_q q + 2(W_k k + b)) · 2u - sum(u), u = g v/|v|, since
+    tanh(x) = 2 sigmoid(2x) - 1: the same function, but sigmoid and its backward are several
+    times cheaper than tanh's on a CPU. `project_keys` returns 2(W_k m + b), so the bias and the
+    doubling cost nothing per decoding step.
     """
 
     def __init__(self, query_dim: int, memory_dim: int, attn_dim: int, init_scale: float):
@@ -126,13 +139,13 @@ class BahdanauAttention(nn.Module):
         nn.init.zeros_(self.bias)
 
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
-        return self.key_proj(memory) + self.bias  # (B, S, A)
+        return 2 * (self.key_proj(memory) + self.bias)  # (B, S, A)
 
     def forward(self, query, keys, memory, src_mask):
         if keys is None:
             keys = self.project_keys(memory)  # (B, S, A)
-        v = self.v * (self.scale / self.v.norm())  # (A,)
-        scores = additive_scores(self.query_proj(query), keys, v)  # (B, T, S)
+        u = self.v * (self.scale / self.v.norm())  # (A,)
+        scores = sigmoid_scores(2 * self.query_proj(query), keys, 2 * u) - u.sum()  # (B, T, S)
         return masked_attention(scores, memory, src_mask)
 
 

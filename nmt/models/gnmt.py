@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from nmt.errors import ConfigError
 from nmt.models.attention import build_attention
@@ -41,50 +40,76 @@ def _init_uniform(module: nn.Module, init_scale: float, embed: nn.Embedding) -> 
             embed.weight[embed.padding_idx].zero_()
 
 
+def reverse_within_lengths(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Reverse each row's first `lens[b]` positions, leave its padding in place: x (B, S, C).
+
+    Its own inverse. It lets the backward direction of a bidirectional layer run as a plain
+    left-to-right pass that starts at each sentence's real last token.
+    """
+    seq_len = x.size(1)
+    positions = torch.arange(seq_len, device=x.device)  # (S,)
+    flipped = lens[:, None] - 1 - positions[None, :]  # (B, S)
+    index = torch.where(flipped >= 0, flipped, positions[None, :])  # (B, S)
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))  # (B, S, C)
+
+
+class BiRNN(nn.Module):
+    """A bidirectional layer as two unidirectional ones over right-padded batches.
+
+    Same parameters and output as `nn.LSTM(bidirectional=True)` on packed sequences, but both
+    passes stay on the fast padded kernels (packed sequences fall back to a slow per-step loop on
+    CPU). Outputs at padded positions are meaningless; they are masked downstream.
+    """
+
+    def __init__(self, cell: str, input_dim: int, hidden: int):
+        super().__init__()
+        self.fwd = _make_rnn(cell, input_dim, hidden)
+        self.bwd = _make_rnn(cell, input_dim, hidden)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        fwd = self.fwd(x)[0]  # (B, S, H)
+        bwd = reverse_within_lengths(self.bwd(reverse_within_lengths(x, lens))[0], lens)
+        return torch.cat((fwd, bwd), dim=-1)  # (B, S, 2H)
+
+
 class GNMTEncoder(nn.Module):
     """Embedding, one bidirectional layer, then unidirectional layers with residuals.
 
     Layer 1 is bidirectional (`bi_hidden` per direction, concatenated); layers 2..N have `hidden`
     units; layer i >= `residual_start` (1-based) adds its input to its output; dropout on the
-    embeddings and between layers. The whole stack runs on packed sequences, so the backward
-    direction starts at each sentence's last real token and a sentence's memory does not depend on
-    its batch-mates; the memory is zero at padded positions.
+    embeddings and between layers. The backward direction starts at each sentence's last real
+    token and every upper layer runs left to right, so a sentence's memory at its real positions
+    does not depend on its batch-mates (padded positions hold garbage, masked by `src_mask`).
     """
 
     def __init__(self, cfg: dict, vocab_size: int, pad_id: int):
         super().__init__()
         hidden, bi_hidden, layers = cfg["hidden"], cfg["bi_hidden"], cfg["enc_layers"]
-        self.residual_start = cfg["residual_start"]
-        if layers >= 2 and self.residual_start <= 2 and 2 * bi_hidden != hidden:
-            raise ConfigError([
+        self.residual_start = max(2, cfg["residual_start"])
+        if layers >= 2 and self.residual_start == 2 and 2 * bi_hidden != hidden:
+            problem = (
                 f"model.residual_start: a residual at encoder layer 2 needs 2 * model.bi_hidden"
                 f" == model.hidden, found {2 * bi_hidden} and {hidden} (use residual_start >= 3)"
-            ])
+            )
+            raise ConfigError([problem])
         self.embed = nn.Embedding(vocab_size, cfg["emb_dim"], padding_idx=pad_id)
         self.dropout = nn.Dropout(cfg["dropout"])
-        self.layers = nn.ModuleList([_make_rnn(cfg["cell"], cfg["emb_dim"], bi_hidden, True)])
+        self.bi_layer = BiRNN(cfg["cell"], cfg["emb_dim"], bi_hidden)
+        self.layers = nn.ModuleList()
         for i in range(2, layers + 1):
             self.layers.append(_make_rnn(cfg["cell"], 2 * bi_hidden if i == 2 else hidden, hidden))
         self.out_dim = hidden if layers > 1 else 2 * bi_hidden
         _init_uniform(self, cfg["init_scale"], self.embed)
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
-        seq_len = src_ids.size(1)
-        lens_cpu = src_lens.cpu()
-        if bool((lens_cpu < 1).any()):
-            raise ValueError("every source sentence needs at least one token (e.g. eos)")
-        x = self.dropout(self.embed(src_ids))  # (B, S, E)
-        x = pack_padded_sequence(x, lens_cpu, batch_first=True, enforce_sorted=False)
-        for i, rnn in enumerate(self.layers, start=1):
-            inputs = x if i == 1 else x._replace(data=self.dropout(x.data))
-            out: PackedSequence = rnn(inputs)[0]
-            if i >= max(2, self.residual_start):
-                out = out._replace(data=out.data + x.data)
-            x = out
-        memory = pad_packed_sequence(x, batch_first=True, total_length=seq_len)[0]  # (B, S, H)
-        positions = torch.arange(seq_len, device=src_ids.device)
+        positions = torch.arange(src_ids.size(1), device=src_ids.device)
         src_mask = positions[None, :] < src_lens[:, None]  # (B, S)
-        return EncoderOut(memory=memory, src_mask=src_mask, src_lens=src_lens)
+        x = self.dropout(self.embed(src_ids))  # (B, S, E)
+        x = self.bi_layer(x, src_lens)  # (B, S, 2 * bi_hidden)
+        for i, rnn in enumerate(self.layers, start=2):
+            out = rnn(self.dropout(x))[0]  # (B, S, H)
+            x = out + x if i >= self.residual_start else out
+        return EncoderOut(memory=x, src_mask=src_mask, src_lens=src_lens)
 
 
 class GNMTDecoder(nn.Module):
@@ -116,10 +141,12 @@ class GNMTDecoder(nn.Module):
     def tie_output(self) -> None:
         """Share the output projection's weight with `self.embed` (needs emb_dim == hidden)."""
         if self.embed.weight.shape != self.out.weight.shape:
-            raise ConfigError([
-                f"model.tie_embeddings: needs model.emb_dim == model.hidden, found "
-                f"{self.embed.embedding_dim} and {self.hidden}"
-            ])
+            raise ConfigError(
+                [
+                    f"model.tie_embeddings: needs model.emb_dim == model.hidden, found "
+                    f"{self.embed.embedding_dim} and {self.hidden}"
+                ]
+            )
         self.out.weight = self.embed.weight
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:

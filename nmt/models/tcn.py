@@ -116,6 +116,18 @@ class _Embedding(nn.Module):
         return self.dropout(embed(ids) + self.pos_scale * pos)  # (..., E)
 
 
+def _last_column(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
+    """The one output of `conv` over window (B, C_in, (k-1)d + 1) -> (B, C_out, 1).
+
+    Gathers the k dilated taps and runs one matrix product: several times faster on CPU than
+    a dilated conv call over the window, and the same sum up to float rounding.
+    """
+    taps = window[:, :, :: conv.dilation[0]]  # (B, C_in, k)
+    weight = conv.weight  # (C_out, C_in, k); weight norm recomputes it here
+    out = F.linear(taps.reshape(taps.size(0), -1), weight.reshape(weight.size(0), -1), conv.bias)
+    return out.unsqueeze(2)  # (B, C_out, 1)
+
+
 class TemporalBlock(nn.Module):
     """Two weight-normalised dilated convs with ReLU and dropout, plus a residual (Bai et al.).
 
@@ -169,9 +181,9 @@ class TemporalBlock(nn.Module):
     def step(self, x_t: torch.Tensor, cache: list[torch.Tensor]):
         """x_t (B, C_in, 1) -> (y_t (B, C_out, 1), new cache). Causal blocks only."""
         window1 = torch.cat([cache[0], x_t], dim=2)  # (B, C_in, span + 1)
-        h = self.dropout(F.relu(self.conv1(window1)))  # (B, C_out, 1)
+        h = self.dropout(F.relu(_last_column(self.conv1, window1)))  # (B, C_out, 1)
         window2 = torch.cat([cache[1], h], dim=2)  # (B, C_out, span + 1)
-        h = self.dropout(F.relu(self.conv2(window2)))  # (B, C_out, 1)
+        h = self.dropout(F.relu(_last_column(self.conv2, window2)))  # (B, C_out, 1)
         res = x_t if self.residual is None else self.residual(x_t)  # (B, C_out, 1)
         return F.relu(h + res), [window1[:, :, 1:], window2[:, :, 1:]]
 

@@ -1,0 +1,63 @@
+"""Download the WMT news test sets (newstest2008-2020, checksummed, idempotent).
+
+    python data_scripts/wmt_testsets.py --langs en de --out data/wmt --splits newstest2014
+    NMT_MIRROR=../shared/corpora python data_scripts/wmt_testsets.py   # offline, from the mirror
+
+The language order is the direction: from 2019 on the test sets differ by direction, so
+`--langs en de` reads the OPUS-MT `en-de` folder. Writes <out>/<src>-<tgt>/<name>.<lang> for
+every test set (or --splits) and prints one path per line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nmt.corpora import download, get_corpus
+from nmt.errors import NmtError
+
+
+def main(
+    argv: list[str] | None = None,
+    corpus: str = "wmt",
+    out: str = "data/wmt",
+    langs: tuple[str, ...] = ("en", "de"),
+) -> int:
+    spec = get_corpus(corpus)
+    parser = argparse.ArgumentParser(description=f"Download {spec.description or corpus}.")
+    parser.add_argument(
+        "--langs",
+        nargs="+",
+        default=list(langs),
+        help=f"languages, source first (default: {' '.join(langs)})",
+    )
+    parser.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=None,
+        help="splits to fetch (default: the corpus's standard splits)",
+    )
+    parser.add_argument("--retries", type=int, default=3, help="tries per file (default: 3)")
+    parser.add_argument("--timeout", type=float, default=30, help="seconds (default: 30)")
+    args = parser.parse_args(argv)
+    try:
+        files = download(
+            corpus,
+            args.langs,
+            args.out,
+            splits=args.splits,
+            retries=args.retries,
+            timeout=args.timeout,
+        )
+    except NmtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    for by_lang in files.values():
+        for path in by_lang.values():
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

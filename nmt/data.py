@@ -1,0 +1,603 @@
+"""Parallel text to batches (layer 2): reading, encoding, caching, token-bucketed sampling.
+
+Owns: validated streaming reads of line-aligned text (`read_parallel`); `prepare`, which learns
+the tokenizer and encodes the train and valid splits into memory-mapped Arrow datasets in
+`cfg.data.dir` (skipping work whose inputs and settings have not changed); the
+`TokenBatchSampler` (padded-token budget, per-epoch seeded order, per-rank shards, exact
+resume); `Batch` and `collate`. Does not own the model, the optimizer or the training loop.
+
+A prepared split holds, per example: `line` (0-based line in the raw files), `src_ids`
+(pieces + [eos]), `tgt_ids` (pieces only; bos/eos are added by `collate`), `src_lens`
+(= len(src_ids)) and `tgt_lens` (= len(tgt_ids)).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+
+from nmt.config import Config
+from nmt.errors import DataError, UsageError
+from nmt.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+TOKENIZER_SETTINGS = "tokenizer.json"
+SPLIT_SETTINGS = "nmt_split.json"
+
+
+def _log(msg: str) -> None:
+    print(f"nmt: {msg}", file=sys.stderr, flush=True)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def _open_binary(path: Path):
+    try:
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, expected a text file")
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """Decoded lines without their line ends; errors name the file and the line."""
+    line_no = 0
+    with _open_binary(path) as f:
+        try:
+            for raw in f:
+                line_no += 1
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = raw[e.start : e.start + 4]
+                    raise DataError(
+                        f"{path}, line {line_no}: not UTF-8 text (byte {e.start}: {bad!r})"
+                    ) from None
+                if line_no == 1:
+                    text = text.removeprefix("\ufeff")
+                yield text.rstrip("\r\n")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(
+                f"{path}: truncated or corrupt gzip file after line {line_no} ({e})"
+            ) from None
+        except OSError as e:
+            raise DataError(f"{path}: read error after line {line_no}: {e}") from None
+
+
+def _count_rest(it: Iterator[str]) -> int:
+    return sum(1 for _ in it)
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[str, str]]:
+    """Yield (src, tgt) line pairs, streaming (.gz allowed).
+
+    Raises DataError, naming the file, for: a missing or unreadable file, a file that is empty,
+    invalid UTF-8 (with the line number), a truncated gzip, or different line counts (both
+    files and both counts). The count check runs when the shorter file ends.
+    """
+    src_path, tgt_path = Path(src_path), Path(tgt_path)
+    src_lines, tgt_lines = _lines(src_path), _lines(tgt_path)
+    n = 0
+    while True:
+        src = next(src_lines, None)
+        tgt = next(tgt_lines, None)
+        if src is None or tgt is None:
+            break
+        n += 1
+        yield src, tgt
+    if src is None and tgt is None:
+        if n == 0:
+            raise DataError(f"{src_path}: empty file (and {tgt_path})")
+        return
+    n_src = n + (0 if src is None else 1 + _count_rest(src_lines))
+    n_tgt = n + (0 if tgt is None else 1 + _count_rest(tgt_lines))
+    for path, count in ((src_path, n_src), (tgt_path, n_tgt)):
+        if count == 0:
+            raise DataError(f"{path}: empty file")
+    raise DataError(
+        f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}: "
+        f"the two sides must be line-aligned"
+    )
+
+
+def _pair_examples(src_path: str, tgt_path: str) -> Iterator[dict]:
+    for line, (src, tgt) in enumerate(read_parallel(src_path, tgt_path)):
+        yield {"line": line, "src": src, "tgt": tgt}
+
+
+# -- prepare --------------------------------------------------------------------------------------
+
+
+def _file_id(path: str | Path) -> dict:
+    """What identifies an input file's content cheaply: absolute path, size, mtime."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(f"{p}: file not found") from None
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _ensure_tokenizer(cfg: Config, data_dir: Path) -> Tokenizer:
+    """Load the tokenizer in `data_dir` if it was learned with these settings, else learn it."""
+    t, d = cfg.tokenizer, cfg.data
+    settings = {
+        "format": FORMAT_VERSION,
+        "model_type": t.model_type,
+        "vocab_size": t.vocab_size,
+        "joint": t.joint,
+        "character_coverage": t.character_coverage,
+        "input_sentence_size": t.input_sentence_size,
+        "seed": cfg.train.seed,
+        "train_src": _file_id(d.train_src),
+        "train_tgt": _file_id(d.train_tgt),
+    }
+    if _read_json(data_dir / TOKENIZER_SETTINGS) == settings:
+        try:
+            tok = Tokenizer.load(data_dir)
+            if tok.joint == t.joint:
+                _log(f"tokenizer: kept {data_dir} ({tok})")
+                return tok
+        except UsageError:
+            pass
+    start = time.perf_counter()
+    (data_dir / TOKENIZER_SETTINGS).unlink(missing_ok=True)
+    tok = Tokenizer.train(
+        [d.train_src],
+        [d.train_tgt],
+        data_dir,
+        model_type=t.model_type,
+        vocab_size=t.vocab_size,
+        joint=t.joint,
+        character_coverage=t.character_coverage,
+        input_sentence_size=t.input_sentence_size,
+        seed=cfg.train.seed,
+    )
+    _write_json(data_dir / TOKENIZER_SETTINGS, settings)
+    _log(f"tokenizer: learned {tok} in {time.perf_counter() - start:.1f}s -> {data_dir}")
+    return tok
+
+
+def _encode_batch(batch: dict, tokenizer: Tokenizer) -> dict:
+    eos = tokenizer.eos_id
+    src_ids = [ids + [eos] for ids in tokenizer.encode_src(batch["src"])]
+    tgt_ids = tokenizer.encode_tgt(batch["tgt"])
+    return {
+        "line": batch["line"],
+        "src_ids": src_ids,
+        "tgt_ids": tgt_ids,
+        "src_lens": [len(ids) for ids in src_ids],
+        "tgt_lens": [len(ids) for ids in tgt_ids],
+    }
+
+
+def _keep_mask(src_lens, tgt_lens, min_len: int, max_len: int) -> np.ndarray:
+    """Pairs whose piece counts (src without its eos) lie in [max(min_len, 1), max_len]."""
+    src_pieces = np.asarray(src_lens) - 1
+    tgt_pieces = np.asarray(tgt_lens)
+    low = max(min_len, 1)
+    return (
+        (src_pieces >= low)
+        & (src_pieces <= max_len)
+        & (tgt_pieces >= low)
+        & (tgt_pieces <= max_len)
+    )
+
+
+def _keep_batch(src_lens, tgt_lens, min_len: int, max_len: int) -> list[bool]:
+    return _keep_mask(src_lens, tgt_lens, min_len, max_len).tolist()
+
+
+def _features(tokenizer: Tokenizer) -> datasets.Features:
+    big = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) > np.iinfo(np.int16).max
+    dtype = "int32" if big else "int16"
+    return datasets.Features(
+        {
+            "line": datasets.Value("int64"),
+            "src_ids": datasets.List(datasets.Value(dtype)),
+            "tgt_ids": datasets.List(datasets.Value(dtype)),
+            "src_lens": datasets.Value("int32"),
+            "tgt_lens": datasets.Value("int32"),
+        }
+    )
+
+
+def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
+    """Rename a finished folder into place, replacing an older one."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _encode_split(
+    split: str, src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, data_dir: Path
+) -> None:
+    d = cfg.data
+    digest = hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest()
+    settings = {
+        "format": FORMAT_VERSION,
+        "tokenizer_sha256": digest,
+        "src": _file_id(src),
+        "tgt": _file_id(tgt),
+        "min_len": d.min_len,
+        "max_len": d.max_len,
+    }
+    final_dir = data_dir / split
+    if _read_json(final_dir / SPLIT_SETTINGS) == settings:
+        _log(f"{split}: kept {final_dir}")
+        return
+    start = time.perf_counter()
+    num_proc = d.num_proc if d.num_proc > 1 else None
+    work = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{split}.work-"))
+    try:
+        try:
+            raw = datasets.Dataset.from_generator(
+                _pair_examples,
+                gen_kwargs={"src_path": str(src), "tgt_path": str(tgt)},
+                features=datasets.Features(
+                    {
+                        "line": datasets.Value("int64"),
+                        "src": datasets.Value("string"),
+                        "tgt": datasets.Value("string"),
+                    }
+                ),
+                cache_dir=str(work / "raw"),
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            if isinstance(e.__cause__, DataError):  # our message, without datasets' wrapping
+                raise e.__cause__ from None
+            raise
+        encoded = raw.map(
+            _encode_batch,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs={"tokenizer": tokenizer},
+            remove_columns=["src", "tgt"],
+            features=_features(tokenizer),
+            num_proc=num_proc,
+            desc=f"encode {split}",
+        )
+        lens = encoded.with_format("numpy", columns=["src_lens", "tgt_lens"])[:]
+        keep = _keep_mask(lens["src_lens"], lens["tgt_lens"], d.min_len, d.max_len)
+        n_long = int(((lens["src_lens"] - 1 > d.max_len) | (lens["tgt_lens"] > d.max_len)).sum())
+        kept = encoded.filter(
+            _keep_batch,
+            batched=True,
+            batch_size=10_000,
+            input_columns=["src_lens", "tgt_lens"],
+            fn_kwargs={"min_len": d.min_len, "max_len": d.max_len},
+            num_proc=num_proc,
+            desc=f"filter {split}",
+        )
+        if len(kept) == 0:
+            raise DataError(
+                f"{src}: no pair of {split} has between {max(d.min_len, 1)} and {d.max_len} "
+                f"pieces on both sides (data.min_len, data.max_len)"
+            )
+        out = work / "out"
+        kept.save_to_disk(str(out))
+        _write_json(out / SPLIT_SETTINGS, settings)
+        _swap_in(out, final_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n_all = len(keep)
+    _log(
+        f"{split}: {n_all} pairs, kept {int(keep.sum())}, dropped {n_all - int(keep.sum())} "
+        f"({n_long} over {d.max_len} pieces, {n_all - int(keep.sum()) - n_long} empty or under "
+        f"{max(d.min_len, 1)}) in {time.perf_counter() - start:.1f}s -> {final_dir}"
+    )
+
+
+def prepare(cfg: Config) -> Path:
+    """Learn the tokenizer and encode train (and valid, if set) into `cfg.data.dir`.
+
+    Both splits get the same length filter (data.min_len, data.max_len; empty pairs always go);
+    the `line` column maps each kept example back to its line in the raw files.
+
+    Idempotent: a tokenizer learned from the same files with the same settings, and splits
+    encoded from the same files with the same tokenizer and length limits, are kept. Returns
+    the data folder.
+    """
+    d = cfg.data
+    if not d.train_src or not d.train_tgt:
+        raise UsageError(
+            "data.train_src and data.train_tgt must name the training text files "
+            "(e.g. from `nmt download multi30k --langs en de --out DIR`)"
+        )
+    if bool(d.valid_src) != bool(d.valid_tgt):
+        raise UsageError("data.valid_src and data.valid_tgt must be set together")
+    for path in (d.train_src, d.train_tgt, d.valid_src, d.valid_tgt):
+        if path:
+            _file_id(path)  # a missing file fails here, before any long work
+    data_dir = Path(d.dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _ensure_tokenizer(cfg, data_dir)
+    _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
+    if d.valid_src:
+        _encode_split("valid", d.valid_src, d.valid_tgt, tokenizer, cfg, data_dir)
+    else:
+        _log("valid: data.valid_src is not set, no validation split")
+    return data_dir
+
+
+def load_split(data_dir: str | Path, split: str) -> datasets.Dataset:
+    """A prepared split (`train` or `valid`), memory-mapped from disk."""
+    path = Path(data_dir) / split
+    if not (path / SPLIT_SETTINGS).is_file():
+        raise DataError(f"{path}: no prepared {split} split here (run `nmt prepare` first)")
+    return datasets.load_from_disk(str(path))
+
+
+def lengths(dataset: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(src_lens, tgt_lens) of every example as int64 arrays, read from the length columns."""
+    cols = dataset.with_format("numpy", columns=["src_lens", "tgt_lens"])[:]
+    return cols["src_lens"].astype(np.int64), cols["tgt_lens"].astype(np.int64)
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+
+def _greedy_batches(ids: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut `ids` (sorted by ascending `cost`) into the longest runs whose padded size
+    len(run) * max(cost in run) fits `max_tokens`; an example over budget is a batch alone."""
+    out, i, m = [], 0, len(ids)
+    while i < m:
+        j = min(m, i + max(1, max_tokens // int(cost[i])))  # an upper bound on the run's end
+        while j - i > 1 and (j - i) * int(cost[j - 1]) > max_tokens:
+            j = i + max(1, max_tokens // int(cost[j - 1]))  # still an upper bound, and smaller
+        out.append(ids[i:j])
+        i = j
+    return out
+
+
+def _even_out(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Make the number of batches a multiple of `world_size` by halving the largest batches
+    (at most world_size - 1 splits, so every example still appears exactly once). Only when
+    there are too few examples to split does it repeat batches from the start."""
+    need = (-len(batches)) % world_size
+    for _ in range(need):
+        k = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[k]) < 2:
+            break
+        half = len(batches[k]) // 2
+        batches[k : k + 1] = [batches[k][:half], batches[k][half:]]
+    need = (-len(batches)) % world_size
+    return batches + [batches[k % len(batches)] for k in range(need)]
+
+
+class TokenBatchSampler:
+    """Batches of example indices under a padded-token budget, sharded per rank.
+
+    Cost of a batch: n_sentences * max(max src len, max tgt len + 1), i.e. padded tokens of the
+    larger side (`tgt_lens` count pieces; +1 for the bos/eos that `collate` adds). With
+    `shuffle`, each epoch draws a permutation from (seed, epoch), sorts examples by length
+    within pools of about `pool_size` batches, cuts batches greedily and shuffles the batch
+    order; without it, one deterministic length-sorted order (for validation). Ranks take every
+    `world_size`-th batch after the count has been made a multiple of `world_size` by splitting
+    the largest batches (see `_even_out`): shards are disjoint, cover every example, and have the
+    same number of batches.
+
+    Position: `position` counts the batches of the current epoch already yielded; `__iter__`
+    resumes there (an iteration that starts at the end of the epoch starts it over), and
+    `state_dict`/`load_state_dict` carry (epoch, position) for an exact resume mid-epoch.
+    `set_epoch(e)` moves to epoch e at position 0 (no-op if e is the current epoch, so that it
+    can follow `load_state_dict`).
+    """
+
+    def __init__(
+        self,
+        src_lens: np.ndarray,
+        tgt_lens: np.ndarray,
+        max_tokens: int,
+        shuffle: bool = True,
+        seed: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        pool_size: int = 100,
+    ):
+        src_lens, tgt_lens = np.asarray(src_lens), np.asarray(tgt_lens)
+        if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1:
+            raise ValueError(f"src_lens {src_lens.shape} and tgt_lens {tgt_lens.shape} differ")
+        if max_tokens < 1 or pool_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"bad sampler settings: max_tokens={max_tokens}, "
+                f"pool_size={pool_size}, rank={rank}, world_size={world_size}"
+            )
+        self.src_lens = src_lens.astype(np.int64)
+        self.cost = np.maximum(self.src_lens, tgt_lens.astype(np.int64) + 1)  # (N,)
+        self.max_tokens, self.shuffle, self.seed = int(max_tokens), shuffle, int(seed)
+        self.rank, self.world_size = rank, world_size
+        mean_cost = max(1, int(self.cost.mean())) if len(self.cost) else 1
+        per_batch = max(1, self.max_tokens // mean_cost)
+        self.pool_examples = pool_size * per_batch
+        self.epoch, self.position = 0, 0
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def _all_batches(self, epoch: int) -> list[np.ndarray]:
+        n = len(self.cost)
+        if n == 0:
+            return []
+        if not self.shuffle:
+            order = np.lexsort((self.src_lens, self.cost))  # stable: ties keep index order
+            return _even_out(
+                _greedy_batches(order, self.cost[order], self.max_tokens), self.world_size
+            )
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)
+        pool_of = np.arange(n) // self.pool_examples
+        order = order[np.lexsort((self.cost[order], pool_of))]  # sorted within each pool
+        batches = []
+        for start in range(0, n, self.pool_examples):
+            ids = order[start : start + self.pool_examples]
+            batches += _greedy_batches(ids, self.cost[ids], self.max_tokens)
+        batches = _even_out(batches, self.world_size)
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch, in order."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._all_batches(self.epoch)[self.rank :: self.world_size])
+        return self._cache[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches()
+        if self.position >= len(batches):
+            self.position = 0
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield batch.tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+@dataclass
+class Batch:
+    """Padded (right) tensors of one batch. Masks: True = real token."""
+
+    src_ids: torch.Tensor  # (B, S) pieces + [eos]
+    src_lens: torch.Tensor  # (B,)
+    tgt_in_ids: torch.Tensor  # (B, T) [bos] + pieces
+    tgt_out_ids: torch.Tensor  # (B, T) pieces + [eos]
+    tgt_lens: torch.Tensor  # (B,) pieces + 1
+    indices: torch.Tensor  # (B,) example indices in the dataset
+
+    @property
+    def src_mask(self) -> torch.Tensor:
+        positions = torch.arange(self.src_ids.size(1), device=self.src_ids.device)
+        return positions[None, :] < self.src_lens[:, None]  # (B, S)
+
+    @property
+    def tgt_mask(self) -> torch.Tensor:
+        positions = torch.arange(self.tgt_in_ids.size(1), device=self.tgt_in_ids.device)
+        return positions[None, :] < self.tgt_lens[:, None]  # (B, T)
+
+    @property
+    def num_src_tokens(self) -> int:
+        return int(self.src_lens.sum())
+
+    @property
+    def num_tgt_tokens(self) -> int:
+        return int(self.tgt_lens.sum())
+
+    def __len__(self) -> int:
+        return self.src_ids.size(0)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy on `device` (pinned and non-blocking when it is a GPU)."""
+        device = torch.device(device)
+        pin = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+def _ragged(column) -> tuple[np.ndarray, np.ndarray]:
+    """(all values concatenated, length of each row) of a column of id sequences: a pyarrow
+    list array (fast path, what `make_batches` passes) or a sequence of sequences."""
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        row_lens = np.diff(column.offsets.to_numpy())
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        return values.astype(np.int64), row_lens.astype(np.int64)
+    row_lens = np.array([len(s) for s in column], dtype=np.int64)
+    if len(column) == 0:
+        return np.zeros(0, dtype=np.int64), row_lens
+    return np.concatenate([np.asarray(s, dtype=np.int64) for s in column]), row_lens
+
+
+def collate(examples: dict, indices, pad_id: int, bos_id: int, eos_id: int) -> Batch:
+    """`examples` = columns `src_ids`, `tgt_ids` of dataset[indices] -> a right-padded Batch.
+
+    Columns may be lists of id lists, lists of arrays, or pyarrow list arrays.
+    """
+    src_values, src_lens = _ragged(examples["src_ids"])  # (sum S_i,), (B,)
+    tgt_values, n_pieces = _ragged(examples["tgt_ids"])  # (sum T_i - 1,), (B,)
+    if len(src_lens) == 0:
+        raise ValueError("collate: empty batch")
+    tgt_lens = n_pieces + 1
+    bsz, src_len, tgt_len = len(src_lens), int(src_lens.max()), int(tgt_lens.max())
+
+    src_pos = np.arange(src_len)[None, :]  # (1, S)
+    src_ids = np.full((bsz, src_len), pad_id, dtype=np.int64)  # (B, S)
+    src_ids[src_pos < src_lens[:, None]] = src_values  # row-major fill = concatenation order
+
+    tgt_pos = np.arange(tgt_len)[None, :]  # (1, T)
+    tgt_in_ids = np.full((bsz, tgt_len), pad_id, dtype=np.int64)  # (B, T)
+    tgt_in_ids[:, 0] = bos_id
+    tgt_in_ids[(tgt_pos >= 1) & (tgt_pos <= n_pieces[:, None])] = tgt_values
+    tgt_out_ids = np.full((bsz, tgt_len), pad_id, dtype=np.int64)  # (B, T)
+    tgt_out_ids[tgt_pos < n_pieces[:, None]] = tgt_values
+    tgt_out_ids[np.arange(bsz), n_pieces] = eos_id
+    return Batch(
+        src_ids=torch.from_numpy(src_ids),
+        src_lens=torch.from_numpy(src_lens),
+        tgt_in_ids=torch.from_numpy(tgt_in_ids),
+        tgt_out_ids=torch.from_numpy(tgt_out_ids),
+        tgt_lens=torch.from_numpy(tgt_lens),
+        indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+    )
+
+
+def make_batches(
+    dataset: datasets.Dataset, sampler: TokenBatchSampler, pad_id: int, bos_id: int, eos_id: int
+) -> Iterator[Batch]:
+    """Batches in the sampler's order (resuming at its position)."""
+    columns = dataset.with_format("arrow", columns=["src_ids", "tgt_ids"])
+    for indices in sampler:
+        table = columns[indices]  # a pyarrow Table: no per-row Python objects
+        examples = {name: table.column(name) for name in ("src_ids", "tgt_ids")}
+        yield collate(examples, indices, pad_id, bos_id, eos_id)

@@ -1,0 +1,36 @@
+"""Device and precision choice from the user's words ("auto", "cuda:1", "bf16").
+
+Owns: turning a device/precision setting into torch objects, with one clear UsageError for a
+device that does not exist. Layer 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmt.errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
