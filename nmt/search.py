@@ -12,8 +12,11 @@ How the search works (fairseq-style, over batch x beam at once):
   eos are finished and frozen with their final score; the live beam is refilled with the K best
   candidates that do not end in eos (there are always K of them in the 2K), so finished
   hypotheses never starve the beam.
-- A sentence keeps its `beam_size` best finished hypotheses. It is done when it holds
-  `beam_size` of them and no live hypothesis can beat the worst one: the bound used is exact,
+- A sentence keeps its `beam_size` best finished hypotheses. By default it is done as soon as it
+  holds `beam_size` of them (fairseq's and OpenNMT's early stop: with alpha > 0 a longer live
+  hypothesis could in principle still win, but waiting for that bound runs nearly every sentence
+  to its maximum length). With `exact_stop=True` it is done only when no live hypothesis can
+  beat the worst finished one: the bound used is exact,
   live log-prob L <= 0 can only fall, the coverage penalty is <= 0, so the best final score a
   live hypothesis can reach is L / max(lp) over the lengths it can still reach. A sentence is
   also done at its maximum length (eos is then forced, so every live hypothesis is finalised).
@@ -127,6 +130,7 @@ def beam_search(
     max_len_b: float = 10,
     pad_id: int | None = None,
     return_attn: bool = False,
+    exact_stop: bool = False,
 ) -> list[list[Hypothesis]]:
     """Batched beam search. `n_best` hypotheses per sentence (best first), in input order."""
     if beam_size < 1:
@@ -145,6 +149,7 @@ def beam_search(
         max_len_a=max_len_a,
         max_len_b=max_len_b,
         return_attn=return_attn,
+        exact_stop=exact_stop,
     )
     return _search(model, src_ids, src_lens, settings)
 
@@ -162,6 +167,7 @@ class _Settings:
     max_len_a: float
     max_len_b: float
     return_attn: bool
+    exact_stop: bool = False  # keep searching while a live hypothesis could still win
 
 
 @dataclass
@@ -359,7 +365,7 @@ def _done(act: _Active, live_scores, t, cfg: _Settings) -> torch.Tensor:
     """
     best_live = live_scores.max(dim=1).values  # (n,)
     full = act.num_finished >= cfg.beam_size
-    if not cfg.greedy:
+    if not cfg.greedy and cfg.exact_stop:
         lp_max = act.lp_at_max.clamp(min=length_penalty(float(t + 2), cfg.alpha))  # (n,)
         full &= (best_live.double() / lp_max).float() <= act.worst_finished
     return (act.max_lens <= t) | ~torch.isfinite(best_live) | full  # (n,)

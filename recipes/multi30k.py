@@ -116,6 +116,7 @@ class Recipe:
 
         model = self.run_dir / "model" / "best.pt"
         translator = Translator.from_checkpoint(model)
+        (self.run_dir / "hyps").mkdir(parents=True, exist_ok=True)
         for test in self.test_sets:
             for beam in self.beams:
                 start = time.perf_counter()

@@ -17,15 +17,6 @@ from nmt.models.gnmt import BiRNN, GNMTDecoder, GNMTEncoder, reverse_within_leng
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine run far faster without OpenMP spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg_of(**fields) -> dict:
     return dataclasses.asdict(ModelConfig(**fields))
 
@@ -308,7 +299,7 @@ def test_tiny_gnmt_learns_to_reverse():
         loss.backward()
         optimizer.step()
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-        if running < 0.02:
+        if running < 0.05:
             break
     model.eval()
     src_ids, src_lens, _, tgt_out_ids = reverse_batch(torch.Generator().manual_seed(123), 200)

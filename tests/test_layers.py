@@ -12,6 +12,7 @@ LAYERS = {
     "nmt.errors": -1,
     "nmt.config": 0,
     "nmt.metrics": 0,
+    "nmt.devices": 0,
     "nmt.progress": 0,
     "nmt.corpora": 1,
     "nmt.tokenizer": 1,

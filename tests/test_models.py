@@ -1,4 +1,5 @@
-"""The Seq2Seq contract, tested for every family in FAMILIES (a new family gets these for free).
+"""The Seq2Seq contract, tested for every family in FAMILIES and every encoder/decoder mix
+(a new family gets these for free).
 
 - incremental decoding (`step` T times) gives the log-softmax of teacher-forced `forward`;
 - padding invariance: a sentence's outputs do not depend on its batch-mates;
@@ -21,15 +22,6 @@ VOCAB = 23
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine run far faster without OpenMP spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # GNMT is tested with every cell and attention; residuals are active (3 + 3 layers, from layer 2).
 GNMT_VARIANTS = [{"cell": "lstm", "attention": a} for a in ("bahdanau", "dot", "general")] + [
     {"cell": "gru", "attention": a} for a in ("bahdanau", "dot", "general")
@@ -40,6 +32,13 @@ CASES = [
     pytest.param(family, variant, id="-".join([family, *variant.values()]))
     for family in FAMILIES
     for variant in VARIANTS.get(family, [{}])
+]
+# mixed families (an encoder of one, a decoder of another) share the same contract
+CASES += [
+    pytest.param(enc, {"decoder": dec}, id=f"{enc}+{dec}")
+    for enc in FAMILIES
+    for dec in FAMILIES
+    if enc != dec
 ]
 
 

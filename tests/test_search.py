@@ -84,6 +84,8 @@ def _src(*specs):
 
 
 def _beam(model, src_ids, src_lens, **kw):
+    """Beam search with the exact stopping bound (the hand-worked tables assume it)."""
+    kw.setdefault("exact_stop", True)
     return beam_search(model, src_ids, src_lens, bos_id=BOS, eos_id=EOS, pad_id=PAD, **kw)
 
 
@@ -176,6 +178,26 @@ def test_length_penalty_changes_the_winner():
     # alpha = 0.6 (the default): lp(4) = 1.5^0.6 = 1.2754, -1.0441 / 1.2754 = -0.8186 < -0.7985.
     (default,) = _beam(ScriptedModel(LONG_VS_SHORT), src_ids, src_lens, beam_size=2, alpha=0.6)
     assert default[0].tokens == []
+
+
+def test_default_early_stop_ends_at_beam_size_finished():
+    src_ids, src_lens = _src((3, 3))
+    # Default (fairseq/OpenNMT early stop), beam 2, alpha 1: step 0 finishes [] (-0.7985),
+    # step 1 finishes [A] (-1.892): two finished, so the sentence is done before [A,B,C]
+    # (-0.6961, the exact winner above) is reached.
+    (early,) = _beam(
+        ScriptedModel(LONG_VS_SHORT),
+        src_ids,
+        src_lens,
+        beam_size=2,
+        n_best=2,
+        alpha=1.0,
+        exact_stop=False,
+    )
+    assert _summary(early) == [
+        ([], pytest.approx(ln(0.45), abs=1e-6)),
+        ([A], pytest.approx(ln(0.11) / (7 / 6), abs=1e-6)),
+    ]
 
 
 def test_coverage_penalty_counts_real_source_positions_only():

@@ -18,6 +18,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # Bahdanau scores need tanh(q_t + k_s) for every (t, s): a (B, T, S, A) tensor that has no cheaper
 # exact formulation. It is never materialised whole: it is built in chunks over T of at most this
@@ -71,6 +72,7 @@ class _SigmoidScores(torch.autograd.Function):
         return _sigmoid_scores(query, keys, w, ctx.chunk)  # (B, T, S)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_scores):
         query, keys, w = ctx.saved_tensors
         b, t, a = query.shape

@@ -4,17 +4,21 @@ Owns: the embeddings, the recurrent stacks, the output projection and the decode
 state. Attention lives in `nmt.models.attention`; search and training see only the contract of
 `nmt.models.base` through `EncoderDecoder`.
 
-Departures from the paper, all as in NVIDIA GNMT v2:
+Departures from the paper, as in NVIDIA GNMT v2:
 - attention is queried by the output of decoder layer 1 at the current step (the paper uses the
   bottom layer's output of the previous step), and its context is fed to every upper layer.
   Attention therefore depends on layer 1 alone, so in training each layer runs over the whole
   target sequence in one call: no Python loop over time steps;
 - the decoder starts from zero states: encoder states are not bridged to the decoder;
 - every parameter starts uniform(-init_scale, init_scale) (attention gain and bias excepted,
-  see `BahdanauAttention`); the padding row of the embedding is then zeroed.
+  see `BahdanauAttention`); unlike NVIDIA, the padding row of the embedding is then zeroed.
+
+Sources must hold at least one token each (`src_lens >= 1`, e.g. the eos).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -151,12 +155,7 @@ class GNMTDecoder(nn.Module):
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:
         """Project the memory to attention keys once per sentence."""
-        return EncoderOut(
-            memory=enc.memory,
-            src_mask=enc.src_mask,
-            keys=self.attention.project_keys(enc.memory),  # (B, S, A) or None
-            src_lens=enc.src_lens,
-        )
+        return replace(enc, keys=self.attention.project_keys(enc.memory))  # keys (B, S, A)
 
     def _run(self, tgt_ids: torch.Tensor, states: list, enc: EncoderOut):
         """All layers over tgt_ids (B, T); `states` holds each layer's initial state or None."""
