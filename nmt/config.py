@@ -212,6 +212,40 @@ def _check_field(f: dataclasses.Field, value, path: str) -> str | None:
     return None
 
 
+def receptive_field(kernel_size: int, levels: int) -> int:
+    """Positions one output sees through `levels` blocks of two dilated convs (dilation 2**l)."""
+    return 1 + 2 * (kernel_size - 1) * (2**levels - 1)
+
+
+def check_receptive_field(cfg: dict, max_len: int) -> str | None:
+    """A problem message if a TCN side of `cfg` cannot see `max_len` positions, else None.
+
+    The decoder must see its whole prefix and the encoder's (centered) window must span the
+    whole sentence, so the receptive field must be at least `max_len`. Returns None when
+    neither side of the model is a TCN.
+    """
+    families = {cfg.get("encoder") or cfg["arch"], cfg.get("decoder") or cfg["arch"]}
+    if "tcn" not in families:
+        return None
+    k, levels = cfg["kernel_size"], cfg["levels"]
+    rf = receptive_field(k, levels)
+    if rf >= max_len:
+        return None
+    where = (
+        f"model.levels: the TCN receptive field 1 + 2(k-1)(2^L - 1) = {rf} "
+        f"(kernel_size {k}, levels {levels}) is shorter than the maximum length {max_len}"
+    )
+    if k == 1:
+        return f"{where}; kernel_size 1 sees one position whatever the levels: use kernel_size >= 2"
+    needed = levels
+    while receptive_field(k, needed) < max_len:
+        needed += 1
+    return (
+        f"{where}; use model.levels >= {needed} (receptive field "
+        f"{receptive_field(k, needed)}) or a larger model.kernel_size"
+    )
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     problems = []
     m, s = cfg.model, cfg.search
@@ -229,6 +263,9 @@ def _cross_checks(cfg: Config) -> list[str]:
             "model.dec_layers: the GNMT decoder needs >= 2 layers (attention feeds layers 2 "
             f"and up), found {m.dec_layers}"
         )
+    rf_problem = check_receptive_field(dataclasses.asdict(m), cfg.data.max_len + 1)
+    if rf_problem:
+        problems.append(rf_problem + " (data.max_len + 1 positions: pieces plus bos/eos)")
     if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
         problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
     if cfg.data.min_len > cfg.data.max_len:

@@ -348,6 +348,8 @@ def prepare(cfg: Config) -> Path:
             _file_id(path)  # a missing file fails here, before any long work
     data_dir = Path(d.dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not sys.stderr.isatty():  # progress bars only on a terminal; logs stay readable
+        datasets.disable_progress_bars()
     tokenizer = _ensure_tokenizer(cfg, data_dir)
     _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
     if d.valid_src:

@@ -106,7 +106,9 @@ class Trainer:
         data_dir = Path(cfg.data.dir)
         self.tokenizer = Tokenizer.load(data_dir)
         self.train_set = data.load_split(data_dir, "train")
-        self.valid_set = data.load_split(data_dir, "valid")
+        self.valid_set = (
+            data.load_split(data_dir, "valid") if (data_dir / "valid").exists() else None
+        )
         if len(self.train_set) == 0:
             raise UsageError(f"{data_dir}/train: no training pairs left after filtering")
         src_lens, tgt_lens = data.lengths(self.train_set)
@@ -382,6 +384,7 @@ class Trainer:
 
     def _write_log(self, record: dict) -> None:
         if self.log_file:
+            record = {**record, "time": round(time.time(), 3)}
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
 
@@ -434,6 +437,9 @@ class Trainer:
 
     def _validate_and_save(self) -> str | None:
         t = self.cfg.train
+        if self.valid_set is None:  # no validation split: `last` only
+            self.save("last")
+            return None
         start = time.perf_counter()
         result = self.validate()
         metric = "bleu" if t.best_metric == "bleu" and "bleu" in result else "loss"

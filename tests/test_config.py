@@ -76,10 +76,25 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "demo"])
+@pytest.mark.parametrize("name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "demo", "tcn_small"])
 def test_shipped_configs_are_valid(name):
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
     assert path.read_text().startswith("#")
     load_config(path)
+
+
+def test_tcn_receptive_field_must_cover_max_len():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.arch=tcn", "model.kernel_size=3", "model.levels=4"])
+    msg = str(err.value)
+    assert "model.levels: the TCN receptive field 1 + 2(k-1)(2^L - 1) = 61" in msg
+    assert "use model.levels >= 6 (receptive field 253)" in msg
+    load_config(None, ["model.arch=tcn", "model.levels=6"])
+    load_config(None, ["model.arch=tcn", "data.max_len=60"])
+
+
+def test_gnmt_decoder_needs_two_layers():
+    with pytest.raises(ConfigError, match="model.dec_layers: the GNMT decoder needs >= 2"):
+        load_config(None, ["model.dec_layers=1"])

@@ -50,41 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from nmt.config import check_receptive_field, receptive_field  # noqa: F401
 from nmt.models.base import EncoderOut, select_rows
-
-
-def receptive_field(kernel_size: int, levels: int) -> int:
-    """Positions one output sees through `levels` blocks of two dilated convs (dilation 2**l)."""
-    return 1 + 2 * (kernel_size - 1) * (2**levels - 1)
-
-
-def check_receptive_field(cfg: dict, max_len: int) -> str | None:
-    """A problem message if a TCN side of `cfg` cannot see `max_len` positions, else None.
-
-    The decoder must see its whole prefix and the encoder's (centered) window must span the
-    whole sentence, so the receptive field must be at least `max_len`. Returns None when
-    neither side of the model is a TCN.
-    """
-    families = {cfg.get("encoder") or cfg["arch"], cfg.get("decoder") or cfg["arch"]}
-    if "tcn" not in families:
-        return None
-    k, levels = cfg["kernel_size"], cfg["levels"]
-    rf = receptive_field(k, levels)
-    if rf >= max_len:
-        return None
-    where = (
-        f"model.levels: the TCN receptive field 1 + 2(k-1)(2^L - 1) = {rf} "
-        f"(kernel_size {k}, levels {levels}) is shorter than the maximum length {max_len}"
-    )
-    if k == 1:
-        return f"{where}; kernel_size 1 sees one position whatever the levels: use kernel_size >= 2"
-    needed = levels
-    while receptive_field(k, needed) < max_len:
-        needed += 1
-    return (
-        f"{where}; use model.levels >= {needed} (receptive field "
-        f"{receptive_field(k, needed)}) or a larger model.kernel_size"
-    )
 
 
 def sinusoid_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
