@@ -51,3 +51,19 @@ def test_unknown_subcommand_and_flag_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["translate", "x.pt", "--beam", "x"])
     assert e.value.code == 2
+
+
+MIRROR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason="no local corpus mirror")
+def test_download_from_the_mirror(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NMT_MIRROR", str(MIRROR))
+    args = ["download", "multi30k", "--langs", "en", "de", "--out", str(tmp_path)]
+    assert main([*args, "--splits", "test_2017_mscoco"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(line.split("\t")[1] for line in out) == ["de", "en"]
+    for lang in ("en", "de"):
+        assert len((tmp_path / f"test_2017_mscoco.{lang}").read_text().splitlines()) == 461
+    assert main([*args, "--splits", "test_2099"]) == 2
+    assert "test_2099" in capsys.readouterr().err

@@ -149,3 +149,51 @@ def test_gnmt_schedule_warmup_then_halvings():
     assert lr_factor(cfg, 100, 100) == 0.25
     inv = load_config(None, ["train.schedule=inverse_sqrt", "train.warmup_steps=4"])
     assert lr_factor(inv, 2, 0) == 0.5 and lr_factor(inv, 16, 0) == 0.5
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(prepared, tmp_path, monkeypatch):
+    from nmt import training
+    from nmt.errors import NmtError
+
+    out = tmp_path / "run"
+    Trainer(load_config(None, _tiny(prepared, out, "train.max_epochs=1"))).run()
+    before = (out / "last.pt").read_bytes()
+    real = training.label_smoothed_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(logits, *args):
+        calls["n"] += 1
+        loss, nll = real(logits, *args)
+        return (loss * float("nan"), nll) if calls["n"] in (2, 4, 5, 6, 7) else (loss, nll)
+
+    monkeypatch.setattr(training, "label_smoothed_loss", sometimes_nan)
+    trainer = Trainer(
+        load_config(None, _tiny(prepared, out, "train.max_epochs=3", "train.max_bad_steps=4")),
+        resume=True,
+    )
+    start = trainer.step
+    with pytest.raises(NmtError, match="4 non-finite losses in a row: stopping"):
+        trainer.run()
+    assert trainer.bad_steps_total == 5
+    assert trainer.step == start + 2  # calls 1 and 3 were good steps
+    assert (out / "last.pt").read_bytes() == before  # the last good checkpoint is intact
+    bad = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(r["type"] == "bad_step" for r in bad) == 5
+
+
+def test_checkpoint_round_trip_gives_bit_identical_outputs(prepared, tmp_path):
+    from nmt.translator import Translator
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, _tiny(prepared, out, "train.max_epochs=1")))
+    trainer.run()
+    trainer.model.eval()
+    translator = Translator.from_checkpoint(out / "last.pt", device="cpu")
+    src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
+    lens = torch.tensor([4, 3])
+    tgt = torch.tensor([[2, 5, 6], [2, 7, 0]])
+    with torch.no_grad():
+        assert torch.equal(trainer.model(src, lens, tgt), translator.model(src, lens, tgt))
+    lines = ["w1 w2 w3", "w4", ""]
+    again = Translator.from_checkpoint(out / "last.pt", device="cpu")
+    assert translator.translate(lines) == again.translate(lines)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Decoding speed of a checkpoint on a test set: sentences/s, target tokens/s, peak memory.
+
+    python benchmarks/decode_speed.py CHECKPOINT --src runs/.../raw/test_2016_flickr.en \
+        [--beam-sizes 1 5] [--batch-size 64] [--repeats 3] [--threads 2] [--json OUT]
+    # TCN only: also time the decoder that recomputes the whole prefix at every step
+    python benchmarks/decode_speed.py CHECKPOINT --src ... --recompute
+
+Model loading is excluded; each figure is the median of --repeats full passes over the file
+(spread reported as min-max). Prints the machine (CPU, threads, torch) with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nmt.translator import Translator, read_lines  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
+
+
+class RecomputePrefix(torch.nn.Module):
+    """Wraps a model whose decoder has `step_recompute`: every step re-runs the whole prefix.
+
+    The state is the prefix itself (B, t); used only to measure what the cache saves.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def encode(self, src_ids, src_lens):
+        return self.model.encode(src_ids, src_lens)
+
+    def init_state(self, enc):
+        return torch.empty(enc.memory.size(0), 0, dtype=torch.long, device=enc.memory.device)
+
+    def step(self, tgt_ids_t, prefix, enc):
+        prefix = torch.cat([prefix, tgt_ids_t[:, None]], dim=1)  # (B, t+1)
+        logits, attn = self.model.decoder.step_recompute(prefix, enc)
+        return torch.log_softmax(logits.float(), dim=-1), prefix, attn
+
+    def reorder_state(self, prefix, index):
+        return prefix.index_select(0, index)
+
+    def reorder_encoder_out(self, enc, index):
+        return self.model.reorder_encoder_out(enc, index)
+
+
+def run(translator: Translator, lines: list[str], beam: int, batch: int, repeats: int) -> dict:
+    times, outputs = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = translator.translate(lines, beam_size=beam, batch_size=batch)
+        times.append(time.perf_counter() - start)
+    tokens = sum(len(p) + 1 for p in translator.tokenizer.encode_tgt(outputs))  # pieces + eos
+    med = statistics.median(times)
+    return {
+        "beam": beam,
+        "batch_size": batch,
+        "sentences": len(lines),
+        "seconds": med,
+        "spread": [min(times), max(times)],
+        "sents_per_s": len(lines) / med,
+        "tgt_tok_per_s": tokens / med,
+        "outputs": outputs,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--src", required=True)
+    p.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--recompute", action="store_true", help="TCN: also time prefix recompute")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    translator = Translator.from_checkpoint(args.checkpoint, device="cpu")
+    lines = read_lines(args.src)
+    results = []
+    for beam in args.beam_sizes:
+        r = run(translator, lines, beam, args.batch_size, args.repeats)
+        r["path"] = "cached"
+        results.append(r)
+        if args.recompute:
+            cached_model = translator.model
+            translator.model = RecomputePrefix(cached_model).eval()
+            slow = run(translator, lines, beam, args.batch_size, 1)
+            translator.model = cached_model
+            slow["path"] = "recompute"
+            slow["same_output"] = slow["outputs"] == r["outputs"]
+            slow["speedup_of_cache"] = slow["seconds"] / r["seconds"]
+            results.append(slow)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = {
+        "machine": machine(),
+        "checkpoint": args.checkpoint,
+        "src": args.src,
+        "peak_rss_mib": peak_mib,
+    }
+    print(json.dumps(info))
+    for r in results:
+        row = {k: v for k, v in r.items() if k != "outputs"}
+        print(json.dumps(row))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    **info,
+                    "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
