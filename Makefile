@@ -3,7 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-export NMT_MIRROR ?= $(abspath ../shared/corpora)
+# Offline machines: read corpora from a local mirror when one sits beside the checkout.
+MIRROR := $(wildcard $(abspath ../shared/corpora))
+ifneq ($(MIRROR),)
+export NMT_MIRROR ?= $(MIRROR)
+endif
 
 .PHONY: venv test test-slow lint demo bench clean
 

@@ -192,8 +192,9 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         else:
             self.scheduler.last_epoch = state["step"]
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-                group["lr"] = lr
+            factor = lr_factor(self.cfg, state["step"] + 1, self.total_steps)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * factor
         self.step, self.epoch = state["step"], state["epoch"]
         self.best, self.bad_validations = state["best"], state["bad_validations"]
         self.sampler.load_state_dict(state["sampler"])
