@@ -78,6 +78,9 @@ class ModelConfig:
     tie_embeddings: bool = opt(False, "tie the output projection to the target embedding")
     share_embeddings: bool = opt(True, "share source and target embeddings when joint")
     init_scale: float = opt(0.1, "uniform(-s, s) initialisation of weights", min=0.0)
+    emb_scale: bool = opt(
+        False, "GNMT: multiply embeddings by sqrt(emb_dim) (faster early training on small data)"
+    )
     kernel_size: int = opt(3, "TCN: convolution kernel size", min=1)
     levels: int = opt(4, "TCN: temporal blocks per stack; dilation doubles per level", min=1)
     channels: int = opt(256, "TCN: channels of every temporal block", min=1)

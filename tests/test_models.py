@@ -27,9 +27,10 @@ GNMT_VARIANTS = [{"cell": "lstm", "attention": a} for a in ("bahdanau", "dot", "
     {"cell": "gru", "attention": a} for a in ("bahdanau", "dot", "general")
 ]
 GNMT_VARIANTS.append({"cell": "rnn", "attention": "bahdanau"})
+GNMT_VARIANTS.append({"cell": "lstm", "attention": "bahdanau", "emb_scale": True})
 VARIANTS = {"gnmt": GNMT_VARIANTS}
 CASES = [
-    pytest.param(family, variant, id="-".join([family, *variant.values()]))
+    pytest.param(family, variant, id="-".join([family, *map(str, variant.values())]))
     for family in FAMILIES
     for variant in VARIANTS.get(family, [{}])
 ]

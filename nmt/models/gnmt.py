@@ -97,6 +97,7 @@ class GNMTEncoder(nn.Module):
             )
             raise ConfigError([problem])
         self.embed = nn.Embedding(vocab_size, cfg["emb_dim"], padding_idx=pad_id)
+        self.emb_scale = cfg["emb_dim"] ** 0.5 if cfg.get("emb_scale") else 1.0
         self.dropout = nn.Dropout(cfg["dropout"])
         self.bi_layer = BiRNN(cfg["cell"], cfg["emb_dim"], bi_hidden)
         self.layers = nn.ModuleList()
@@ -108,7 +109,7 @@ class GNMTEncoder(nn.Module):
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         positions = torch.arange(src_ids.size(1), device=src_ids.device)
         src_mask = positions[None, :] < src_lens[:, None]  # (B, S)
-        x = self.dropout(self.embed(src_ids))  # (B, S, E)
+        x = self.dropout(self.embed(src_ids) * self.emb_scale)  # (B, S, E)
         x = self.bi_layer(x, src_lens)  # (B, S, 2 * bi_hidden)
         for i, rnn in enumerate(self.layers, start=2):
             out = rnn(self.dropout(x))[0]  # (B, S, H)
@@ -133,6 +134,7 @@ class GNMTDecoder(nn.Module):
         self.is_lstm = cfg["cell"] == "lstm"
         self.residual_start = cfg["residual_start"]
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        self.emb_scale = emb_dim**0.5 if cfg.get("emb_scale") else 1.0
         self.dropout = nn.Dropout(cfg["dropout"])
         self.layers = nn.ModuleList([_make_rnn(cfg["cell"], emb_dim, hidden)])
         for _ in range(2, cfg["dec_layers"] + 1):
@@ -159,7 +161,7 @@ class GNMTDecoder(nn.Module):
 
     def _run(self, tgt_ids: torch.Tensor, states: list, enc: EncoderOut):
         """All layers over tgt_ids (B, T); `states` holds each layer's initial state or None."""
-        x = self.dropout(self.embed(tgt_ids))  # (B, T, E)
+        x = self.dropout(self.embed(tgt_ids) * self.emb_scale)  # (B, T, E)
         x, states[0] = self.layers[0](x, states[0])  # (B, T, H)
         context, attn = self.attention(x, enc.keys, enc.memory, enc.src_mask)  # (B,T,D) (B,T,S)
         for i in range(1, len(self.layers)):
