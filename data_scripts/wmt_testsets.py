@@ -10,53 +10,20 @@ every test set (or --splits) and prints one path per line on stdout.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import sys
+from pathlib import Path
 
-from nmt.corpora import download, get_corpus
-from nmt.errors import NmtError
+_spec = importlib.util.spec_from_file_location(
+    "multi30k_script", Path(__file__).with_name("multi30k.py")
+)
+_multi30k = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_multi30k)
 
 
-def main(
-    argv: list[str] | None = None,
-    corpus: str = "wmt",
-    out: str = "data/wmt",
-    langs: tuple[str, ...] = ("en", "de"),
-) -> int:
-    spec = get_corpus(corpus)
-    parser = argparse.ArgumentParser(description=f"Download {spec.description or corpus}.")
-    parser.add_argument(
-        "--langs",
-        nargs="+",
-        default=list(langs),
-        help=f"languages, source first (default: {' '.join(langs)})",
-    )
-    parser.add_argument("--out", default=out, help=f"output folder (default: {out})")
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=None,
-        help="splits to fetch (default: the corpus's standard splits)",
-    )
-    parser.add_argument("--retries", type=int, default=3, help="tries per file (default: 3)")
-    parser.add_argument("--timeout", type=float, default=30, help="seconds (default: 30)")
-    args = parser.parse_args(argv)
-    try:
-        files = download(
-            corpus,
-            args.langs,
-            args.out,
-            splits=args.splits,
-            retries=args.retries,
-            timeout=args.timeout,
-        )
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    for by_lang in files.values():
-        for path in by_lang.values():
-            print(path)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    """The same entry point as data_scripts/multi30k.py, for the `wmt` corpus."""
+    return _multi30k.main(argv, corpus="wmt", out="data/wmt", langs=("en", "de"))
 
 
 if __name__ == "__main__":
