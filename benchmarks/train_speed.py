@@ -14,7 +14,6 @@ machine (CPU, threads, torch) with the figures. Benchmark on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_speed import machine  # noqa: E402
 from nmt import data  # noqa: E402
 from nmt.config import load_config  # noqa: E402
-from nmt.models import build_model  # noqa: E402
+from nmt.models import build_model_for  # noqa: E402
 from nmt.tokenizer import Tokenizer  # noqa: E402
 from nmt.training import label_smoothed_loss  # noqa: E402
 
@@ -41,13 +40,7 @@ def measure(cfg, data_dir: Path, threads: int, steps: int, warmup: int) -> dict:
     train = data.load_split(data_dir, "train")
     sampler = data.TokenBatchSampler(*data.lengths(train), cfg.train.max_tokens, seed=1)
     batches = data.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
-    model = build_model(
-        dataclasses.asdict(cfg.model),
-        tok.src_vocab_size,
-        tok.tgt_vocab_size,
-        tok.pad_id,
-        tok.joint,
-    )
+    model = build_model_for(cfg.model, tok)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     times, tgt, src, padded = [], [], [], []
     for i, batch in zip(range(warmup + steps), batches):

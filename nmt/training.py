@@ -24,7 +24,7 @@ from nmt import checkpoint, data, metrics, search
 from nmt.config import Config, from_dict, to_yaml
 from nmt.devices import resolve_device, resolve_dtype
 from nmt.errors import NmtError, UsageError
-from nmt.models import build_model
+from nmt.models import build_model_for
 from nmt.progress import Progress
 from nmt.tokenizer import Tokenizer
 
@@ -109,6 +109,13 @@ class Trainer:
         self.valid_set = (
             data.load_split(data_dir, "valid") if (data_dir / "valid").exists() else None
         )
+        self.valid_sampler = (  # one fixed, length-sorted order, reused at every validation
+            data.TokenBatchSampler(
+                *data.lengths(self.valid_set), cfg.train.max_tokens, shuffle=False
+            )
+            if self.valid_set is not None
+            else None
+        )
         if len(self.train_set) == 0:
             raise UsageError(f"{data_dir}/train: no training pairs left after filtering")
         src_lens, tgt_lens = data.lengths(self.train_set)
@@ -119,13 +126,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         tok = self.tokenizer
-        self.model = build_model(
-            dataclasses.asdict(cfg.model),
-            tok.src_vocab_size,
-            tok.tgt_vocab_size,
-            tok.pad_id,
-            tok.joint,
-        ).to(self.device)
+        self.model = build_model_for(cfg.model, tok).to(self.device)
         self.optimizer = self._make_optimizer()
         self.total_steps = self._total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -394,15 +395,13 @@ class Trainer:
     def validate(self) -> dict:
         self.model.eval()
         tok = self.tokenizer
-        src_lens, tgt_lens = data.lengths(self.valid_set)
-        sampler = data.TokenBatchSampler(
-            src_lens, tgt_lens, self.cfg.train.max_tokens, shuffle=False
-        )
         loss_sum = nll_sum = 0.0
         n_tokens = 0
         hyps: dict[int, str] = {}
         refs: dict[int, str] = {}
-        for batch in data.make_batches(self.valid_set, sampler, tok.pad_id, tok.bos_id, tok.eos_id):
+        for batch in data.make_batches(
+            self.valid_set, self.valid_sampler, tok.pad_id, tok.bos_id, tok.eos_id
+        ):
             batch = batch.to(self.device)
             logits = self.model(batch.src_ids, batch.src_lens, batch.tgt_in_ids)
             loss, nll = label_smoothed_loss(

@@ -34,7 +34,7 @@ from nmt import checkpoint, search
 from nmt.config import Config, SearchConfig, from_dict
 from nmt.devices import resolve_device, resolve_dtype
 from nmt.errors import UsageError
-from nmt.models import build_model
+from nmt.models import build_model_for
 from nmt.tokenizer import Tokenizer
 
 SEARCH_KEYS = ("beam_size", "alpha", "beta", "batch_size", "max_len_a", "max_len_b")
@@ -103,13 +103,7 @@ class Translator:
                     f"belong together"
                 )
         try:
-            model = build_model(
-                dataclasses.asdict(cfg.model),
-                tokenizer.src_vocab_size,
-                tokenizer.tgt_vocab_size,
-                tokenizer.pad_id,
-                tokenizer.joint,
-            )
+            model = build_model_for(cfg.model, tokenizer)
             model.load_state_dict(state)
         except (RuntimeError, ValueError) as e:
             msg = str(e).strip().splitlines()
@@ -156,7 +150,8 @@ class Translator:
         max_len_b: int | None = None,
     ) -> list[str]:
         """One translation per line, in input order; an empty line gives ""."""
-        settings = self.search_settings(
+        results = self.translate_nbest(
+            lines,
             1,
             beam_size=beam_size,
             alpha=alpha,
@@ -165,8 +160,6 @@ class Translator:
             max_len_a=max_len_a,
             max_len_b=max_len_b,
         )
-        results, truncated = self.run(lines, settings)
-        warn_truncated(truncated, "line", settings.max_src_len)
         return [r[0][0] for r in results]
 
     def translate_nbest(

@@ -7,7 +7,6 @@ so tests using it assert alignment, order and format invariants, never translati
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -38,7 +37,7 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     """Train a tokenizer, build a random tiny GNMT and save both as `folder/tiny.pt`."""
     from nmt import checkpoint
     from nmt.config import Config
-    from nmt.models import build_model
+    from nmt.models import build_model_for
     from nmt.tokenizer import Tokenizer
 
     src_path, tgt_path = write_parallel(folder, 300, seed=1)
@@ -55,13 +54,7 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     for key, value in search.items():
         setattr(s, key, value)
     torch.manual_seed(seed)
-    model = build_model(
-        dataclasses.asdict(cfg.model),
-        tok.src_vocab_size,
-        tok.tgt_vocab_size,
-        tok.pad_id,
-        tok.joint,
-    )
+    model = build_model_for(cfg.model, tok)
     path = folder / "tiny.pt"
     checkpoint.save(
         path,

@@ -15,6 +15,8 @@ with `.embed`, called only when cfg["tie_embeddings"]).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from nmt.models import gnmt
@@ -75,3 +77,14 @@ def build_model(
     if cfg.get("tie_embeddings", False):
         decoder.tie_output()
     return EncoderDecoder(encoder, decoder)
+
+
+def build_model_for(model_cfg, tokenizer) -> EncoderDecoder:
+    """`build_model` for a `ModelConfig` and the tokenizer whose vocabularies it uses."""
+    return build_model(
+        dataclasses.asdict(model_cfg),
+        tokenizer.src_vocab_size,
+        tokenizer.tgt_vocab_size,
+        tokenizer.pad_id,
+        tokenizer.joint,
+    )
