@@ -12,7 +12,7 @@ import json
 import sys
 
 from nmt import __version__
-from nmt.errors import NmtError
+from nmt.errors import NmtError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +103,7 @@ def cmd_evaluate(args) -> int:
     from nmt import evaluation
 
     if not args.testset and not (args.src and args.ref):
-        raise _usage("evaluate: give --testset NAME, or --src FILE and --ref FILE")
+        raise UsageError("evaluate: give --testset NAME, or --src FILE and --ref FILE")
     result = evaluation.evaluate(
         args.checkpoint,
         args.src,
@@ -127,12 +127,6 @@ def cmd_score(args) -> int:
     )
     print(json.dumps(result) if args.json else evaluation.format_report(result))
     return 0
-
-
-def _usage(msg: str):
-    from nmt.errors import UsageError
-
-    return UsageError(msg)
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:
