@@ -78,6 +78,9 @@ class ModelConfig:
     tie_embeddings: bool = opt(False, "tie the output projection to the target embedding")
     share_embeddings: bool = opt(True, "share source and target embeddings when joint")
     init_scale: float = opt(0.1, "uniform(-s, s) initialisation of weights", min=0.0)
+    bridge: bool = opt(
+        False, "GNMT decoder: start every layer from tanh(W · mean encoder memory), not zeros"
+    )
     emb_scale: bool = opt(
         False, "GNMT: multiply embeddings by sqrt(emb_dim) (faster early training on small data)"
     )

@@ -140,6 +140,8 @@ class GNMTDecoder(nn.Module):
         for _ in range(2, cfg["dec_layers"] + 1):
             self.layers.append(_make_rnn(cfg["cell"], hidden + memory_dim, hidden))
         self.out = nn.Linear(hidden, vocab_size)
+        n_layers = len(self.layers)
+        self.bridge = nn.Linear(memory_dim, n_layers * hidden) if cfg.get("bridge") else None
         _init_uniform(self, cfg["init_scale"], self.embed)
         # built after the uniform init so that its own defaults (gain, bias) stand
         self.attention = build_attention(cfg["attention"], hidden, memory_dim, cfg["init_scale"])
@@ -171,19 +173,31 @@ class GNMTDecoder(nn.Module):
         return self.out(x), states, attn  # (B, T, V)
 
     def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
-        return self._run(tgt_in_ids, [None] * len(self.layers), enc)[0]  # (B, T, V)
+        if self.bridge is None:
+            return self._run(tgt_in_ids, [None] * len(self.layers), enc)[0]  # (B, T, V)
+        return self._run(tgt_in_ids, self._hx(self.init_state(enc)), enc)[0]  # (B, T, V)
 
     def init_state(self, enc: EncoderOut) -> tuple:
-        zeros = enc.memory.new_zeros(enc.memory.size(0), self.hidden)  # (B, H)
-        return tuple((zeros, zeros) if self.is_lstm else zeros for _ in self.layers)
+        batch = enc.memory.size(0)
+        zeros = enc.memory.new_zeros(batch, self.hidden)  # (B, H)
+        if self.bridge is None:
+            return tuple((zeros, zeros) if self.is_lstm else zeros for _ in self.layers)
+        mask = enc.src_mask.unsqueeze(-1).to(enc.memory.dtype)  # (B, S, 1)
+        mean = (enc.memory * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
+        starts = torch.tanh(self.bridge(mean)).view(batch, len(self.layers), self.hidden)
+        return tuple(
+            (starts[:, i], zeros) if self.is_lstm else starts[:, i] for i in range(len(self.layers))
+        )
+
+    def _hx(self, state: tuple) -> list:
+        """Batch-first (B, H) states -> the (1, B, H) form that nn.LSTM/GRU/RNN take."""
+        if self.is_lstm:
+            return [(h.unsqueeze(0).contiguous(), c.unsqueeze(0)) for h, c in state]
+        return [h.unsqueeze(0).contiguous() for h in state]
 
     def step(self, tgt_ids_t: torch.Tensor, state: tuple, enc: EncoderOut):
         """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V)."""
-        if self.is_lstm:
-            hx = [(h.unsqueeze(0), c.unsqueeze(0)) for h, c in state]  # (1, B, H) each
-        else:
-            hx = [h.unsqueeze(0) for h in state]  # (1, B, H)
-        logits, hx, attn = self._run(tgt_ids_t.unsqueeze(1), hx, enc)  # (B, 1, V)
+        logits, hx, attn = self._run(tgt_ids_t.unsqueeze(1), self._hx(state), enc)  # (B, 1, V)
         if self.is_lstm:
             state = tuple((h[0], c[0]) for h, c in hx)  # (B, H) each
         else:
