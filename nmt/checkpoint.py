@@ -32,25 +32,54 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.cpu().numpy().tobytes()
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """Write `obj` next to `path` under a temporary name, fsync, then rename onto `path`."""
+def _atomic_write(path: str | Path, write, what: str) -> None:
+    """Call `write(f)` on a temporary file next to `path`, fsync, then rename onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        # torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
+        failed_write = isinstance(e, RuntimeError) and "write" in str(e).lower()
+        if isinstance(e, OSError) or failed_write:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _last_line(e)
             raise NmtError(
-                f"{path}: could not write checkpoint ({e.strerror or e}); "
+                f"{path}: could not write {what} ({reason}); "
                 "the previous file under that name is unchanged"
             ) from None
         raise
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(e).__name__
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """`torch.save` to `path` such that a file under that name is always complete."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to `path` such that a file under that name is always complete."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")), "file")
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a killed process left in `folder`.
+
+    Call it only where no other process is writing checkpoints into the same folder.
+    """
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save(
@@ -82,13 +111,15 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else "unsupported content"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line.upper()]
+        if lines:
             raise UsageError(
                 f"{path}: refused to load: the file contains pickled Python objects, which an "
-                f"nmt checkpoint never does and which could run code ({msg[:200]})"
+                f"nmt checkpoint never does and which could run code ({lines[0][:200]})"
             ) from None
-        raise UsageError(f"{path}: not an nmt checkpoint or truncated ({msg[:200]})") from None
+        raise UsageError(
+            f"{path}: not a readable nmt checkpoint (truncated, or not a checkpoint file)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any failure to parse a user's file is a bad file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(

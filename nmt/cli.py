@@ -2,13 +2,14 @@
 
 Owns: argument parsing and exit codes only; every subcommand calls one function of a lower
 layer. A user mistake prints one `error:` line (no traceback) and exits 2; a runtime failure
-exits 1; an interrupt exits 130. Results go to stdout, logs to stderr.
+exits 1; an interrupt exits 130 (SIGTERM: 143). Results go to stdout, logs to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from nmt import __version__
@@ -71,7 +72,9 @@ def cmd_train(args) -> int:
     cfg = _load_config(args)
     summary = training.train(cfg, resume=args.resume, reset_optimizer=args.reset_optimizer)
     print(json.dumps(summary))
-    return 130 if summary["stop"] in ("SIGINT", "SIGTERM") else 0
+    # stopped cleanly by a signal: the shell convention 128 + signal number (130, 143)
+    stop = summary["stop"]
+    return 128 + signal.Signals[stop].value if stop in ("SIGINT", "SIGTERM") else 0
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:

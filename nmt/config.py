@@ -81,6 +81,14 @@ class ModelConfig:
     bridge: bool = opt(
         False, "GNMT decoder: start every layer from tanh(W · mean encoder memory), not zeros"
     )
+    input_feeding: bool = opt(
+        False,
+        "GNMT: feed the previous attention context to decoder layer 1 (TF GNMT, OpenNMT); "
+        "off = NVIDIA GNMT v2 (no loop over time steps in training)",
+    )
+    positions: bool = opt(
+        False, "GNMT: add sinusoidal position features to the embeddings of both sides"
+    )
     emb_scale: bool = opt(
         False, "GNMT: multiply embeddings by sqrt(emb_dim) (faster early training on small data)"
     )

@@ -173,6 +173,9 @@ def _ensure_tokenizer(cfg: Config, data_dir: Path) -> Tokenizer:
         except UsageError:
             pass
     start = time.perf_counter()
+    # fail fast, with the file and line, before minutes of sentencepiece training
+    for _ in read_parallel(d.train_src, d.train_tgt):
+        pass
     (data_dir / TOKENIZER_SETTINGS).unlink(missing_ok=True)
     tok = Tokenizer.train(
         [d.train_src],

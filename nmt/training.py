@@ -141,6 +141,11 @@ class Trainer:
         self.log_file = None
         if resume:
             self._resume(reset_optimizer)
+        elif (self.out_dir / "last.pt").exists():
+            raise UsageError(
+                f"{self.out_dir}: already holds a run (last.pt); continue it with --resume "
+                "or choose another train.out_dir"
+            )
 
     # ---------------------------------------------------------------- set-up
     def _make_optimizer(self):
@@ -236,7 +241,10 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg), encoding="utf-8")
+        stale = checkpoint.remove_stale_temps(self.out_dir)
+        if stale:
+            _log(f"removed {len(stale)} unfinished checkpoint write(s) of an interrupted run")
+        checkpoint.atomic_write_text(self.out_dir / "config.yaml", to_yaml(self.cfg))
         self.log_file = open(self.out_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         handlers = self._install_signal_handlers()
         try:

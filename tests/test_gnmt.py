@@ -173,8 +173,9 @@ def test_state_is_batch_first_per_layer(cell, entry):
     enc = model.encode(torch.tensor([[4, 3], [5, 3], [6, 0]]), torch.tensor([2, 2, 1]))
     state = model.init_state(enc)
     _, state, attn = model.step(torch.tensor([BOS] * 3), state, enc)
-    assert len(state) == 3 and attn.shape == (3, 2)
-    for layer in state:
+    assert len(state["layers"]) == 3 and attn.shape == (3, 2)
+    assert state["pos"].tolist() == [1, 1, 1]
+    for layer in state["layers"]:
         tensors = layer if entry else (layer,)
         assert len(tensors) == (entry or 1)
         assert all(t.shape == (3, 8) for t in tensors)

@@ -28,6 +28,10 @@ GNMT_VARIANTS = [{"cell": "lstm", "attention": a} for a in ("bahdanau", "dot", "
 ]
 GNMT_VARIANTS.append({"cell": "rnn", "attention": "bahdanau"})
 GNMT_VARIANTS.append({"cell": "lstm", "attention": "bahdanau", "emb_scale": True})
+GNMT_VARIANTS.append({"cell": "lstm", "attention": "bahdanau", "bridge": True, "positions": True})
+GNMT_VARIANTS.append({"cell": "gru", "attention": "dot", "bridge": True, "positions": True})
+GNMT_VARIANTS.append({"cell": "lstm", "attention": "bahdanau", "input_feeding": True})
+GNMT_VARIANTS.append({"cell": "rnn", "attention": "general", "input_feeding": True})
 VARIANTS = {"gnmt": GNMT_VARIANTS}
 CASES = [
     pytest.param(family, variant, id="-".join([family, *map(str, variant.values())]))

@@ -16,10 +16,26 @@ Invariants, tested for every architecture: running `step` T times gives the log-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def sinusoid_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of integer positions (Vaswani et al. 2017): (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / max(half, 1))
+    )  # (dim/2,)
+    angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (..., dim/2)
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2*(dim/2))
+    if dim % 2:
+        out = F.pad(out, (0, 1))  # (..., dim)
+    return out
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import nn
 
 from nmt.errors import ConfigError
 from nmt.models.attention import build_attention
-from nmt.models.base import EncoderOut, select_rows
+from nmt.models.base import EncoderOut, select_rows, sinusoid_positions
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
@@ -42,6 +42,14 @@ def _init_uniform(module: nn.Module, init_scale: float, embed: nn.Embedding) -> 
     if embed.padding_idx is not None:
         with torch.no_grad():
             embed.weight[embed.padding_idx].zero_()
+
+
+def _embed(embed, ids, positions, scale: float, add_positions: bool) -> torch.Tensor:
+    """Token embeddings times `scale`, plus sinusoidal features of `positions` if asked."""
+    x = embed(ids) * scale  # (B, T, E)
+    if add_positions:
+        x = x + sinusoid_positions(positions, x.size(-1)).to(x.dtype)  # (B, T, E)
+    return x
 
 
 def reverse_within_lengths(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -98,6 +106,7 @@ class GNMTEncoder(nn.Module):
             raise ConfigError([problem])
         self.embed = nn.Embedding(vocab_size, cfg["emb_dim"], padding_idx=pad_id)
         self.emb_scale = cfg["emb_dim"] ** 0.5 if cfg.get("emb_scale") else 1.0
+        self.positions = bool(cfg.get("positions"))
         self.dropout = nn.Dropout(cfg["dropout"])
         self.bi_layer = BiRNN(cfg["cell"], cfg["emb_dim"], bi_hidden)
         self.layers = nn.ModuleList()
@@ -109,8 +118,8 @@ class GNMTEncoder(nn.Module):
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         positions = torch.arange(src_ids.size(1), device=src_ids.device)
         src_mask = positions[None, :] < src_lens[:, None]  # (B, S)
-        x = self.dropout(self.embed(src_ids) * self.emb_scale)  # (B, S, E)
-        x = self.bi_layer(x, src_lens)  # (B, S, 2 * bi_hidden)
+        x = _embed(self.embed, src_ids, positions, self.emb_scale, self.positions)  # (B, S, E)
+        x = self.bi_layer(self.dropout(x), src_lens)  # (B, S, 2 * bi_hidden)
         for i, rnn in enumerate(self.layers, start=2):
             out = rnn(self.dropout(x))[0]  # (B, S, H)
             x = out + x if i >= self.residual_start else out
@@ -122,9 +131,9 @@ class GNMTDecoder(nn.Module):
     [their input, context]; layer i >= `residual_start` adds its input (not the context); dropout
     on the embeddings and on every upper layer's input; a projection hidden -> V.
 
-    State: a tuple with one entry per layer, `(h, c)` for an LSTM or `h` for GRU/RNN, each
-    (B, H), batch first so that `select_rows` reorders it. `init_state` gives zeros (GNMT v2 does
-    not bridge encoder states).
+    State: {"layers": one entry per layer, `(h, c)` for an LSTM or `h` for GRU/RNN, each (B, H),
+    "pos": (B,)}, batch first so that `select_rows` reorders it. `init_state` gives zeros (GNMT v2
+    does not bridge encoder states) unless `bridge` is set.
     """
 
     def __init__(self, cfg: dict, vocab_size: int, pad_id: int, memory_dim: int):
@@ -135,8 +144,12 @@ class GNMTDecoder(nn.Module):
         self.residual_start = cfg["residual_start"]
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
         self.emb_scale = emb_dim**0.5 if cfg.get("emb_scale") else 1.0
+        self.positions = bool(cfg.get("positions"))
+        self.input_feeding = bool(cfg.get("input_feeding"))
+        self.memory_dim = memory_dim
         self.dropout = nn.Dropout(cfg["dropout"])
-        self.layers = nn.ModuleList([_make_rnn(cfg["cell"], emb_dim, hidden)])
+        first_in = emb_dim + (memory_dim if self.input_feeding else 0)
+        self.layers = nn.ModuleList([_make_rnn(cfg["cell"], first_in, hidden)])
         for _ in range(2, cfg["dec_layers"] + 1):
             self.layers.append(_make_rnn(cfg["cell"], hidden + memory_dim, hidden))
         self.out = nn.Linear(hidden, vocab_size)
@@ -161,47 +174,87 @@ class GNMTDecoder(nn.Module):
         """Project the memory to attention keys once per sentence."""
         return replace(enc, keys=self.attention.project_keys(enc.memory))  # keys (B, S, A)
 
-    def _run(self, tgt_ids: torch.Tensor, states: list, enc: EncoderOut):
-        """All layers over tgt_ids (B, T); `states` holds each layer's initial state or None."""
-        x = self.dropout(self.embed(tgt_ids) * self.emb_scale)  # (B, T, E)
-        x, states[0] = self.layers[0](x, states[0])  # (B, T, H)
-        context, attn = self.attention(x, enc.keys, enc.memory, enc.src_mask)  # (B,T,D) (B,T,S)
+    def _run(self, tgt_ids: torch.Tensor, positions: torch.Tensor, states: list, enc, feed=None):
+        """All layers over tgt_ids (B, T) at `positions` ((T,) or (B, 1)); `states` holds each
+        layer's initial state (nn.LSTM form) or None; `feed` the previous context (B, D) when
+        input feeding. Returns logits (B, T, V), states, attn (B, T, S), last context (B, D)."""
+        x = _embed(self.embed, tgt_ids, positions, self.emb_scale, self.positions)  # (B, T, E)
+        x = self.dropout(x)
+        if self.input_feeding:
+            x, context, attn, states[0] = self._fed_first_layer(x, states[0], enc, feed)
+        else:
+            x, states[0] = self.layers[0](x, states[0])  # (B, T, H)
+            context, attn = self.attention(x, enc.keys, enc.memory, enc.src_mask)  # (B,T,D)
         for i in range(1, len(self.layers)):
             inputs = self.dropout(torch.cat((x, context), dim=-1))  # (B, T, H + D)
             out, states[i] = self.layers[i](inputs, states[i])  # (B, T, H)
             x = out + x if i + 1 >= self.residual_start else out
-        return self.out(x), states, attn  # (B, T, V)
+        return self.out(x), states, attn, context[:, -1]  # (B, T, V)
+
+    def _fed_first_layer(self, x, state, enc, feed):
+        """Layer 1 and attention one step at a time, each step reading [x_t, context_{t-1}]
+        (input feeding, Luong et al. 2015 §3.3; TF GNMT's AttentionWrapper does the same)."""
+        if feed is None:
+            feed = x.new_zeros(x.size(0), self.memory_dim)  # (B, D)
+        outs, contexts, attns = [], [], []
+        for t in range(x.size(1)):
+            step_in = torch.cat((x[:, t], self.dropout(feed)), dim=-1).unsqueeze(1)  # (B,1,E+D)
+            out, state = self.layers[0](step_in, state)  # (B, 1, H)
+            context, attn = self.attention(out, enc.keys, enc.memory, enc.src_mask)  # (B,1,D)
+            feed = context[:, 0]  # (B, D)
+            outs.append(out)
+            contexts.append(context)
+            attns.append(attn)
+        return torch.cat(outs, 1), torch.cat(contexts, 1), torch.cat(attns, 1), state
 
     def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         if self.bridge is None:
-            return self._run(tgt_in_ids, [None] * len(self.layers), enc)[0]  # (B, T, V)
-        return self._run(tgt_in_ids, self._hx(self.init_state(enc)), enc)[0]  # (B, T, V)
+            states = [None] * len(self.layers)
+        else:
+            states = self._hx(self.init_state(enc)["layers"])
+        feed = self.init_state(enc).get("feed") if self.input_feeding else None
+        return self._run(tgt_in_ids, positions, states, enc, feed)[0]  # (B, T, V)
 
-    def init_state(self, enc: EncoderOut) -> tuple:
+    def init_state(self, enc: EncoderOut) -> dict:
+        """{"layers": per layer (h, c) or h, each (B, H); "pos": (B,) next target position}."""
         batch = enc.memory.size(0)
+        pos = torch.zeros(batch, dtype=torch.long, device=enc.memory.device)  # (B,)
         zeros = enc.memory.new_zeros(batch, self.hidden)  # (B, H)
         if self.bridge is None:
-            return tuple((zeros, zeros) if self.is_lstm else zeros for _ in self.layers)
-        mask = enc.src_mask.unsqueeze(-1).to(enc.memory.dtype)  # (B, S, 1)
-        mean = (enc.memory * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
-        starts = torch.tanh(self.bridge(mean)).view(batch, len(self.layers), self.hidden)
-        return tuple(
-            (starts[:, i], zeros) if self.is_lstm else starts[:, i] for i in range(len(self.layers))
-        )
+            starts = [zeros] * len(self.layers)
+        else:
+            mask = enc.src_mask.unsqueeze(-1).to(enc.memory.dtype)  # (B, S, 1)
+            mean = (enc.memory * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
+            starts = torch.tanh(self.bridge(mean)).view(batch, -1, self.hidden).unbind(1)
+        layers = tuple((h, zeros) if self.is_lstm else h for h in starts)
+        state = {"layers": layers, "pos": pos}
+        if self.input_feeding:
+            state["feed"] = enc.memory.new_zeros(batch, self.memory_dim)  # (B, D)
+        return state
 
-    def _hx(self, state: tuple) -> list:
+    def _hx(self, layers: tuple) -> list:
         """Batch-first (B, H) states -> the (1, B, H) form that nn.LSTM/GRU/RNN take."""
         if self.is_lstm:
-            return [(h.unsqueeze(0).contiguous(), c.unsqueeze(0)) for h, c in state]
-        return [h.unsqueeze(0).contiguous() for h in state]
+            return [(h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()) for h, c in layers]
+        return [h.unsqueeze(0).contiguous() for h in layers]
 
-    def step(self, tgt_ids_t: torch.Tensor, state: tuple, enc: EncoderOut):
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
         """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V)."""
-        logits, hx, attn = self._run(tgt_ids_t.unsqueeze(1), self._hx(state), enc)  # (B, 1, V)
+        logits, hx, attn, context = self._run(
+            tgt_ids_t.unsqueeze(1),
+            state["pos"].unsqueeze(1),
+            self._hx(state["layers"]),
+            enc,
+            state.get("feed"),
+        )  # (B, 1, V)
         if self.is_lstm:
-            state = tuple((h[0], c[0]) for h, c in hx)  # (B, H) each
+            layers = tuple((h[0], c[0]) for h, c in hx)  # (B, H) each
         else:
-            state = tuple(h[0] for h in hx)  # (B, H)
+            layers = tuple(h[0] for h in hx)  # (B, H)
+        state = {"layers": layers, "pos": state["pos"] + 1}
+        if self.input_feeding:
+            state["feed"] = context  # (B, D)
         return logits.squeeze(1), state, attn.squeeze(1)  # (B, V) (B, S)
 
     def reorder_state(self, state: tuple, index: torch.Tensor) -> tuple:

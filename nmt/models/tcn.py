@@ -51,21 +51,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from nmt.config import check_receptive_field, receptive_field  # noqa: F401
-from nmt.models.base import EncoderOut, select_rows
-
-
-def sinusoid_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of integer positions: (...,) -> (..., dim), float32."""
-    half = dim // 2
-    freqs = torch.exp(
-        torch.arange(half, device=positions.device, dtype=torch.float32)
-        * (-math.log(10000.0) / max(half, 1))
-    )  # (dim/2,)
-    angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (..., dim/2)
-    out = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2*(dim/2))
-    if dim % 2:
-        out = F.pad(out, (0, 1))  # (..., dim)
-    return out
+from nmt.models.base import EncoderOut, select_rows, sinusoid_positions
 
 
 class _Embedding(nn.Module):

@@ -1,0 +1,382 @@
+"""Reliability: kills, faults and bad input lose nothing and get one clear error.
+
+- A catalogue of user mistakes, each through the real CLI: exit code 2, one `error:` line that
+  names the file (and line or key), no traceback.
+- SIGTERM stops a training run after its step and writes `last`; a checkpoint write that hits a
+  full disk (a real one: RLIMIT_FSIZE makes the kernel refuse the write) keeps the previous
+  checkpoint and stops with a clear message.
+- SIGKILL at random moments, 20 times in a row (mostly while checkpoints are being written):
+  every checkpoint on disk stays loadable and the resumed run ends with exactly the weights of an
+  uninterrupted one (`slow`; CI runs it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt import checkpoint, corpora
+from nmt.cli import main
+from nmt.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def _write_corpus(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(2, 8))
+        src.append(" ".join(words))
+        tgt.append(" ".join(reversed(words)).upper())
+    (folder / f"r{seed}.src").write_text("\n".join(src) + "\n")
+    (folder / f"r{seed}.tgt").write_text("\n".join(tgt) + "\n")
+    return folder / f"r{seed}.src", folder / f"r{seed}.tgt"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from nmt import data
+
+    folder = tmp_path_factory.mktemp("reliability")
+    train_src, train_tgt = _write_corpus(folder, 300, 1)
+    valid_src, valid_tgt = _write_corpus(folder, 20, 2)
+    overrides = [
+        f"data.train_src={train_src}",
+        f"data.train_tgt={train_tgt}",
+        f"data.valid_src={valid_src}",
+        f"data.valid_tgt={valid_tgt}",
+        f"data.dir={folder / 'data'}",
+        "tokenizer.vocab_size=120",
+    ]
+    data.prepare(load_config(None, overrides))
+    return overrides
+
+
+def _tiny(prepared, out_dir, *extra) -> list[str]:
+    return [
+        *prepared,
+        f"train.out_dir={out_dir}",
+        "model.emb_dim=16",
+        "model.hidden=32",
+        "model.bi_hidden=16",
+        "model.enc_layers=1",
+        "model.dec_layers=2",
+        "train.max_tokens=200",
+        "train.log_every=1",
+        "train.warmup_steps=3",
+        "train.device=cpu",
+        "train.threads=1",
+        "train.lr=0.01",
+        "train.valid_bleu=false",
+        *extra,
+    ]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ the bad-input catalogue
+def _parallel_of_different_lengths(tmp, ckpt):
+    (tmp / "a.en").write_text("one\ntwo\nthree\n")
+    (tmp / "a.de").write_text("eins\nzwei\n")
+    return ["prepare", *_data(tmp, "a.en", "a.de")], "a.en has 3 lines but .*a.de has 2"
+
+
+def _empty_corpus(tmp, ckpt):
+    (tmp / "e.en").write_text("")
+    (tmp / "e.de").write_text("")
+    return ["prepare", *_data(tmp, "e.en", "e.de")], "e.en: empty file"
+
+
+def _not_utf8(tmp, ckpt):
+    (tmp / "u.en").write_bytes(b"fine\nalso fine\nbad \xff\xfe byte\n")
+    (tmp / "u.de").write_text("gut\nauch gut\nschlecht\n")
+    return ["prepare", *_data(tmp, "u.en", "u.de")], r"u.en, line 3: not UTF-8"
+
+
+def _truncated_gzip(tmp, ckpt):
+    blob = gzip.compress(("a sentence of some length\n" * 2000).encode())
+    (tmp / "t.en.gz").write_bytes(blob[: len(blob) // 2])
+    (tmp / "t.de").write_text("ein Satz\n" * 2000)
+    return ["prepare", *_data(tmp, "t.en.gz", "t.de")], "t.en.gz: truncated or corrupt gzip"
+
+
+def _yaml_with_tab(tmp, ckpt):
+    (tmp / "tab.yaml").write_text("model:\n\thidden: 64\n")
+    return ["config", str(tmp / "tab.yaml")], r"tab.yaml.*line 2"
+
+
+def _yaml_syntax_error(tmp, ckpt):
+    (tmp / "syn.yaml").write_text("model:\n  hidden: [64\ntrain:\n  lr: 1\n")
+    return ["config", str(tmp / "syn.yaml")], r"syn.yaml.*line"
+
+
+def _wrong_type(tmp, ckpt):
+    (tmp / "type.yaml").write_text("model:\n  hidden: big\n")
+    return ["config", str(tmp / "type.yaml")], r"type.yaml.*\n.*model.hidden: expected int, found str 'big'"
+
+
+def _other_format_version(tmp, ckpt):
+    torch.save({"format_version": 99, "config": {}, "model": {}, "tokenizer": {}}, tmp / "v.pt")
+    return _translate(tmp, "v.pt"), "v.pt: checkpoint format version 99"
+
+
+def _truncated_checkpoint(tmp, ckpt):
+    data = Path(ckpt).read_bytes()
+    (tmp / "half.pt").write_bytes(data[: len(data) // 2])
+    return _translate(tmp, "half.pt"), "half.pt: not a readable nmt checkpoint"
+
+
+def _not_a_checkpoint(tmp, ckpt):
+    (tmp / "notes.txt").write_text("my notes\n")
+    return _translate(tmp, "notes.txt"), "notes.txt: not a readable nmt checkpoint"
+
+
+def _mismatched_sentencepiece(tmp, ckpt):
+    from nmt.tokenizer import Tokenizer
+
+    loaded = checkpoint.load(ckpt)
+    src, tgt = _write_corpus(tmp, 200, 7)
+    other = Tokenizer.train([src], [tgt], tmp / "spm", vocab_size=60)
+    checkpoint.save(
+        tmp / "mixed.pt",
+        config=loaded["config"],
+        model_state=loaded["model"],
+        tokenizer_bytes=other.to_bytes(),
+    )
+    return _translate(tmp, "mixed.pt"), "mixed.pt: the source sentencepiece model has 49 pieces"
+
+
+def _beam_size_zero(tmp, ckpt):
+    return _translate(tmp, ckpt, "--beam-size", "0"), "beam_size must be an integer >= 1, found 0"
+
+
+def _nbest_over_beam(tmp, ckpt):
+    argv = _translate(tmp, ckpt, "--beam-size", "2", "--n-best", "3")
+    return argv, "n_best .*3.* beam_size .*2"
+
+
+def _no_such_device(tmp, ckpt):
+    return _translate(tmp, ckpt, "--device", "tpu:0"), "device 'tpu:0'"
+
+
+def _missing_input(tmp, ckpt):
+    return ["translate", str(ckpt), "-i", str(tmp / "nope.txt")], "nope.txt.*(not found|exist)"
+
+
+def _data(tmp, src, tgt):
+    return [
+        f"data.train_src={tmp / src}",
+        f"data.train_tgt={tmp / tgt}",
+        f"data.dir={tmp / 'data'}",
+        "tokenizer.vocab_size=20",
+    ]
+
+
+def _translate(tmp, ckpt, *flags):
+    (tmp / "in.txt").write_text("w1 w2\n")
+    return ["translate", str(tmp / ckpt), "-i", str(tmp / "in.txt"), *flags]
+
+
+BAD_INPUTS = [
+    _parallel_of_different_lengths,
+    _empty_corpus,
+    _not_utf8,
+    _truncated_gzip,
+    _yaml_with_tab,
+    _yaml_syntax_error,
+    _wrong_type,
+    _other_format_version,
+    _truncated_checkpoint,
+    _not_a_checkpoint,
+    _mismatched_sentencepiece,
+    _beam_size_zero,
+    _nbest_over_beam,
+    _no_such_device,
+    _missing_input,
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_gets_one_clear_error_and_exit_code_2(case, tiny_checkpoint, tmp_path, capsys):
+    argv, expected = case(tmp_path, tiny_checkpoint)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("error:") == 1, captured.err
+    assert "Traceback" not in captured.err
+    import re
+
+    assert re.search(expected, captured.err), captured.err
+    # nothing half-made is left behind under a final name
+    assert not (tmp_path / "data" / "train").exists()
+
+
+def test_bad_input_from_a_real_subprocess_has_no_traceback(tmp_path):
+    (tmp_path / "tab.yaml").write_text("train:\n\tlr: 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nmt", "config", str(tmp_path / "tab.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "tab.yaml" in proc.stderr
+
+
+def test_ten_thousand_hostile_lines_give_ten_thousand_lines_in_order(tiny_checkpoint, tmp_path):
+    from nmt.translator import Translator
+
+    rng = random.Random(5)
+    kinds = [
+        lambda: "",
+        lambda: " \t  " * rng.randint(1, 3),
+        lambda: " ".join(rng.choices(WORDS, k=5000)),  # 5,000 tokens
+        lambda: "w1\x00w2\x07\x1b[31m w3\x0b\x0c",  # control characters
+        lambda: "שלום עולם w4 مرحبا",  # right-to-left
+        lambda: "\u202ew5 w6\u202c",  # bidi override
+        lambda: "😀 w7 🎉👍🏽 w8",  # emoji with a modifier
+        lambda: " ".join(rng.choices(WORDS, k=rng.randint(1, 12))),
+    ]
+    lines = [rng.choice(kinds)() for _ in range(10_000)]
+    src = tmp_path / "hostile.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    assert main(["translate", str(tiny_checkpoint), "-i", str(src), "-o", str(out)]) == 0
+    hyps = out.read_text(encoding="utf-8").split("\n")
+    assert hyps[-1] == "" and len(hyps) - 1 == 10_000
+    hyps = hyps[:-1]
+    assert all(h == "" for line, h in zip(lines, hyps) if not line.strip())
+    # order: a sample of lines translated alone gives the same line at the same place
+    translator = Translator.from_checkpoint(tiny_checkpoint, device="cpu")
+    sample = rng.sample(range(10_000), 40)
+    assert translator.translate([lines[i] for i in sample]) == [hyps[i] for i in sample]
+
+
+# ------------------------------------------------------------------ signals and a full disk
+def _train_process(argv: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "nmt", "train", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        **kwargs,
+    )
+
+
+def _wait_for_steps(proc: subprocess.Popen, n: int) -> list[str]:
+    """Read stderr until the n-th `step=` progress line; returns the lines read."""
+    seen, lines = 0, []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("step="):
+            seen += 1
+            if seen >= n:
+                break
+    return lines
+
+
+def test_sigterm_stops_after_the_step_and_writes_last(prepared, tmp_path):
+    out = tmp_path / "run"
+    proc = _train_process(_tiny(prepared, out, "train.max_epochs=50"))
+    _wait_for_steps(proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait() == 128 + signal.SIGTERM
+    assert "stopped on SIGTERM: saved" in rest
+    state = checkpoint.load(out / "last.pt")["train_state"]
+    assert f"at step {state['step']}" in rest and state["step"] >= 3
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        # a write beyond the limit fails with EFBIG instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _tiny(prepared, out, "train.max_steps=4")
+    assert main(["train", *argv]) == 0
+    capsys.readouterr()
+    last = out / "last.pt"
+    before = _sha(last)
+    argv = _tiny(prepared, out, "train.max_steps=8")
+    limit = last.stat().st_size // 2  # the log grows a little; a checkpoint cannot fit
+    proc = _train_process(["--resume", *argv], preexec_fn=_limit_file_size(limit))
+    err = proc.stderr.read()
+    assert proc.wait() == 1, err
+    assert "Traceback" not in err, err
+    assert "could not write checkpoint" in err and "previous file under that name is unchanged" in err
+    assert _sha(last) == before
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
+
+
+# ------------------------------------------------------------------ SIGKILL, 20 times
+@pytest.mark.slow
+def test_twenty_sigkills_then_resume_equal_an_uninterrupted_run(prepared, tmp_path):
+    extra = ("train.max_steps=70", "train.max_epochs=0", "train.save_every=1", "train.keep_last=1")
+    reference = tmp_path / "reference"
+    assert main(["train", *_tiny(prepared, reference, *extra)]) == 0
+    out = tmp_path / "killed"
+    argv = _tiny(prepared, out, *extra)
+    rng = random.Random(20)
+    kills = 0
+    while True:
+        resume = ["--resume"] if (out / "last.pt").exists() else []
+        proc = _train_process([*resume, *argv])
+        if kills == 20:
+            rest = proc.stderr.read()
+            assert proc.wait() == 0, rest
+            break
+        # right after a step's log line the process is writing step_N.pt and last.pt
+        _wait_for_steps(proc, rng.randint(1, 4))
+        proc.kill()
+        proc.wait()
+        kills += 1
+        for path in out.glob("*.pt"):  # every file under a final name is complete
+            checkpoint.load(path)
+    final = checkpoint.load(out / "last.pt")
+    expected = checkpoint.load(reference / "last.pt")
+    assert final["train_state"]["step"] == expected["train_state"]["step"] == 70
+    for name, tensor in expected["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    assert not list(out.glob(".*.tmp"))  # stale temp files of killed writes are cleaned up
+
+
+# ------------------------------------------------------------------ downloads
+def test_every_corpus_file_has_a_checksum_and_size():
+    for name, corpus in corpora.CORPORA.items():
+        for split, by_lang in corpus.files.items():
+            for lang, spec in by_lang.items():
+                where = f"{name}/{split}/{lang}"
+                assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0, where
+                assert spec.size > 0, where
+
+
+@pytest.mark.parametrize("mirror", ["ftp://example.org/corpora", "gopher://x/y"])
+def test_downloads_only_from_http_https_and_files(mirror, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("NMT_MIRROR", mirror)
+    argv = ["download", "multi30k", "--langs", "en", "de", "--out", str(tmp_path / "raw")]
+    assert main([*argv, "--splits", "val"]) == 2
+    assert "expected a folder, a file:// URL or an http(s) URL" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").iterdir())
