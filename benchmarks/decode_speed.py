@@ -46,7 +46,8 @@ def machine() -> dict:
 
 
 class RecomputePrefix(torch.nn.Module):
-    """Wraps a model whose decoder has `step_recompute`: every step re-runs the whole prefix.
+    """Wraps a TCN model so that every step re-runs the whole prefix through the decoder's
+    teacher-forcing path (no cache), and keeps its last position.
 
     The state is the prefix itself (B, t); used only to measure what the cache saves.
     """
@@ -63,8 +64,8 @@ class RecomputePrefix(torch.nn.Module):
 
     def step(self, tgt_ids_t, prefix, enc):
         prefix = torch.cat([prefix, tgt_ids_t[:, None]], dim=1)  # (B, t+1)
-        logits, attn = self.model.decoder.step_recompute(prefix, enc)
-        return torch.log_softmax(logits.float(), dim=-1), prefix, attn
+        logits, attn = self.model.decoder.forward_with_attention(prefix, enc)  # (B, t+1, V)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1), prefix, attn[:, -1]
 
     def reorder_state(self, prefix, index):
         return prefix.index_select(0, index)

@@ -45,20 +45,24 @@ def _atomic_write(path: str | Path, write, what: str) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        # torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
-        failed_write = isinstance(e, RuntimeError) and "write" in str(e).lower()
-        if isinstance(e, OSError) or failed_write:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else _last_line(e)
+        os_error = _os_error(e)
+        if os_error is not None:
             raise NmtError(
-                f"{path}: could not write {what} ({reason}); "
+                f"{path}: could not write {what} ({os_error.strerror or os_error}); "
                 "the previous file under that name is unchanged"
             ) from None
         raise
 
 
-def _last_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1][:200] if lines else type(e).__name__
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e`, if any: torch.save turns a failed write (a full disk) into a
+    RuntimeError raised while handling it."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

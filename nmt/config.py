@@ -105,6 +105,12 @@ class TrainConfig:
     max_tokens: int = opt(3000, "padded tokens per batch (max of source and target side)", min=1)
     max_epochs: int = opt(10, "stop after this many epochs (0 = no limit)", min=0)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", min=0)
+    max_minutes: float = opt(
+        0.0,
+        "stop after this many minutes of training, counted across resumes (0 = no limit); "
+        "validates and saves at the stop",
+        min=0.0,
+    )
     optimizer: str = opt("adam", "optimizer", choices=("adam", "adamw"))
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
     betas: list = opt([0.9, 0.999], "Adam betas")

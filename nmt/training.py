@@ -101,8 +101,11 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.train.precision, self.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.max_epochs == 0 and cfg.train.max_steps == 0:
-            raise UsageError("train.max_epochs and train.max_steps are both 0: the run never ends")
+        if not (cfg.train.max_epochs or cfg.train.max_steps or cfg.train.max_minutes):
+            raise UsageError(
+                "train.max_epochs, train.max_steps and train.max_minutes are all 0: "
+                "the run never ends"
+            )
         data_dir = Path(cfg.data.dir)
         self.tokenizer = Tokenizer.load(data_dir)
         self.train_set = data.load_split(data_dir, "train")
@@ -138,6 +141,8 @@ class Trainer:
         self.best: float | None = None
         self.bad_validations = 0
         self.stop_signal: str | None = None
+        self.train_seconds = 0.0  # before this process; see _elapsed
+        self.clock_start = time.perf_counter()
         self.log_file = None
         if resume:
             self._resume(reset_optimizer)
@@ -204,6 +209,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.best, self.bad_validations = state["best"], state["bad_validations"]
         self.sampler.load_state_dict(state["sampler"])
+        self.train_seconds = state.get("train_seconds", 0.0)
         set_rng_state(state["rng"])
         _log(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
 
@@ -219,6 +225,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
+            "train_seconds": self._elapsed(),
         }
 
     def save(self, name: str, with_train_state: bool = True) -> Path:
@@ -240,6 +247,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
+        self.clock_start = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stale = checkpoint.remove_stale_temps(self.out_dir)
         if stale:
@@ -264,7 +272,9 @@ class Trainer:
                         stop = self._validate_and_save() or stop
                     break
                 stop = self._train_epoch(progress)
-                if stop == "max_steps" and self.step % (t.valid_every or self.step + 1):
+                if stop in ("max_steps", "max_minutes") and self.step % (
+                    t.valid_every or self.step + 1
+                ):
                     stop = self._validate_and_save() or stop
                 if stop:
                     break
@@ -312,7 +322,13 @@ class Trainer:
                 return self.stop_signal
             if t.max_steps and self.step >= t.max_steps:
                 return "max_steps"
+            if t.max_minutes and self._elapsed() >= 60 * t.max_minutes:
+                return "max_minutes"
         return None
+
+    def _elapsed(self) -> float:
+        """Seconds of training so far, counted across resumes."""
+        return self.train_seconds + time.perf_counter() - self.clock_start
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -37,8 +37,9 @@ def _parse(argv):
     p.add_argument(
         "--start-stage",
         choices=STAGES,
-        default="download",
-        help="redo this stage and every later one",
+        default=None,
+        help="redo this stage and every later one (default: resume at the first stage "
+        "not yet done)",
     )
     p.add_argument(
         "--beam-sizes",
@@ -175,7 +176,7 @@ class Recipe:
         )
 
     def run(self):
-        start = STAGES.index(self.args.start_stage)
+        start = STAGES.index(self.args.start_stage) if self.args.start_stage else len(STAGES)
         self.done.mkdir(parents=True, exist_ok=True)
         redo = False  # once a stage runs, every later stage runs too
         for i, stage in enumerate(STAGES):

@@ -126,7 +126,10 @@ def _yaml_syntax_error(tmp, ckpt):
 
 def _wrong_type(tmp, ckpt):
     (tmp / "type.yaml").write_text("model:\n  hidden: big\n")
-    return ["config", str(tmp / "type.yaml")], r"type.yaml.*\n.*model.hidden: expected int, found str 'big'"
+    return [
+        "config",
+        str(tmp / "type.yaml"),
+    ], r"type.yaml.*\n.*model.hidden: expected int, found str 'big'"
 
 
 def _other_format_version(tmp, ckpt):
@@ -326,7 +329,9 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(prepared, tmp_path, 
     err = proc.stderr.read()
     assert proc.wait() == 1, err
     assert "Traceback" not in err, err
-    assert "could not write checkpoint" in err and "previous file under that name is unchanged" in err
+    assert (
+        "could not write checkpoint" in err and "previous file under that name is unchanged" in err
+    )
     assert _sha(last) == before
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
 
@@ -380,3 +385,46 @@ def test_downloads_only_from_http_https_and_files(mirror, monkeypatch, tmp_path,
     assert main([*argv, "--splits", "val"]) == 2
     assert "expected a folder, a file:// URL or an http(s) URL" in capsys.readouterr().err
     assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").iterdir())
+
+
+# ------------------------------------------------------------------ recipe stages
+def _recipe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_multi30k", ROOT / "recipes/multi30k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_interrupted_recipe_stage_is_redone_not_skipped(tmp_path, monkeypatch):
+    recipe_mod = _recipe_module()
+    ran = []
+
+    def stage(name, fail=False):
+        def run():
+            ran.append(name)
+            if fail:
+                raise KeyboardInterrupt  # killed half way through the stage
+
+        return run
+
+    recipe = recipe_mod.Recipe(recipe_mod._parse(["--run-dir", str(tmp_path / "run")]))
+    for name in recipe_mod.STAGES:
+        monkeypatch.setattr(recipe, name, stage(name, fail=name == "train"))
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run()
+    assert ran == ["download", "prepare", "train"]
+    assert sorted(p.name for p in recipe.done.iterdir()) == ["download", "prepare"]
+    ran.clear()
+    for name in recipe_mod.STAGES:
+        monkeypatch.setattr(recipe, name, stage(name))
+    recipe.run()
+    assert ran == ["train", "translate", "score"]  # the interrupted stage runs again
+    assert sorted(p.name for p in recipe.done.iterdir()) == sorted(recipe_mod.STAGES)
+    ran.clear()
+    recipe.run()
+    assert ran == []  # everything done: nothing runs again
+    recipe.args.start_stage = "translate"
+    recipe.run()
+    assert ran == ["translate", "score"]

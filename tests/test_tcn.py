@@ -140,8 +140,9 @@ def test_step_equals_forward(k):
         torch.testing.assert_close(step_attn.sum(-1), torch.ones(3, 12))
         assert (step_attn[1, :, 3:] == 0).all()  # padded source positions get no attention
         for t in (1, 6, 12):
-            slow_logits, slow_attn = decoder.step_recompute(tgt_ids[:, :t], enc)
-            torch.testing.assert_close(slow_logits, step_logits[:, t - 1], atol=1e-5, rtol=0)
+            # the uncached path (what benchmarks/decode_speed.py --recompute measures)
+            slow_logits, _ = decoder.forward_with_attention(tgt_ids[:, :t], enc)
+            torch.testing.assert_close(slow_logits[:, -1], step_logits[:, t - 1], atol=1e-5, rtol=0)
 
 
 def test_reorder_state_permutation_and_repeat():

@@ -14,8 +14,6 @@ Both classes share one interface:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -116,8 +114,11 @@ def masked_attention(scores, memory, src_mask):
 class BahdanauAttention(nn.Module):
     """Normalized additive attention, as NVIDIA GNMT v2's `BahdanauAttention(normalize=True)`.
 
-    score(q, k) = g · v/|v| · tanh(W_q q + W_k k + b), with a scalar g (init 1/sqrt(A)) and a bias b
-    (init 0); W_q, W_k and v are uniform(-init_scale, init_scale) like every other weight.
+    score(q, k) = g · v/|v| · tanh(W_q q + W_k k + b), with a scalar g and a bias b (init 0);
+    W_q, W_k and v are uniform(-init_scale, init_scale) like every other weight. g starts at 1,
+    not NVIDIA's 1/sqrt(A): |score| <= g·sqrt(A), so at 1/sqrt(A) attention cannot be sharper than
+    e^2 between positions until Adam has grown g (~lr per step), which on Multi30k (160 steps an
+    epoch) cost validation perplexity 71.5 vs 61.9 after 330 steps.
 
     Computed as sigmoid(2 W_q q + 2(W_k k + b)) · 2u - sum(u), u = g v/|v|, since
     tanh(x) = 2 sigmoid(2x) - 1: the same function, but sigmoid and its backward are several
@@ -137,7 +138,7 @@ class BahdanauAttention(nn.Module):
     def reset_parameters(self, init_scale: float) -> None:
         for weight in (self.query_proj.weight, self.key_proj.weight, self.v):
             nn.init.uniform_(weight, -init_scale, init_scale)
-        nn.init.constant_(self.scale, 1.0 / math.sqrt(self.v.numel()))
+        nn.init.constant_(self.scale, 1.0)
         nn.init.zeros_(self.bias)
 
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,9 @@ The weight-norm parameters live in the state dict as `...parametrizations.weight
 
 Incremental decoding: the state keeps, for every conv of every decoder block, the last (k-1)d
 inputs of that conv; one `step` runs each conv on that window plus the new column only, so it
-costs O(levels * k) column products instead of recomputing the prefix. `step_recompute` is the
-slow reference path (whole prefix every step), kept for tests and benchmarks.
+costs O(levels * k) column products instead of recomputing the prefix (the uncached path, the
+whole prefix through `forward_with_attention` at every step, lives only in tests and in
+`benchmarks/decode_speed.py --recompute`).
 
 Interfaces are batch-first; only the inside of the stacks transposes to (B, C, T).
 The `hidden` setting is a GNMT size and is not used here: every TCN width is `channels`.
@@ -275,12 +276,6 @@ class TCNDecoder(nn.Module):
         logits = self._output(h.squeeze(2))  # (B, V)
         attn = (attn_sum / len(self.blocks)).squeeze(1)  # (B, S)
         return logits, {"pos": state["pos"] + 1, "caches": caches}, attn
-
-    def step_recompute(self, prefix_ids: torch.Tensor, enc: EncoderOut):
-        """Slow reference path: rerun the whole prefix (B, t) -> (logits (B, V), attn (B, S))
-        of its last position. For tests and benchmarks of the cached `step`."""
-        logits, attn = self.forward_with_attention(prefix_ids, enc)  # (B, t, V), (B, t, S)
-        return logits[:, -1], attn[:, -1]
 
     def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
         return select_rows(state, index)
