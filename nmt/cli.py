@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
 
     cfg = _load_config(args)
     summary = training.train(cfg, resume=args.resume, reset_optimizer=args.reset_optimizer)
-    print(json.dumps(summary))
+    if summary["rank"] == 0:  # one summary for a torchrun launch
+        print(json.dumps(summary))
     return 130 if summary["stop"] in ("SIGINT", "SIGTERM") else 0
 
 
