@@ -124,7 +124,8 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
     precision: str = opt(
         "auto",
-        "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16",
+        "auto (bf16 on cuda, fp16 on GPUs older than Ampere, fp32 on cpu), fp32, bf16, "
+        "fp16 (cuda only; dynamic loss scaling)",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     threads: int = opt(0, "torch CPU threads (0 = torch default)", min=0)

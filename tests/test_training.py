@@ -208,6 +208,28 @@ def test_a_step_with_nan_gradients_leaves_weights_and_optimizer_alone(
         assert torch.equal(v, adam[k]), k
 
 
+def test_a_collapsed_fp16_loss_scale_stops_with_a_clear_error_and_saves_last(
+    prepared, tmp_path, monkeypatch
+):
+    from nmt.errors import NmtError
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, _tiny(prepared, out, "train.max_steps=6")))
+    monkeypatch.setattr(trainer.updater, "loss_scale", lambda: 3e-5)  # as an fp16 run reads it
+    with pytest.raises(NmtError, match=r"fell to 3e-05, below train.min_loss_scale \(0.0001\)"):
+        trainer.run()
+    assert checkpoint.load(out / "last.pt")["train_state"]["step"] == 2  # the first log point
+    error = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert error == {**error, "type": "error", "step": 2, "loss_scale": 3e-5}
+
+
+def test_fp16_on_the_cpu_is_a_usage_error(prepared, tmp_path):
+    from nmt.errors import UsageError
+
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        Trainer(load_config(None, _tiny(prepared, tmp_path, "train.precision=fp16")))
+
+
 def test_checkpoint_round_trip_gives_bit_identical_outputs(prepared, tmp_path):
     from nmt.translator import Translator
 
