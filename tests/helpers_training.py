@@ -6,8 +6,13 @@ and the same words reversed in upper case, 20 validation pairs, a 120-piece join
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -61,3 +66,18 @@ def tiny(prepared: list[str], out_dir, *extra: str) -> list[str]:
         "train.lr=0.01",
         *extra,
     ]
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node=NPROC -m nmt train ARGS` with this checkout's
+    nmt; fails the test, showing the end of stderr, unless it exits with 0."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "nmt", "train", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

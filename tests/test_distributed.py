@@ -1,7 +1,7 @@
 """Distributed training on the CPU: 2 ranks over gloo on 127.0.0.1.
 
-The equivalence test spawns two processes with the variables torchrun would set; the slow
-tests run the real `torchrun ... -m nmt train` command.
+The in-process tests fork two ranks with the variables torchrun would set; the slow test
+runs the real `torchrun ... -m nmt train` command.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers_training import prepare_tiny
+from helpers_training import prepare_tiny, torchrun
 from helpers_training import tiny as _tiny
 
 from nmt import checkpoint, data
@@ -26,8 +24,6 @@ from nmt.config import load_config
 from nmt.distributed import LaunchEnv, launch_env, rank_device
 from nmt.errors import UsageError
 from nmt.training import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -203,19 +199,6 @@ def test_early_stopping_on_rank_0_stops_every_rank(prepared, tmp_path):
 
 
 # -------------------------------------------------------------------- torchrun, end to end
-def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "nmt", "train", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def _weights(path: Path) -> dict:
     return checkpoint.load(path)["model"]
 
@@ -224,7 +207,7 @@ def _weights(path: Path) -> dict:
 def test_torchrun_two_ranks_train_save_once_and_resume_exactly(prepared, tmp_path):
     constant = ("train.schedule=constant",)  # the lr does not depend on the run's length
     full = tmp_path / "full"
-    result = _torchrun(2, "--", *_tiny(prepared, full, *constant))
+    result = torchrun(2, "--", *_tiny(prepared, full, *constant))
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # rank 0 alone prints
     assert summaries[0]["stop"] == "max_epochs"
@@ -246,14 +229,14 @@ def test_torchrun_two_ranks_train_save_once_and_resume_exactly(prepared, tmp_pat
 
     cut = tmp_path / "cut"
     stop_at = per_epoch + 2  # mid-way through the second epoch
-    _torchrun(2, "--", *_tiny(prepared, cut, *constant, f"train.max_steps={stop_at}"))
+    torchrun(2, "--", *_tiny(prepared, cut, *constant, f"train.max_steps={stop_at}"))
     saved = checkpoint.load(cut / "last.pt")["train_state"]
     assert saved["step"] == stop_at
     assert saved["sampler"] == {"epoch": 1, "position": 2, "world_size": 2}
     one_rank = tmp_path / "one_rank"
     shutil.copytree(cut, one_rank)
 
-    _torchrun(2, "--resume", "--", *_tiny(prepared, cut, *constant))
+    torchrun(2, "--resume", "--", *_tiny(prepared, cut, *constant))
     a, b = _weights(full / "last.pt"), _weights(cut / "last.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -223,6 +223,23 @@ def test_a_collapsed_fp16_loss_scale_stops_with_a_clear_error_and_saves_last(
     assert error == {**error, "type": "error", "step": 2, "loss_scale": 3e-5}
 
 
+@pytest.mark.parametrize("saved, restored", [(512.0, 512.0), (1e-6, 2.0**16)])
+def test_a_saved_fp16_scale_below_the_minimum_restarts_on_resume(saved, restored):
+    from nmt.distributed import Distributed
+    from nmt.optimization import Updater
+
+    def updater():  # fp16 state handling needs no fp16 kernel: the CPU can test it
+        cpu = Distributed.single(torch.device("cpu"))
+        return Updater(load_config(None, []), torch.nn.Linear(2, 2), cpu, torch.float16, 0, 10)
+
+    state = updater().state_dict()
+    assert state["scaler"]["scale"] == 2.0**16
+    fresh = updater()
+    note = fresh.load_state_dict({**state, "scaler": {**state["scaler"], "scale": saved}})
+    assert fresh.loss_scale() == restored
+    assert (note is None) == (saved == restored)
+
+
 def test_fp16_on_the_cpu_is_a_usage_error(prepared, tmp_path):
     from nmt.errors import UsageError
 
