@@ -25,8 +25,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import torch
@@ -34,6 +34,9 @@ import torch
 from nmt.config import Config
 from nmt.errors import DataError, UsageError
 from nmt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imported where used: batches and sampling work without HF datasets
+    import datasets
 
 FORMAT_VERSION = 1
 TOKENIZER_SETTINGS = "tokenizer.json"
@@ -221,6 +224,8 @@ def _keep_batch(src_lens, tgt_lens, min_len: int, max_len: int) -> list[bool]:
 
 
 def _features(tokenizer: Tokenizer) -> datasets.Features:
+    import datasets
+
     big = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) > np.iinfo(np.int16).max
     dtype = "int32" if big else "int16"
     return datasets.Features(
@@ -249,6 +254,8 @@ def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
 def _encode_split(
     split: str, src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, data_dir: Path
 ) -> None:
+    import datasets
+
     d = cfg.data
     digest = hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest()
     settings = {
@@ -349,6 +356,8 @@ def prepare(cfg: Config) -> Path:
     data_dir = Path(d.dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if not sys.stderr.isatty():  # progress bars only on a terminal; logs stay readable
+        import datasets
+
         datasets.disable_progress_bars()
     tokenizer = _ensure_tokenizer(cfg, data_dir)
     _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
@@ -361,6 +370,8 @@ def prepare(cfg: Config) -> Path:
 
 def load_split(data_dir: str | Path, split: str) -> datasets.Dataset:
     """A prepared split (`train` or `valid`), memory-mapped from disk."""
+    import datasets
+
     path = Path(data_dir) / split
     if not (path / SPLIT_SETTINGS).is_file():
         raise DataError(f"{path}: no prepared {split} split here (run `nmt prepare` first)")
