@@ -9,6 +9,9 @@ and what the ranks of a distributed run agree on. Does not own one optimizer upd
 Several ranks: each trains on its shard of every epoch's batches (DDP averages the gradients);
 rank 0 alone validates, logs and writes checkpoints, and the others wait for its verdict (early
 stopping) before they go on. A signal received by any rank stops every rank after the same step.
+Checkpoints hold the unwrapped model and every rank's RNG state; a resume with as many ranks is
+exact, one with another number continues the epoch through the global count of batches
+consumed (see `TokenBatchSampler.load_state_dict`) and reseeds the ranks it did not have.
 
 Host-device syncs: one per log point (and before each checkpoint), where the figures of the
 steps since the last one are read from the device; skipped steps (NaN/inf gradients) are found
