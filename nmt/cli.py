@@ -71,7 +71,8 @@ def cmd_train(args) -> int:
 
     cfg = _load_config(args)
     summary = training.train(cfg, resume=args.resume, reset_optimizer=args.reset_optimizer)
-    print(json.dumps(summary))
+    if summary["rank"] == 0:  # one summary for a torchrun launch
+        print(json.dumps(summary))
     # stopped cleanly by a signal: the shell convention 128 + signal number (130, 143)
     stop = summary["stop"]
     return 128 + signal.Signals[stop].value if stop in ("SIGINT", "SIGTERM") else 0

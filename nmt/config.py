@@ -138,11 +138,29 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
     precision: str = opt(
         "auto",
-        "auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16",
+        "auto (bf16 on cuda, fp16 on GPUs older than Ampere, fp32 on cpu), fp32, bf16, "
+        "fp16 (cuda only; dynamic loss scaling)",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     threads: int = opt(0, "torch CPU threads (0 = torch default)", min=0)
-    max_bad_steps: int = opt(20, "stop after this many NaN/inf losses in a row", min=1)
+    num_workers: int = opt(
+        2,
+        "CUDA: background processes that build batches into pinned memory "
+        "(0 = in the training process); on the CPU batches are always built in-process",
+        min=0,
+    )
+    max_bad_steps: int = opt(
+        20,
+        "stop after this many steps in a row with NaN/inf gradients (each is skipped; "
+        "checked at every log point)",
+        min=1,
+    )
+    min_loss_scale: float = opt(
+        1e-4,
+        "fp16: stop, saving `last`, when the dynamic loss scale falls below this (gradients "
+        "overflow at every scale: resume with train.precision=bf16 or a lower lr)",
+        min=0.0,
+    )
 
 
 @dataclass

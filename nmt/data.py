@@ -25,8 +25,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import torch
@@ -34,6 +34,9 @@ import torch
 from nmt.config import Config
 from nmt.errors import DataError, UsageError
 from nmt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imported where used: batches and sampling work without HF datasets
+    import datasets
 
 FORMAT_VERSION = 1
 TOKENIZER_SETTINGS = "tokenizer.json"
@@ -224,6 +227,8 @@ def _keep_batch(src_lens, tgt_lens, min_len: int, max_len: int) -> list[bool]:
 
 
 def _features(tokenizer: Tokenizer) -> datasets.Features:
+    import datasets
+
     big = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) > np.iinfo(np.int16).max
     dtype = "int32" if big else "int16"
     return datasets.Features(
@@ -252,6 +257,8 @@ def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
 def _encode_split(
     split: str, src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, data_dir: Path
 ) -> None:
+    import datasets
+
     d = cfg.data
     digest = hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest()
     settings = {
@@ -352,6 +359,8 @@ def prepare(cfg: Config) -> Path:
     data_dir = Path(d.dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if not sys.stderr.isatty():  # progress bars only on a terminal; logs stay readable
+        import datasets
+
         datasets.disable_progress_bars()
     tokenizer = _ensure_tokenizer(cfg, data_dir)
     _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
@@ -364,6 +373,8 @@ def prepare(cfg: Config) -> Path:
 
 def load_split(data_dir: str | Path, split: str) -> datasets.Dataset:
     """A prepared split (`train` or `valid`), memory-mapped from disk."""
+    import datasets
+
     path = Path(data_dir) / split
     if not (path / SPLIT_SETTINGS).is_file():
         raise DataError(f"{path}: no prepared {split} split here (run `nmt prepare` first)")
@@ -421,7 +432,8 @@ class TokenBatchSampler:
 
     Position: `position` counts the batches of the current epoch already yielded; `__iter__`
     resumes there (an iteration that starts at the end of the epoch starts it over), and
-    `state_dict`/`load_state_dict` carry (epoch, position) for an exact resume mid-epoch.
+    `state_dict`/`load_state_dict` carry (epoch, position, world_size) for an exact resume
+    mid-epoch (approximate by a few batches when the number of ranks changes).
     `set_epoch(e)` moves to epoch e at position 0 (no-op if e is the current epoch, so that it
     can follow `load_state_dict`).
     """
@@ -498,10 +510,22 @@ class TokenBatchSampler:
             yield batch.tolist()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Continue where `state` left off, under this sampler's number of ranks.
+
+        Saved under the same number of ranks (or without `world_size`, a single-process
+        state), the position is restored exactly. Saved under another number, it is mapped
+        through the global count of batches the epoch had consumed, `position * world_size`
+        (every rank had consumed as many), onto this sharding, rounded down: the epoch goes on
+        after about the same share of its batches. That is approximate by a few batches: up to
+        world_size - 1 are repeated by the rounding, and the order differs by the few batches
+        that `_even_out` splits for one world size and not for the other.
+        """
+        saved_world_size = int(state.get("world_size", 1))
+        consumed = int(state["position"]) * saved_world_size
+        self.epoch, self.position = int(state["epoch"]), consumed // self.world_size
 
 
 @dataclass
@@ -537,16 +561,20 @@ class Batch:
         return self.src_ids.size(0)
 
     def to(self, device: torch.device | str) -> Batch:
-        """A copy on `device` (pinned and non-blocking when it is a GPU)."""
+        """A copy on `device` (from pinned memory, without blocking, when it is a GPU)."""
         device = torch.device(device)
         pin = device.type == "cuda"
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            if pin and t.device.type == "cpu":
+            if pin and t.device.type == "cpu" and not t.is_pinned():
                 t = t.pin_memory()
             return t.to(device, non_blocking=True)
 
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked memory (called by torch's DataLoader with pin_memory=True)."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
 def _ragged(column) -> tuple[np.ndarray, np.ndarray]:
@@ -597,12 +625,68 @@ def collate(examples: dict, indices, pad_id: int, bos_id: int, eos_id: int) -> B
     )
 
 
+class _Collated:
+    """dataset[list of indices] -> Batch: what a loader asks for, one batch per key."""
+
+    def __init__(self, dataset: datasets.Dataset, pad_id: int, bos_id: int, eos_id: int):
+        self.columns = dataset.with_format("arrow", columns=["src_ids", "tgt_ids"])
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+
+    def __getitem__(self, indices: list[int]) -> Batch:
+        table = self.columns[indices]  # a pyarrow Table: no per-row Python objects
+        examples = {name: table.column(name) for name in ("src_ids", "tgt_ids")}
+        return collate(examples, indices, self.pad_id, self.bos_id, self.eos_id)
+
+
 def make_batches(
     dataset: datasets.Dataset, sampler: TokenBatchSampler, pad_id: int, bos_id: int, eos_id: int
 ) -> Iterator[Batch]:
-    """Batches in the sampler's order (resuming at its position)."""
-    columns = dataset.with_format("arrow", columns=["src_ids", "tgt_ids"])
+    """Batches in the sampler's order (resuming at its position), built in this process."""
+    collated = _Collated(dataset, pad_id, bos_id, eos_id)
     for indices in sampler:
-        table = columns[indices]  # a pyarrow Table: no per-row Python objects
-        examples = {name: table.column(name) for name in ("src_ids", "tgt_ids")}
-        yield collate(examples, indices, pad_id, bos_id, eos_id)
+        yield collated[indices]
+
+
+class _InProcess:
+    """Iterable once per epoch: `make_batches` from the sampler's position."""
+
+    def __init__(self, dataset, sampler, pad_id, bos_id, eos_id):
+        self.args = (dataset, sampler, pad_id, bos_id, eos_id)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return make_batches(*self.args)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def batch_loader(
+    dataset: datasets.Dataset,
+    sampler: TokenBatchSampler,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+):
+    """An iterable over the rest of the sampler's epoch, one pass per `iter()`.
+
+    Without workers or pinning, the batches are built in this process, as `make_batches` does.
+    Otherwise a torch DataLoader builds them in `workers` background processes (kept across
+    epochs) and copies them into page-locked memory, so that `Batch.to("cuda")` does not block.
+    The loader then draws indices from the sampler ahead of the batches the caller has used:
+    the caller must count the batches it consumed to know the resumable position.
+    """
+    if workers == 0 and not pin_memory:
+        return _InProcess(dataset, sampler, pad_id, bos_id, eos_id)
+    return torch.utils.data.DataLoader(
+        _Collated(dataset, pad_id, bos_id, eos_id),
+        batch_size=None,  # the sampler yields whole batches of indices
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_as_is,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        generator=torch.Generator(),  # its seeds for the workers leave the global RNG alone
+    )

@@ -31,6 +31,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU with bf16 units (Ampere and later), fp16 on older GPUs, fp32 on the
+    CPU. fp16 needs a GPU: the CPU has no fp16 LSTM kernels."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+        )
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError(
+            f"precision fp16 needs a CUDA device, found {device}: the CPU has no fp16 LSTM "
+            "kernels (use fp32 or bf16)"
+        )
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -296,15 +296,15 @@ def test_sampler_resumes_mid_epoch_exactly():
     it = iter(first)
     head = [next(it) for _ in range(7)]
     state = first.state_dict()
-    assert state == {"epoch": 2, "position": 7}
+    assert state == {"epoch": 2, "position": 7, "world_size": 1}
 
     resumed = TokenBatchSampler(src, tgt, max_tokens=400, seed=9)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # a training loop may call this again: it keeps the position
     assert head + list(resumed) == expected
-    assert resumed.state_dict() == {"epoch": 2, "position": len(expected)}
+    assert resumed.state_dict() == {"epoch": 2, "position": len(expected), "world_size": 1}
     resumed.set_epoch(3)
-    assert resumed.state_dict() == {"epoch": 3, "position": 0}
+    assert resumed.state_dict() == {"epoch": 3, "position": 0, "world_size": 1}
 
 
 def test_sampler_rejects_bad_settings():

@@ -151,14 +151,14 @@ def test_gnmt_schedule_warmup_then_halvings():
     assert lr_factor(inv, 2, 0) == 0.5 and lr_factor(inv, 16, 0) == 0.5
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(prepared, tmp_path, monkeypatch):
-    from nmt import training
+def test_non_finite_steps_are_skipped_then_stop_the_run(prepared, tmp_path, monkeypatch):
+    from nmt import optimization
     from nmt.errors import NmtError
 
     out = tmp_path / "run"
     Trainer(load_config(None, _tiny(prepared, out, "train.max_epochs=1"))).run()
     before = (out / "last.pt").read_bytes()
-    real = training.label_smoothed_loss
+    real = optimization.label_smoothed_loss
     calls = {"n": 0}
 
     def sometimes_nan(logits, *args):
@@ -166,7 +166,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(prepared, tmp_path, mon
         loss, nll = real(logits, *args)
         return (loss * float("nan"), nll) if calls["n"] in (2, 4, 5, 6, 7) else (loss, nll)
 
-    monkeypatch.setattr(training, "label_smoothed_loss", sometimes_nan)
+    monkeypatch.setattr(optimization, "label_smoothed_loss", sometimes_nan)
     trainer = Trainer(
         load_config(None, _tiny(prepared, out, "train.max_epochs=3", "train.max_bad_steps=4")),
         resume=True,
@@ -175,10 +175,76 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(prepared, tmp_path, mon
     with pytest.raises(NmtError, match="4 non-finite losses in a row: stopping"):
         trainer.run()
     assert trainer.bad_steps_total == 5
-    assert trainer.step == start + 2  # calls 1 and 3 were good steps
+    # found at the log point (every 2 steps) that follows the 4th bad step in a row
+    assert start + 7 <= trainer.step <= start + 8
     assert (out / "last.pt").read_bytes() == before  # the last good checkpoint is intact
-    bad = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert sum(r["type"] == "bad_step" for r in bad) == 5
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    bad = [r for r in records if r["type"] == "bad_step"]
+    assert [r["step"] for r in bad] == [start + s for s in (2, 4, 5, 6, 7)]
+    assert [r["in_a_row"] for r in bad] == [1, 1, 2, 3, 4]
+
+
+def test_a_step_with_nan_gradients_leaves_weights_and_optimizer_alone(
+    prepared, tmp_path, monkeypatch
+):
+    from nmt import optimization
+
+    trainer = Trainer(load_config(None, _tiny(prepared, tmp_path / "run")))
+    batches = iter(trainer.loader)
+    trainer.updater.step([next(batches)])  # one good step: Adam has state from here on
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    adam = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    real = optimization.label_smoothed_loss
+    monkeypatch.setattr(
+        optimization,
+        "label_smoothed_loss",
+        lambda logits, *a: (real(logits, *a)[0] * float("inf"), real(logits, *a)[1]),
+    )
+    result = trainer.updater.step([next(batches)])
+    assert not torch.isfinite(result.figures[2])  # the norm tells the caller it was skipped
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for k, v in trainer.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(v, adam[k]), k
+
+
+def test_a_collapsed_fp16_loss_scale_stops_with_a_clear_error_and_saves_last(
+    prepared, tmp_path, monkeypatch
+):
+    from nmt.errors import NmtError
+
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, _tiny(prepared, out, "train.max_steps=6")))
+    monkeypatch.setattr(trainer.updater, "loss_scale", lambda: 3e-5)  # as an fp16 run reads it
+    with pytest.raises(NmtError, match=r"fell to 3e-05, below train.min_loss_scale \(0.0001\)"):
+        trainer.run()
+    assert checkpoint.load(out / "last.pt")["train_state"]["step"] == 2  # the first log point
+    error = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert error == {**error, "type": "error", "step": 2, "loss_scale": 3e-5}
+
+
+@pytest.mark.parametrize("saved, restored", [(512.0, 512.0), (1e-6, 2.0**16)])
+def test_a_saved_fp16_scale_below_the_minimum_restarts_on_resume(saved, restored):
+    from nmt.distributed import Distributed
+    from nmt.optimization import Updater
+
+    def updater():  # fp16 state handling needs no fp16 kernel: the CPU can test it
+        cpu = Distributed.single(torch.device("cpu"))
+        return Updater(load_config(None, []), torch.nn.Linear(2, 2), cpu, torch.float16, 0, 10)
+
+    state = updater().state_dict()
+    assert state["scaler"]["scale"] == 2.0**16
+    fresh = updater()
+    note = fresh.load_state_dict({**state, "scaler": {**state["scaler"], "scale": saved}})
+    assert fresh.loss_scale() == restored
+    assert (note is None) == (saved == restored)
+
+
+def test_fp16_on_the_cpu_is_a_usage_error(prepared, tmp_path):
+    from nmt.errors import UsageError
+
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        Trainer(load_config(None, _tiny(prepared, tmp_path, "train.precision=fp16")))
 
 
 def test_checkpoint_round_trip_gives_bit_identical_outputs(prepared, tmp_path):

@@ -1,0 +1,194 @@
+"""One optimizer update over one or more batches, on one or more ranks, on a CPU or a GPU.
+
+Owns: the label-smoothed loss, the learning-rate schedule, Adam(W) (fused on CUDA), autocast
+(bf16/fp16) with a GradScaler, gradient accumulation (`no_sync` under DDP until the last batch),
+the loss normalisation by the global number of target tokens of the step, clipping, and skipping
+updates whose gradients are not finite. Does not own the data, the loop, logging, validation or
+checkpoints (nmt.training).
+
+No host-device sync: `step` returns the step's loss sums and gradient norm as a tensor on the
+device. A step whose gradients hold an inf or a NaN is skipped on the device by the GradScaler
+(weights and optimizer state untouched), and still counts as a step, as overflowing fp16 steps
+do in NVIDIA's GNMT; the caller learns of it when it reads the norm (non-finite = skipped).
+Outside fp16 the scaler's scale stays at 1: it is used only for that skip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nmt.config import Config
+from nmt.data import Batch
+from nmt.distributed import Distributed
+
+FP16_INIT_SCALE = 2.0**16
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (1-based)."""
+    t = cfg.train
+    if t.schedule == "inverse_sqrt":
+        warm = max(t.warmup_steps, 1)
+        return min(step / warm, math.sqrt(warm / max(step, 1)))
+    warm = 1.0
+    if t.warmup_steps and step < t.warmup_steps:
+        if t.schedule == "constant":
+            return step / t.warmup_steps
+        # NVIDIA GNMT v2: exponential warmup from 1% of the peak rate
+        warm = math.exp(math.log(0.01) * (t.warmup_steps - step) / t.warmup_steps)
+    if t.schedule == "constant" or not t.decay_times or not total_steps:
+        return warm
+    start = int(t.decay_start * total_steps)
+    if step <= start:
+        return warm
+    interval = max(1, (total_steps - start) // t.decay_times)
+    halvings = min(t.decay_times, 1 + (step - start - 1) // interval)
+    return warm * 0.5**halvings
+
+
+def label_smoothed_loss(logits, tgt_out_ids, pad_id: int, smoothing: float):
+    """Summed loss and summed NLL over real target tokens; no one-hot is built."""
+    flat = logits.reshape(-1, logits.size(-1)).float()  # (B*T, V)
+    target = tgt_out_ids.reshape(-1)  # (B*T,)
+    loss = F.cross_entropy(
+        flat, target, ignore_index=pad_id, label_smoothing=smoothing, reduction="sum"
+    )
+    if smoothing == 0.0:
+        return loss, loss.detach()
+    with torch.no_grad():
+        nll = F.cross_entropy(flat, target, ignore_index=pad_id, reduction="sum")
+    return loss, nll
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
+    t = cfg.train
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    kwargs = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay}
+    if device.type == "cuda":
+        kwargs["fused"] = True  # one kernel for all parameters; skips on the device (GradScaler)
+    return cls(model.parameters(), **kwargs)
+
+
+@dataclass
+class StepResult:
+    """What one step did: figures on the device, token counts (all ranks) on the host."""
+
+    figures: torch.Tensor  # (3,) this rank's summed loss, summed NLL, and the gradient norm
+    tgt_tokens: int  # target tokens of the step over all ranks
+    src_tokens: int
+
+
+class Updater:
+    """The optimizer, its schedule and the scaler of one model; `step(batches)` is one update.
+
+    `model` is the unwrapped module (its state dict is the checkpoint's); `dist.wrap(model)` is
+    what forward and backward run through.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: torch.nn.Module,
+        dist: Distributed,
+        dtype: torch.dtype,
+        pad_id: int,
+        total_steps: int,
+    ):
+        self.cfg, self.model, self.dist, self.dtype = cfg, model, dist, dtype
+        self.device, self.pad_id = dist.device, pad_id
+        self.train_model = dist.wrap(model)
+        self.optimizer = make_optimizer(cfg, model, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg, s + 1, total_steps)
+        )
+        self.dynamic_scale = dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, init_scale=FP16_INIT_SCALE if self.dynamic_scale else 1.0
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
+
+    def backward(self, batches: list[Batch]) -> StepResult:
+        """Forward and backward over `batches` (on the CPU, pinned on CUDA); gradients are left
+        in `.grad`, averaged over the ranks."""
+        local = [sum(b.num_tgt_tokens for b in batches), sum(b.num_src_tokens for b in batches)]
+        tgt_tokens, src_tokens = (int(n) for n in self.dist.all_sum(local))
+        # DDP averages the ranks' gradients: scaling each rank's summed loss by
+        # world_size / (target tokens of all ranks) makes that average the gradient of the
+        # union batch's summed loss over its target tokens, as one process would compute it.
+        weight = self.dist.world_size / max(tgt_tokens, 1)
+        sums = torch.zeros(2, device=self.device)  # (2,) summed loss, summed NLL
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            with self.dist.no_sync(self.train_model, skip=i < len(batches) - 1):
+                with self._autocast():
+                    logits = self.train_model(batch.src_ids, batch.src_lens, batch.tgt_in_ids)
+                loss, nll = label_smoothed_loss(
+                    logits, batch.tgt_out_ids, self.pad_id, self.cfg.train.label_smoothing
+                )
+                self.scaler.scale(loss * weight).backward()
+            sums += torch.stack((loss.detach(), nll))  # (2,)
+        return StepResult(sums, tgt_tokens, src_tokens)
+
+    def update(self) -> torch.Tensor:
+        """Clip, then apply the gradients unless one of them is inf/NaN; returns their norm
+        before clipping (0-d, on the device; non-finite = the update was skipped)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.clip_norm or math.inf  # inf: only measure the norm
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf/NaN gradient
+        self.scaler.update(None if self.dynamic_scale else 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm.detach().float()
+
+    def step(self, batches: list[Batch]) -> StepResult:
+        """One optimizer update: `figures` = (summed loss, summed NLL, gradient norm)."""
+        result = self.backward(batches)
+        norm = self.update()
+        result.figures = torch.cat((result.figures, norm.reshape(1)))  # (3,)
+        return result
+
+    def loss_scale(self) -> float | None:
+        """The fp16 loss scale (reads the device: call it at logging points), else None."""
+        return self.scaler.get_scale() if self.dynamic_scale else None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.dynamic_scale else {},
+        }
+
+    def load_state_dict(self, state: dict) -> str | None:
+        """Restore the optimizer, schedule and fp16 scale; returns a note for the log when a
+        saved fp16 scale is below `train.min_loss_scale` and restarts from its initial value
+        (so that resuming a run stopped for it does not stop again at once)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        saved = state.get("scaler") or {}
+        if not (self.dynamic_scale and saved):
+            return None
+        if saved["scale"] < self.cfg.train.min_loss_scale:
+            return f"fp16 loss scale {saved['scale']:g} restarts at {FP16_INIT_SCALE:g}"
+        self.scaler.load_state_dict(saved)
+        return None
+
+    def reset_schedule(self, step: int, total_steps: int) -> None:
+        """A fresh optimizer that continues the lr schedule at `step` (--reset-optimizer)."""
+        self.scheduler.last_epoch = step
+        factor = lr_factor(self.cfg, step + 1, total_steps)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
