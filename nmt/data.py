@@ -32,7 +32,8 @@ import pyarrow as pa
 import torch
 
 from nmt.config import Config
-from nmt.errors import DataError, UsageError
+from nmt.corpora import HubCorpus, get_hub_corpus
+from nmt.errors import DataError, NmtError, UsageError
 from nmt.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -122,6 +123,117 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[
 def _pair_examples(src_path: str, tgt_path: str) -> Iterator[dict]:
     for line, (src, tgt) in enumerate(read_parallel(src_path, tgt_path)):
         yield {"line": line, "src": src, "tgt": tgt}
+
+
+# -- hub corpora ----------------------------------------------------------------------------------
+
+
+def load_hub_split(hub: HubCorpus, split: str, streaming: bool = True):
+    """One split of a hub corpus: an IterableDataset streamed from the hub (nothing cached), or
+    with `streaming=False` a Dataset downloaded into the HF cache and memory-mapped."""
+    if split not in hub.splits:
+        raise UsageError(f"{hub.name}: unknown split {split!r}; splits: {', '.join(hub.splits)}")
+    options = {"revision": hub.revision, "data_dir": hub.data_dir}
+    try:
+        return datasets.load_dataset(
+            hub.path,
+            hub.config,
+            split=split,
+            streaming=streaming,
+            **{k: v for k, v in options.items() if v},
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # ConnectionError, not found, bad split
+        raise NmtError(
+            f"{hub.name}: cannot load split {split!r} of the Hugging Face dataset {hub.path!r}: "
+            f"{e} (this step needs internet access, or the data in the HF cache)"
+        ) from None
+
+
+def _one_line(text: str) -> str:
+    """A sentence as one line: line breaks inside it become spaces."""
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def _translation_batches(rows, label: str, batch_size: int) -> Iterator[list]:
+    """The `translation` column of `rows` in lists; a failing source is an NmtError."""
+    batches, n = rows.iter(batch_size=batch_size), 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # the source's own failure (network, file), not ours
+            raise NmtError(
+                f"{label}: reading failed after {n} rows: {type(e).__name__}: {e}"
+            ) from None
+        if "translation" not in batch:
+            raise DataError(
+                f"{label}: expected a 'translation' column, found columns {sorted(batch)}"
+            )
+        n += len(batch["translation"])
+        yield batch["translation"]
+
+
+def _write_pairs(rows, langs: tuple[str, str], outs, label: str, batch_size: int) -> int:
+    n = 0
+    for pairs in _translation_batches(rows, label, batch_size):
+        for pair in pairs:
+            texts = [pair.get(lang) if isinstance(pair, dict) else None for lang in langs]
+            if not all(isinstance(t, str) for t in texts):
+                raise DataError(
+                    f"{label}, row {n}: expected {langs[0]!r} and {langs[1]!r} texts in "
+                    f"'translation', found {str(pair)[:200]}"
+                )
+            for out, text in zip(outs, texts):
+                out.write(_one_line(text) + "\n")
+            n += 1
+    return n
+
+
+def write_translation_text(
+    rows, src_lang: str, tgt_lang: str, src_path, tgt_path, label="dataset", batch_size=1000
+) -> int:
+    """Write the `translation` column ({lang: text}) of a datasets Dataset or IterableDataset
+    as two line-aligned text files; return the number of pairs.
+
+    Streams batch by batch. Line i is row i: line breaks inside a sentence become spaces and
+    empty sentences stay (the length filter of `prepare` drops them). Both files are written
+    under temporary names and renamed when complete.
+    """
+    paths = [Path(src_path), Path(tgt_path)]
+    tmps = [p.with_name(f".{p.name}.{os.getpid()}.part") for p in paths]
+    try:
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            open(tmps[0], "w", encoding="utf-8", newline="\n") as src_out,
+            open(tmps[1], "w", encoding="utf-8", newline="\n") as tgt_out,
+        ):
+            n = _write_pairs(rows, (src_lang, tgt_lang), (src_out, tgt_out), label, batch_size)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        return n
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def export_hub_split(
+    name: str, split: str, src_lang: str, tgt_lang: str, src_path, tgt_path, streaming=True
+) -> int:
+    """Write `split` of the hub corpus `name` as line-aligned text files (see
+    write_translation_text); return the number of pairs."""
+    hub = get_hub_corpus(name)
+    for lang in (src_lang, tgt_lang):
+        if lang not in hub.langs:
+            raise UsageError(f"{name}: no language {lang!r}; languages: {', '.join(hub.langs)}")
+    start = time.perf_counter()
+    rows = load_hub_split(hub, split, streaming=streaming)
+    n = write_translation_text(rows, src_lang, tgt_lang, src_path, tgt_path, f"{name} {split}")
+    _log(
+        f"{name} {split}: {n} pairs in {time.perf_counter() - start:.0f}s -> {src_path}, {tgt_path}"
+    )
+    return n
 
 
 # -- prepare --------------------------------------------------------------------------------------
@@ -325,16 +437,8 @@ def _encode_split(
     )
 
 
-def prepare(cfg: Config) -> Path:
-    """Learn the tokenizer and encode train (and valid, if set) into `cfg.data.dir`.
-
-    Both splits get the same length filter (data.min_len, data.max_len; empty pairs always go);
-    the `line` column maps each kept example back to its line in the raw files.
-
-    Idempotent: a tokenizer learned from the same files with the same settings, and splits
-    encoded from the same files with the same tokenizer and length limits, are kept. Returns
-    the data folder.
-    """
+def _checked_data_dir(cfg: Config) -> Path:
+    """Check the data paths of `cfg` before any long work; create and return data.dir."""
     d = cfg.data
     if not d.train_src or not d.train_tgt:
         raise UsageError(
@@ -350,6 +454,28 @@ def prepare(cfg: Config) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     if not sys.stderr.isatty():  # progress bars only on a terminal; logs stay readable
         datasets.disable_progress_bars()
+    return data_dir
+
+
+def prepare_tokenizer(cfg: Config) -> Tokenizer:
+    """Learn the tokenizer into `cfg.data.dir` (or keep the one learned with these settings
+    from these files). Sentencepiece reads a shuffled sample of
+    tokenizer.input_sentence_size sentences, so memory does not grow with the corpus."""
+    return _ensure_tokenizer(cfg, _checked_data_dir(cfg))
+
+
+def prepare(cfg: Config) -> Path:
+    """Learn the tokenizer and encode train (and valid, if set) into `cfg.data.dir`.
+
+    Both splits get the same length filter (data.min_len, data.max_len; empty pairs always go);
+    the `line` column maps each kept example back to its line in the raw files.
+
+    Idempotent: a tokenizer learned from the same files with the same settings, and splits
+    encoded from the same files with the same tokenizer and length limits, are kept. Returns
+    the data folder.
+    """
+    d = cfg.data
+    data_dir = _checked_data_dir(cfg)
     tokenizer = _ensure_tokenizer(cfg, data_dir)
     _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
     if d.valid_src:
