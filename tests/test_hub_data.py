@@ -8,7 +8,9 @@ README whose YAML header lists the configs), read by the same `datasets.load_dat
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from nmt import corpora, data
 from nmt.errors import DataError, NmtError, UsageError
 
+REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
     {"de": "Guten Morgen.", "en": "Good morning."},
     {"de": "Zwei\nZeilen\r\nhier", "en": "Two\rlines"},  # one pair must stay one line
@@ -149,3 +152,17 @@ def test_hub_mistakes_are_clear(tmp_path, monkeypatch):
     with pytest.raises(NmtError, match="cannot load split 'test'"):
         data.export_hub_split("wmt16", "test", "en", "de", out / "a", out / "b")
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_data_script_writes_each_split(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("hub_script", REPO / "data_scripts/hub_corpus.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    use_local_hub(monkeypatch, "iwslt14", make_hub_folder(tmp_path / "hub", {"train": PAIRS}))
+    out = tmp_path / "out"
+    argv = ["iwslt14", "--langs", "de", "en", "--out", str(out)]
+    assert script.main(argv) == 0
+    assert capsys.readouterr().out.split() == [str(out / "train.de"), str(out / "train.en")]
+    assert _read(out / "train.en")[0] == "Good morning."
+    assert script.main(["iwslt15", "--out", str(out)]) == 2
+    assert "unknown hub corpus 'iwslt15' (did you mean \"iwslt14\"?)" in capsys.readouterr().err
