@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -118,11 +119,6 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[
         f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}: "
         f"the two sides must be line-aligned"
     )
-
-
-def _pair_examples(src_path: str, tgt_path: str) -> Iterator[dict]:
-    for line, (src, tgt) in enumerate(read_parallel(src_path, tgt_path)):
-        yield {"line": line, "src": src, "tgt": tgt}
 
 
 # -- hub corpora ----------------------------------------------------------------------------------
@@ -328,10 +324,6 @@ def _keep_mask(src_lens, tgt_lens, min_len: int, max_len: int) -> np.ndarray:
     )
 
 
-def _keep_batch(src_lens, tgt_lens, min_len: int, max_len: int) -> list[bool]:
-    return _keep_mask(src_lens, tgt_lens, min_len, max_len).tolist()
-
-
 def _features(tokenizer: Tokenizer) -> datasets.Features:
     big = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) > np.iinfo(np.int16).max
     dtype = "int32" if big else "int16"
@@ -358,82 +350,80 @@ def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _raw_pairs(src: str, tgt: str, path: Path, chunk: int = 10_000) -> datasets.Dataset:
+    """The pairs (columns line, src, tgt) as an Arrow file written chunk by chunk, memory-mapped.
+
+    Streams: memory holds one chunk, whatever the corpus size. Read errors are DataErrors
+    naming the file and line (read_parallel).
+    """
+    schema = pa.schema([("line", pa.int64()), ("src", pa.string()), ("tgt", pa.string())])
+    pairs = read_parallel(src, tgt)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        n = 0
+        while block := list(itertools.islice(pairs, chunk)):
+            src_text, tgt_text = zip(*block)
+            line = pa.array(np.arange(n, n + len(block)), pa.int64())
+            columns = [line, pa.array(src_text, pa.string()), pa.array(tgt_text, pa.string())]
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+            n += len(block)
+    return datasets.Dataset.from_file(str(path))
+
+
+def _split_settings(src: str, tgt: str, tokenizer: Tokenizer, cfg: Config) -> dict:
+    """What a prepared split depends on: if these match, it is kept."""
+    return {
+        "format": FORMAT_VERSION,
+        "tokenizer_sha256": hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest(),
+        "src": _file_id(src),
+        "tgt": _file_id(tgt),
+        "min_len": cfg.data.min_len,
+        "max_len": cfg.data.max_len,
+    }
+
+
 def _encode_split(
     split: str, src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, data_dir: Path
 ) -> None:
+    """Encode one split into `data_dir/split`: raw Arrow file → batched map(encode) → drop
+    the pairs outside the length limits → save_to_disk, renamed into place when complete."""
     d = cfg.data
-    digest = hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest()
-    settings = {
-        "format": FORMAT_VERSION,
-        "tokenizer_sha256": digest,
-        "src": _file_id(src),
-        "tgt": _file_id(tgt),
-        "min_len": d.min_len,
-        "max_len": d.max_len,
-    }
+    settings = _split_settings(src, tgt, tokenizer, cfg)
     final_dir = data_dir / split
     if _read_json(final_dir / SPLIT_SETTINGS) == settings:
         _log(f"{split}: kept {final_dir}")
         return
     start = time.perf_counter()
-    num_proc = d.num_proc if d.num_proc > 1 else None
     work = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{split}.work-"))
     try:
-        try:
-            raw = datasets.Dataset.from_generator(
-                _pair_examples,
-                gen_kwargs={"src_path": str(src), "tgt_path": str(tgt)},
-                features=datasets.Features(
-                    {
-                        "line": datasets.Value("int64"),
-                        "src": datasets.Value("string"),
-                        "tgt": datasets.Value("string"),
-                    }
-                ),
-                cache_dir=str(work / "raw"),
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            if isinstance(e.__cause__, DataError):  # our message, without datasets' wrapping
-                raise e.__cause__ from None
-            raise
-        encoded = raw.map(
+        encoded = _raw_pairs(src, tgt, work / "raw.arrow").map(
             _encode_batch,
             batched=True,
             batch_size=1000,
             fn_kwargs={"tokenizer": tokenizer},
             remove_columns=["src", "tgt"],
             features=_features(tokenizer),
-            num_proc=num_proc,
+            num_proc=d.num_proc if d.num_proc > 1 else None,
             desc=f"encode {split}",
         )
         lens = encoded.with_format("numpy", columns=["src_lens", "tgt_lens"])[:]
         keep = _keep_mask(lens["src_lens"], lens["tgt_lens"], d.min_len, d.max_len)
-        n_long = int(((lens["src_lens"] - 1 > d.max_len) | (lens["tgt_lens"] > d.max_len)).sum())
-        kept = encoded.filter(
-            _keep_batch,
-            batched=True,
-            batch_size=10_000,
-            input_columns=["src_lens", "tgt_lens"],
-            fn_kwargs={"min_len": d.min_len, "max_len": d.max_len},
-            num_proc=num_proc,
-            desc=f"filter {split}",
-        )
-        if len(kept) == 0:
+        if not keep.any():
             raise DataError(
                 f"{src}: no pair of {split} has between {max(d.min_len, 1)} and {d.max_len} "
                 f"pieces on both sides (data.min_len, data.max_len)"
             )
-        out = work / "out"
-        kept.save_to_disk(str(out))
-        _write_json(out / SPLIT_SETTINGS, settings)
-        _swap_in(out, final_dir)
+        kept = encoded if keep.all() else encoded.select(np.flatnonzero(keep))
+        kept.save_to_disk(str(work / "out"))
+        _write_json(work / "out" / SPLIT_SETTINGS, settings)
+        _swap_in(work / "out", final_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    n_all = len(keep)
+    n_all, n_kept = len(keep), int(keep.sum())
+    n_long = int(((lens["src_lens"] - 1 > d.max_len) | (lens["tgt_lens"] > d.max_len)).sum())
     _log(
-        f"{split}: {n_all} pairs, kept {int(keep.sum())}, dropped {n_all - int(keep.sum())} "
-        f"({n_long} over {d.max_len} pieces, {n_all - int(keep.sum()) - n_long} empty or under "
-        f"{max(d.min_len, 1)}) in {time.perf_counter() - start:.1f}s -> {final_dir}"
+        f"{split}: {n_all} pairs, kept {n_kept}, dropped {n_all - n_kept} ({n_long} over "
+        f"{d.max_len} pieces, {n_all - n_kept - n_long} empty or under {max(d.min_len, 1)}) "
+        f"in {time.perf_counter() - start:.1f}s -> {final_dir}"
     )
 
 
