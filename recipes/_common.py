@@ -192,6 +192,7 @@ class Recipe:
                 f"--end-stage {self.args.end_stage} comes before --start-stage "
                 f"{self.args.start_stage}; stages: {' → '.join(self.stages)}"
             )
+        self.config()  # a config mistake fails now, not after a long download
         self.done.mkdir(parents=True, exist_ok=True)
         redo = False  # once a stage runs, every later stage runs too
         for i, stage in enumerate(self.stages[: end + 1]):

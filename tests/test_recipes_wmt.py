@@ -165,6 +165,8 @@ def test_the_language_pair_is_a_parameter(tmp_path, monkeypatch):
             "unknown test set newstest2041; test sets: news-test2008",
         ),
         (["--start-stage", "train", "--end-stage", "download"], "comes before --start-stage train"),
+        (["train.lr=fast"], "train.lr: expected float, found str 'fast'"),
+        (["--config", "nope.yaml"], "nope.yaml: config file not found"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
