@@ -1,8 +1,11 @@
 """Parallel text to batches (layer 2): reading, encoding, caching, token-bucketed sampling.
 
-Owns: validated streaming reads of line-aligned text (`read_parallel`); `prepare`, which learns
-the tokenizer and encodes the train and valid splits into memory-mapped Arrow datasets in
-`cfg.data.dir` (skipping work whose inputs and settings have not changed); the
+Owns: validated streaming reads of line-aligned text (`read_parallel`); writing the
+`translation` column of a hub dataset (nmt.corpora.HUB_CORPORA) as such text
+(`export_hub_split`, `write_translation_text`); `prepare` (or `prepare_tokenizer`, then
+`prepare`), which learns the tokenizer and encodes the train and valid splits into memory-mapped
+Arrow datasets in `cfg.data.dir` (skipping work whose inputs and settings have not changed),
+in memory bounded by chunk and sample sizes, not by the corpus; the
 `TokenBatchSampler` (padded-token budget, per-epoch seeded order, per-rank shards, exact
 resume); `Batch` and `collate`. Does not own the model, the optimizer or the training loop.
 
