@@ -54,6 +54,7 @@ class Corpus:
 
     `files` maps split -> language -> FileSpec. `default_splits` are downloaded when no split is
     named (empty = every split). A `directional` corpus keys its splits `<src>-<tgt>/<name>`.
+    An empty `base_url` means the files have no public address: only a mirror serves them.
     """
 
     name: str
@@ -181,6 +182,32 @@ af6130ca5716921733d3cad61f39c9edd694572deb0fdfc9eae4262ea19d560a 332002 en-de/ne
 1a21e5c163df57b7755e28d32211c1f74b7e4eeb1768340dc49a206574a6481f 267159 en-de/newstestB2020 en
 """
 
+# The mirror's iwslt14_de_en/raw/: <seg> text of the IWSLT14 de-en dev/test XMLs (no public
+# address: see shared/corpora/iwslt14_de_en/README.md). `test` = the five sets concatenated in
+# fairseq's order (dev2010, dev2012, tst2010, tst2011, tst2012), line-parallel to its test set.
+_IWSLT14 = """
+d3443719d9fe0ed2011519baf10bb5c66f6cf56b3889e340a0478d27f1daf387 41143 dev2010 de
+0c656ad94e623e6bad4ce27c156b276e81664eba94b0749ec67bc65409c1af8f 36320 dev2010 en
+0b0fe14ad1942fa2be8b0b404816eccde9313c29d97cbab086b453a93d415fe0 41141 dev2012 de
+a9a3ae8c6463a5321377cf357e05072c8698cc72b385b56316ca8f355c26d84f 36816 dev2012 en
+af70209b5c8aa19e7900067a4cbd6baa7caa0cffe605ba80169ff0510ab522c8 60519 tst2010 de
+41f40d9cc760408332eae324ddf12ab7c0d01b77f2c92c0a1fc75c84b947547f 53655 tst2010 en
+a058872a1ac1fe1b7a759c4b13a06081a941ce0af42c53f696c868291024b28a 53109 tst2011 de
+c178ea394e1fe1659e4b6a780e0deb960a0c1fbe43d47b3f711bec482acc3a25 45966 tst2011 en
+f375b08bc2fb22ee2d9f99f14142f2fe1ba98379545f81e8bd630b270221d7e9 60197 tst2012 de
+4a5ab37bf72509f16a0c231e23cb1ed71baddc353cf0963be6f8c47b5e3add8e 52566 tst2012 en
+1c3286fd15cf92829c14de73532a363190908ab04884864cc1df8668a471fcfc 251810 test de
+d84aa507a05e13a16ad7cc3be50ba463740a30750c784b47e606d7d505acd4c6 221244 test en
+"""
+_IWSLT14_FILES = {
+    "dev2010": "IWSLT14.TED.dev2010.de-en",
+    "dev2012": "IWSLT14.TEDX.dev2012.de-en",
+    "tst2010": "IWSLT14.TED.tst2010.de-en",
+    "tst2011": "IWSLT14.TED.tst2011.de-en",
+    "tst2012": "IWSLT14.TED.tst2012.de-en",
+    "test": "test",
+}
+
 CORPORA: dict[str, Corpus] = {
     "multi30k": Corpus(
         name="multi30k",
@@ -198,7 +225,78 @@ CORPORA: dict[str, Corpus] = {
         directional=True,
         description="WMT news test sets 2008-2020, de-en and en-de (from OPUS-MT-testsets)",
     ),
+    "iwslt14": Corpus(
+        name="iwslt14",
+        base_url="",
+        mirror_dir="iwslt14_de_en",
+        files=_table(_IWSLT14, lambda split, lang: f"raw/{_IWSLT14_FILES[split]}.{lang}.gz"),
+        default_splits=("test",),
+        description="IWSLT14 de-en TED dev/test sets (mirror only: NMT_MIRROR must be set)",
+    ),
 }
+
+
+@dataclass(frozen=True)
+class HubCorpus:
+    """A parallel corpus on the Hugging Face hub, rows holding a `translation` column
+    ({lang: text}), as plain data (nmt.data.load_hub_split reads it with `datasets`).
+
+    `path`, `config`, `revision` and `data_dir` are the arguments of `datasets.load_dataset`;
+    `splits` and `langs` are checked before anything is fetched.
+    """
+
+    name: str
+    path: str
+    config: str | None
+    langs: tuple[str, ...]
+    splits: tuple[str, ...]
+    revision: str | None = None
+    data_dir: str | None = None
+    description: str = field(default="", compare=False)
+
+
+HUB_CORPORA: dict[str, HubCorpus] = {
+    "wmt16": HubCorpus(
+        name="wmt16",
+        path="wmt/wmt16",  # the hub's old name "wmt16" redirects here
+        config="de-en",
+        langs=("de", "en"),
+        splits=("train", "validation", "test"),
+        description="WMT16 de-en training data (Europarl v7, Common Crawl, News Commentary "
+        "v11): 4,548,885 pairs; validation newstest2015, test newstest2016",
+    ),
+    "wmt14": HubCorpus(
+        name="wmt14",
+        path="wmt/wmt14",
+        config="de-en",
+        langs=("de", "en"),
+        splits=("train", "validation", "test"),
+        description="WMT14 de-en training data (Europarl v7, Common Crawl, News Commentary v9): "
+        "4,508,785 pairs; validation newstest2013, test newstest2014",
+    ),
+    "iwslt14": HubCorpus(
+        name="iwslt14",
+        # A community upload of IWSLT14 de-en. Its main branch holds a loading script, which
+        # `datasets` no longer runs, so the hub's own parquet export of it is read instead.
+        path="bbaaaa/iwslt14-de-en",
+        config=None,
+        revision="refs/convert/parquet",
+        data_dir="de-en",
+        langs=("de", "en"),
+        splits=("train", "validation", "test"),
+        description="IWSLT14 de-en TED talks (community upload, hub parquet export)",
+    ),
+}
+
+
+def get_hub_corpus(name: str) -> HubCorpus:
+    """The hub corpus called `name`; an unknown name is a UsageError listing the known ones."""
+    if name not in HUB_CORPORA:
+        raise UsageError(
+            f"unknown hub corpus {name!r}{_did_you_mean(name, HUB_CORPORA)}; "
+            f"hub corpora: {', '.join(sorted(HUB_CORPORA))}"
+        )
+    return HUB_CORPORA[name]
 
 
 class _Retryable(Exception):
@@ -228,6 +326,11 @@ def resolve_url(corpus: Corpus | str, relpath: str) -> str:
     """
     corpus = get_corpus(corpus) if isinstance(corpus, str) else corpus
     mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if not mirror and not corpus.base_url:
+        raise UsageError(
+            f"{corpus.name}: these files have no public address; set {MIRROR_ENV} to a folder "
+            f"holding {corpus.mirror_dir}/ (e.g. {MIRROR_ENV}=../shared/corpora)"
+        )
     if not mirror:
         return corpus.base_url + relpath
     scheme = urllib.parse.urlsplit(mirror).scheme.lower()

@@ -1,8 +1,11 @@
 """Parallel text to batches (layer 2): reading, encoding, caching, token-bucketed sampling.
 
-Owns: validated streaming reads of line-aligned text (`read_parallel`); `prepare`, which learns
-the tokenizer and encodes the train and valid splits into memory-mapped Arrow datasets in
-`cfg.data.dir` (skipping work whose inputs and settings have not changed); the
+Owns: validated streaming reads of line-aligned text (`read_parallel`); writing the
+`translation` column of a hub dataset (nmt.corpora.HUB_CORPORA) as such text
+(`export_hub_split`, `write_translation_text`); `prepare` (or `prepare_tokenizer`, then
+`prepare`), which learns the tokenizer and encodes the train and valid splits into memory-mapped
+Arrow datasets in `cfg.data.dir` (skipping work whose inputs and settings have not changed),
+in memory bounded by chunk and sample sizes, not by the corpus; the
 `TokenBatchSampler` (padded-token budget, per-epoch seeded order, per-rank shards, exact
 resume); `Batch` and `collate`. Does not own the model, the optimizer or the training loop.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -32,7 +36,8 @@ import pyarrow as pa
 import torch
 
 from nmt.config import Config
-from nmt.errors import DataError, UsageError
+from nmt.corpora import HubCorpus, get_hub_corpus
+from nmt.errors import DataError, NmtError, UsageError
 from nmt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # imported where used: batches and sampling work without HF datasets
@@ -122,9 +127,117 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[
     )
 
 
-def _pair_examples(src_path: str, tgt_path: str) -> Iterator[dict]:
-    for line, (src, tgt) in enumerate(read_parallel(src_path, tgt_path)):
-        yield {"line": line, "src": src, "tgt": tgt}
+# -- hub corpora ----------------------------------------------------------------------------------
+
+
+def load_hub_split(hub: HubCorpus, split: str, streaming: bool = True):
+    """One split of a hub corpus: an IterableDataset streamed from the hub (nothing cached), or
+    with `streaming=False` a Dataset downloaded into the HF cache and memory-mapped."""
+    import datasets
+
+    if split not in hub.splits:
+        raise UsageError(f"{hub.name}: unknown split {split!r}; splits: {', '.join(hub.splits)}")
+    options = {"revision": hub.revision, "data_dir": hub.data_dir}
+    try:
+        return datasets.load_dataset(
+            hub.path,
+            hub.config,
+            split=split,
+            streaming=streaming,
+            **{k: v for k, v in options.items() if v},
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # ConnectionError, not found, bad split
+        raise NmtError(
+            f"{hub.name}: cannot load split {split!r} of the Hugging Face dataset {hub.path!r}: "
+            f"{e} (this step needs internet access, or the data in the HF cache)"
+        ) from None
+
+
+def _one_line(text: str) -> str:
+    """A sentence as one line: line breaks inside it become spaces."""
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def _translation_batches(rows, label: str, batch_size: int) -> Iterator[list]:
+    """The `translation` column of `rows` in lists; a failing source is an NmtError."""
+    batches, n = rows.iter(batch_size=batch_size), 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # the source's own failure (network, file), not ours
+            raise NmtError(
+                f"{label}: reading failed after {n} rows: {type(e).__name__}: {e}"
+            ) from None
+        if "translation" not in batch:
+            raise DataError(
+                f"{label}: expected a 'translation' column, found columns {sorted(batch)}"
+            )
+        n += len(batch["translation"])
+        yield batch["translation"]
+
+
+def _write_pairs(rows, langs: tuple[str, str], outs, label: str, batch_size: int) -> int:
+    n = 0
+    for pairs in _translation_batches(rows, label, batch_size):
+        for pair in pairs:
+            texts = [pair.get(lang) if isinstance(pair, dict) else None for lang in langs]
+            if not all(isinstance(t, str) for t in texts):
+                raise DataError(
+                    f"{label}, row {n}: expected {langs[0]!r} and {langs[1]!r} texts in "
+                    f"'translation', found {str(pair)[:200]}"
+                )
+            for out, text in zip(outs, texts):
+                out.write(_one_line(text) + "\n")
+            n += 1
+    return n
+
+
+def write_translation_text(
+    rows, src_lang: str, tgt_lang: str, src_path, tgt_path, label="dataset", batch_size=1000
+) -> int:
+    """Write the `translation` column ({lang: text}) of a datasets Dataset or IterableDataset
+    as two line-aligned text files; return the number of pairs.
+
+    Streams batch by batch. Line i is row i: line breaks inside a sentence become spaces and
+    empty sentences stay (the length filter of `prepare` drops them). Both files are written
+    under temporary names and renamed when complete.
+    """
+    paths = [Path(src_path), Path(tgt_path)]
+    tmps = [p.with_name(f".{p.name}.{os.getpid()}.part") for p in paths]
+    try:
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            open(tmps[0], "w", encoding="utf-8", newline="\n") as src_out,
+            open(tmps[1], "w", encoding="utf-8", newline="\n") as tgt_out,
+        ):
+            n = _write_pairs(rows, (src_lang, tgt_lang), (src_out, tgt_out), label, batch_size)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        return n
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def export_hub_split(
+    name: str, split: str, src_lang: str, tgt_lang: str, src_path, tgt_path, streaming=True
+) -> int:
+    """Write `split` of the hub corpus `name` as line-aligned text files (see
+    write_translation_text); return the number of pairs."""
+    hub = get_hub_corpus(name)
+    for lang in (src_lang, tgt_lang):
+        if lang not in hub.langs:
+            raise UsageError(f"{name}: no language {lang!r}; languages: {', '.join(hub.langs)}")
+    start = time.perf_counter()
+    rows = load_hub_split(hub, split, streaming=streaming)
+    n = write_translation_text(rows, src_lang, tgt_lang, src_path, tgt_path, f"{name} {split}")
+    _log(
+        f"{name} {split}: {n} pairs in {time.perf_counter() - start:.0f}s -> {src_path}, {tgt_path}"
+    )
+    return n
 
 
 # -- prepare --------------------------------------------------------------------------------------
@@ -222,10 +335,6 @@ def _keep_mask(src_lens, tgt_lens, min_len: int, max_len: int) -> np.ndarray:
     )
 
 
-def _keep_batch(src_lens, tgt_lens, min_len: int, max_len: int) -> list[bool]:
-    return _keep_mask(src_lens, tgt_lens, min_len, max_len).tolist()
-
-
 def _features(tokenizer: Tokenizer) -> datasets.Features:
     import datasets
 
@@ -254,97 +363,88 @@ def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _raw_pairs(src: str, tgt: str, path: Path, chunk: int = 10_000) -> datasets.Dataset:
+    """The pairs (columns line, src, tgt) as an Arrow file written chunk by chunk, memory-mapped.
+
+    Streams: memory holds one chunk, whatever the corpus size. Read errors are DataErrors
+    naming the file and line (read_parallel).
+    """
+    import datasets
+
+    schema = pa.schema([("line", pa.int64()), ("src", pa.string()), ("tgt", pa.string())])
+    pairs = read_parallel(src, tgt)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        n = 0
+        while block := list(itertools.islice(pairs, chunk)):
+            src_text, tgt_text = zip(*block)
+            line = pa.array(np.arange(n, n + len(block)), pa.int64())
+            columns = [line, pa.array(src_text, pa.string()), pa.array(tgt_text, pa.string())]
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+            n += len(block)
+    return datasets.Dataset.from_file(str(path))
+
+
+def _split_settings(src: str, tgt: str, tokenizer: Tokenizer, cfg: Config) -> dict:
+    """What a prepared split depends on: if these match, it is kept."""
+    return {
+        "format": FORMAT_VERSION,
+        "tokenizer_sha256": hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest(),
+        "src": _file_id(src),
+        "tgt": _file_id(tgt),
+        "min_len": cfg.data.min_len,
+        "max_len": cfg.data.max_len,
+    }
+
+
 def _encode_split(
     split: str, src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, data_dir: Path
 ) -> None:
-    import datasets
+    """Encode one split into `data_dir/split`: raw Arrow file → batched map(encode) → drop
+    the pairs outside the length limits → save_to_disk, renamed into place when complete."""
 
     d = cfg.data
-    digest = hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest()
-    settings = {
-        "format": FORMAT_VERSION,
-        "tokenizer_sha256": digest,
-        "src": _file_id(src),
-        "tgt": _file_id(tgt),
-        "min_len": d.min_len,
-        "max_len": d.max_len,
-    }
+    settings = _split_settings(src, tgt, tokenizer, cfg)
     final_dir = data_dir / split
     if _read_json(final_dir / SPLIT_SETTINGS) == settings:
         _log(f"{split}: kept {final_dir}")
         return
     start = time.perf_counter()
-    num_proc = d.num_proc if d.num_proc > 1 else None
     work = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{split}.work-"))
     try:
-        try:
-            raw = datasets.Dataset.from_generator(
-                _pair_examples,
-                gen_kwargs={"src_path": str(src), "tgt_path": str(tgt)},
-                features=datasets.Features(
-                    {
-                        "line": datasets.Value("int64"),
-                        "src": datasets.Value("string"),
-                        "tgt": datasets.Value("string"),
-                    }
-                ),
-                cache_dir=str(work / "raw"),
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            if isinstance(e.__cause__, DataError):  # our message, without datasets' wrapping
-                raise e.__cause__ from None
-            raise
-        encoded = raw.map(
+        encoded = _raw_pairs(src, tgt, work / "raw.arrow").map(
             _encode_batch,
             batched=True,
             batch_size=1000,
             fn_kwargs={"tokenizer": tokenizer},
             remove_columns=["src", "tgt"],
             features=_features(tokenizer),
-            num_proc=num_proc,
+            num_proc=d.num_proc if d.num_proc > 1 else None,
             desc=f"encode {split}",
         )
         lens = encoded.with_format("numpy", columns=["src_lens", "tgt_lens"])[:]
         keep = _keep_mask(lens["src_lens"], lens["tgt_lens"], d.min_len, d.max_len)
-        n_long = int(((lens["src_lens"] - 1 > d.max_len) | (lens["tgt_lens"] > d.max_len)).sum())
-        kept = encoded.filter(
-            _keep_batch,
-            batched=True,
-            batch_size=10_000,
-            input_columns=["src_lens", "tgt_lens"],
-            fn_kwargs={"min_len": d.min_len, "max_len": d.max_len},
-            num_proc=num_proc,
-            desc=f"filter {split}",
-        )
-        if len(kept) == 0:
+        if not keep.any():
             raise DataError(
                 f"{src}: no pair of {split} has between {max(d.min_len, 1)} and {d.max_len} "
                 f"pieces on both sides (data.min_len, data.max_len)"
             )
-        out = work / "out"
-        kept.save_to_disk(str(out))
-        _write_json(out / SPLIT_SETTINGS, settings)
-        _swap_in(out, final_dir)
+        kept = encoded if keep.all() else encoded.select(np.flatnonzero(keep))
+        kept.save_to_disk(str(work / "out"))
+        _write_json(work / "out" / SPLIT_SETTINGS, settings)
+        _swap_in(work / "out", final_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    n_all = len(keep)
+    n_all, n_kept = len(keep), int(keep.sum())
+    n_long = int(((lens["src_lens"] - 1 > d.max_len) | (lens["tgt_lens"] > d.max_len)).sum())
     _log(
-        f"{split}: {n_all} pairs, kept {int(keep.sum())}, dropped {n_all - int(keep.sum())} "
-        f"({n_long} over {d.max_len} pieces, {n_all - int(keep.sum()) - n_long} empty or under "
-        f"{max(d.min_len, 1)}) in {time.perf_counter() - start:.1f}s -> {final_dir}"
+        f"{split}: {n_all} pairs, kept {n_kept}, dropped {n_all - n_kept} ({n_long} over "
+        f"{d.max_len} pieces, {n_all - n_kept - n_long} empty or under {max(d.min_len, 1)}) "
+        f"in {time.perf_counter() - start:.1f}s -> {final_dir}"
     )
 
 
-def prepare(cfg: Config) -> Path:
-    """Learn the tokenizer and encode train (and valid, if set) into `cfg.data.dir`.
-
-    Both splits get the same length filter (data.min_len, data.max_len; empty pairs always go);
-    the `line` column maps each kept example back to its line in the raw files.
-
-    Idempotent: a tokenizer learned from the same files with the same settings, and splits
-    encoded from the same files with the same tokenizer and length limits, are kept. Returns
-    the data folder.
-    """
+def _checked_data_dir(cfg: Config) -> Path:
+    """Check the data paths of `cfg` before any long work; create and return data.dir."""
     d = cfg.data
     if not d.train_src or not d.train_tgt:
         raise UsageError(
@@ -362,6 +462,28 @@ def prepare(cfg: Config) -> Path:
         import datasets
 
         datasets.disable_progress_bars()
+    return data_dir
+
+
+def prepare_tokenizer(cfg: Config) -> Tokenizer:
+    """Learn the tokenizer into `cfg.data.dir` (or keep the one learned with these settings
+    from these files). Sentencepiece reads a shuffled sample of
+    tokenizer.input_sentence_size sentences, so memory does not grow with the corpus."""
+    return _ensure_tokenizer(cfg, _checked_data_dir(cfg))
+
+
+def prepare(cfg: Config) -> Path:
+    """Learn the tokenizer and encode train (and valid, if set) into `cfg.data.dir`.
+
+    Both splits get the same length filter (data.min_len, data.max_len; empty pairs always go);
+    the `line` column maps each kept example back to its line in the raw files.
+
+    Idempotent: a tokenizer learned from the same files with the same settings, and splits
+    encoded from the same files with the same tokenizer and length limits, are kept. Returns
+    the data folder.
+    """
+    d = cfg.data
+    data_dir = _checked_data_dir(cfg)
     tokenizer = _ensure_tokenizer(cfg, data_dir)
     _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
     if d.valid_src:

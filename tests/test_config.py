@@ -76,7 +76,9 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "demo", "tcn_small"])
+@pytest.mark.parametrize(
+    "name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "gnmt_iwslt14", "demo", "tcn_small"]
+)
 def test_shipped_configs_are_valid(name):
     from pathlib import Path
 

@@ -274,3 +274,51 @@ def test_real_multi30k_and_wmt_from_the_mirror(tmp_path, monkeypatch):
     assert len(ref.read_text(encoding="utf-8").splitlines()) == 3003
     with pytest.raises(DataError, match="test_2018_flickr.en.gz: not found"):
         corpora.download("multi30k", ["en", "de"], tmp_path / "m30k", splits=["test_2018_flickr"])
+
+
+def test_iwslt14_definitions_match_the_mirror_files():
+    folder = SHARED_CORPORA / "iwslt14_de_en"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    corpus = corpora.CORPORA["iwslt14"]
+    assert corpus.mirror_dir == "iwslt14_de_en"
+    raw = {str(p.relative_to(folder)) for p in (folder / "raw").glob("*.gz")}
+    defined = [s for by_lang in corpus.files.values() for s in by_lang.values()]
+    assert {s.path for s in defined} == raw  # every raw/ file, each defined once
+    for spec in defined:
+        data = (folder / spec.path).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (spec.sha256, spec.size)
+
+
+def test_a_mirror_only_corpus_needs_the_mirror(tmp_path):
+    with pytest.raises(
+        UsageError, match="iwslt14: these files have no public address; set NMT_MIRROR"
+    ):
+        corpora.download("iwslt14", ["de", "en"], tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize("form", ["path", "http_url"])
+def test_iwslt14_test_sets_from_the_mirror(tmp_path, monkeypatch, form):
+    if not (SHARED_CORPORA / "iwslt14_de_en").is_dir():
+        pytest.skip(f"{SHARED_CORPORA} not present")
+    out = tmp_path / "out"
+    if form == "http_url":
+        with serve_folder(SHARED_CORPORA) as (url, requests):
+            monkeypatch.setenv(corpora.MIRROR_ENV, url)
+            files = corpora.download("iwslt14", ["de", "en"], out, splits=["tst2011"], quiet=True)
+        assert requests == [
+            "/iwslt14_de_en/raw/IWSLT14.TED.tst2011.de-en.de.gz",
+            "/iwslt14_de_en/raw/IWSLT14.TED.tst2011.de-en.en.gz",
+        ]
+        counts = {"tst2011": 1433}
+    else:
+        monkeypatch.setenv(corpora.MIRROR_ENV, str(SHARED_CORPORA))
+        files = corpora.download(
+            "iwslt14", ["en", "de"], out, splits=["dev2010", "test"], quiet=True
+        )
+        counts = {"dev2010": 887, "test": 6750}
+    for split, n in counts.items():
+        for lang in ("de", "en"):
+            assert len(files[split][lang].read_text(encoding="utf-8").splitlines()) == n
+    if form == "path":  # the first line of the fairseq test set (mirror README's sample)
+        assert files["test"]["en"].read_text(encoding="utf-8").startswith("You know, one of")

@@ -409,7 +409,7 @@ def test_an_interrupted_recipe_stage_is_redone_not_skipped(tmp_path, monkeypatch
 
         return run
 
-    recipe = recipe_mod.Recipe(recipe_mod._parse(["--run-dir", str(tmp_path / "run")]))
+    recipe = recipe_mod.Multi30k(recipe_mod._parse(["--run-dir", str(tmp_path / "run")]))
     for name in recipe_mod.STAGES:
         monkeypatch.setattr(recipe, name, stage(name, fail=name == "train"))
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,235 @@
+"""The hub-data recipes (WMT16, WMT14, IWSLT14) and the Multi30k recipe, offline.
+
+Training text comes from a local folder shaped like the hub dataset (see test_hub_data.py), the
+test and validation sets from the shared mirror (NMT_MIRROR), so the download code is the one
+that runs online. Each recipe is run through its `main(argv)`, as from the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from conftest import WORDS
+from test_hub_data import make_hub_folder, use_local_hub
+
+from nmt import corpora, data
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPORA = REPO.parent / "shared" / "corpora"
+TINY = """
+tokenizer: {vocab_size: 100, input_sentence_size: 0}
+model: {emb_dim: 16, hidden: 16, bi_hidden: 8, enc_layers: 1, dec_layers: 2}
+train: {max_tokens: 400, max_epochs: 1, max_steps: 3, valid_bleu: false, device: cpu, threads: 1}
+search: {beam_size: 1, max_len_a: 0.5, max_len_b: 3, batch_size: 128}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _offline_with_mirror(monkeypatch, tmp_path):
+    if not (SHARED_CORPORA / "opus-mt-testsets").is_dir():
+        pytest.skip(f"{SHARED_CORPORA} not present")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(corpora.MIRROR_ENV, str(SHARED_CORPORA))
+    monkeypatch.setenv(corpora.CACHE_ENV, str(tmp_path / "cache"))
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(2, 9))
+        rows.append({"de": " ".join(words), "en": " ".join(reversed(words)).upper()})
+    return rows
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _markers(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / ".done").iterdir())
+
+
+def test_stages_skip_what_is_done_and_redo_from_the_start_stage(
+    tmp_path, monkeypatch, capsys, tiny_config
+):
+    hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
+    use_local_hub(monkeypatch, "iwslt14", hub)
+    run = tmp_path / "run"
+    iwslt = recipe("iwslt14_de_en")
+    argv = ["--run-dir", str(run), "--config", str(tiny_config), "--test-sets", "tst2011"]
+
+    assert iwslt.main([*argv, "--end-stage", "encode"]) == 0
+    assert _markers(run) == ["download", "encode", "tokenizer"]
+    assert len(_lines(run / "raw/train.de")) == 300 and len(_lines(run / "raw/valid.en")) == 30
+    assert len(_lines(run / "raw/tst2011.de")) == 1433
+    assert 0 < len(data.load_split(run / "data", "train")) <= 300
+    assert len(data.load_split(run / "data", "valid")) <= 30
+    spm_time = (run / "data/spm.model").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert iwslt.main([*argv, "--end-stage", "encode"]) == 0  # all done: nothing runs
+    err = capsys.readouterr().err
+    assert err.count("done already, skipped") == 3 and "[encode] ..." not in err
+
+    assert iwslt.main([*argv, "--start-stage", "encode", "--end-stage", "encode"]) == 0
+    err = capsys.readouterr().err
+    assert "[tokenizer] done already, skipped" in err and "[encode] done in" in err
+    assert (run / "data/spm.model").stat().st_mtime_ns == spm_time  # encode keeps it
+
+    redo_download = ["--start-stage", "download", "--end-stage", "download"]
+    assert iwslt.main([*argv, *redo_download]) == 0  # redone, but the finished export is kept
+    err = capsys.readouterr().err
+    assert "[download] done in" in err and "iwslt14 train: kept" in err
+    assert "iwslt14 validation: kept" in err
+
+
+def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
+    hub = make_hub_folder(tmp_path / "hub", {"train": pairs(50, 1)})  # no validation split
+    use_local_hub(monkeypatch, "iwslt14", hub)
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--test-sets", "tst2012", "--end-stage", "download"]
+    iwslt = recipe("iwslt14_de_en")
+    assert iwslt.main(argv) == 1
+    assert "error: iwslt14: cannot load split 'validation'" in capsys.readouterr().err
+    assert _markers(run) == []
+    assert (run / "raw/train.en").exists() and not (run / "raw/valid.en").exists()
+
+    make_hub_folder(hub, {"train": pairs(50, 1), "validation": pairs(5, 2)})
+    assert iwslt.main(argv) == 0
+    assert "iwslt14 train: kept" in capsys.readouterr().err  # finished exports are not redone
+    assert _markers(run) == ["download"]
+    assert len(_lines(run / "raw/valid.de")) == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "valid_sets"),
+    [("wmt16_en_de", ["newstest2013"]), ("wmt14_en_de", ["newstest2012", "newstest2013"])],
+)
+def test_wmt_recipes_validate_on_newstest_and_test_on_2014(tmp_path, monkeypatch, name, valid_sets):
+    hub = make_hub_folder(tmp_path / "hub", {"train": pairs(20, 1)})
+    use_local_hub(monkeypatch, name[:5], hub)
+    run = tmp_path / "run"
+    assert recipe(name).main(["--run-dir", str(run), "--end-stage", "download"]) == 0
+    assert _lines(run / "raw/train.en") == [p["en"] for p in pairs(20, 1)]
+    expected = []
+    for split in valid_sets:  # the validation file is the sets one after the other
+        expected += _lines(run / "raw/en-de" / f"{split}.de")
+    assert _lines(run / "raw/valid.de") == expected
+    assert len(expected) == {"wmt16_en_de": 3000, "wmt14_en_de": 3003 + 3000}[name]
+    assert len(_lines(run / "raw/en-de/newstest2014.en")) == 3003
+    assert _markers(run) == ["download"]
+
+
+def test_the_language_pair_is_a_parameter(tmp_path, monkeypatch):
+    use_local_hub(monkeypatch, "wmt16", make_hub_folder(tmp_path / "hub", {"train": pairs(5, 1)}))
+    run = tmp_path / "run"
+    argv = ["--src", "de", "--tgt", "en", "--run-dir", str(run), "--end-stage", "download"]
+    wmt16 = recipe("wmt16_en_de")
+    assert wmt16.main(argv) == 0
+    assert _lines(run / "raw/train.de") == [p["de"] for p in pairs(5, 1)]
+    assert len(_lines(run / "raw/de-en/newstest2014.de")) == 3003
+    cfg = sys.modules["_common"].hub_recipe(wmt16.SETUP, wmt16.__doc__, argv).config()
+    assert (cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.corpus) == ("de", "en", "wmt16")
+    assert cfg.data.valid_src == f"{run}/raw/valid.de" and cfg.model.hidden == 1024  # gnmt_v2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--src", "fr"], "--src and --tgt must be two of de, en, found fr and de"),
+        (["--tgt", "en"], "found en and en"),
+        (
+            ["--test-sets", "newstest2041"],
+            "unknown test set newstest2041; test sets: news-test2008",
+        ),
+        (["--start-stage", "train", "--end-stage", "download"], "comes before --start-stage train"),
+        (["train.lr=fast"], "train.lr: expected float, found str 'fast'"),
+        (["--config", "nope.yaml"], "nope.yaml: config file not found"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    run = tmp_path / "run"
+    assert recipe("wmt16_en_de").main(["--run-dir", str(run), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (run / "raw").exists()
+
+
+def _mark_done(run: Path, stages) -> None:
+    (run / ".done").mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        (run / ".done" / stage).write_text("0\n")
+
+
+def test_score_gives_cased_and_lowercased_intl_bleu(tmp_path):
+    run = tmp_path / "run"
+    _mark_done(run, ["download", "tokenizer", "encode", "train", "translate"])
+    refs = corpora.download("iwslt14", ["de", "en"], run / "raw", splits=["tst2011"])
+    ref_lines = _lines(refs["tst2011"]["en"])
+    hyp = run / "hyps" / "tst2011.beam5.en"
+    hyp.parent.mkdir(parents=True)
+    argv = ["--run-dir", str(run), "--test-sets", "tst2011", "--beam-sizes", "5"]
+    argv += ["--start-stage", "score"]
+    iwslt = recipe("iwslt14_de_en")
+
+    hyp.write_text("".join(line + "\n" for line in ref_lines), encoding="utf-8")
+    assert iwslt.main(argv) == 0
+    (row,) = json.loads((run / "scores.json").read_text())
+    assert (row["test"], row["beam"]) == ("tst2011", 5)
+    assert row["bleu"] == pytest.approx(100) and row["bleu_lc_intl"] == pytest.approx(100)
+    assert "case:mixed" in row["signature"] and "tok:13a" in row["signature"]
+    assert "case:lc" in row["signature_lc_intl"] and "tok:intl" in row["signature_lc_intl"]
+
+    hyp.write_text("".join(line.upper() + "\n" for line in ref_lines), encoding="utf-8")
+    assert iwslt.main(argv) == 0
+    (row,) = json.loads((run / "scores.json").read_text())
+    assert row["bleu_lc_intl"] == pytest.approx(100) and row["bleu"] < 20  # only case differs
+
+
+def test_multi30k_recipe_keeps_its_layout(tmp_path):
+    run = tmp_path / "run"
+    m30k = recipe("multi30k")
+    assert m30k.main(["--run-dir", str(run), "--end-stage", "download"]) == 0
+    assert len(_lines(run / "raw/train.en")) == 29000 and len(_lines(run / "raw/val.de")) == 1014
+    assert (run / "raw/test_2017_mscoco.de").is_file()
+    args = m30k._parse(["--run-dir", str(run), "--preset", "demo"])
+    cfg = m30k.Multi30k(args).config()
+    assert cfg.data.valid_src == f"{run}/raw/val.en" and cfg.data.corpus == "multi30k"
+    assert m30k.Multi30k(args).beams == [5] and m30k.Multi30k(m30k._parse([])).beams == [1, 5]
+
+
+@pytest.mark.slow
+def test_iwslt14_recipe_end_to_end(tmp_path, monkeypatch, tiny_config):
+    hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
+    use_local_hub(monkeypatch, "iwslt14", hub)
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--config", str(tiny_config), "--test-sets", "dev2010"]
+    assert recipe("iwslt14_de_en").main([*argv, "--beam-sizes", "1", "2"]) == 0
+    assert _markers(run) == sorted(sys.modules["_common"].HubRecipe.stages)
+    rows = json.loads((run / "scores.json").read_text())
+    assert [(r["test"], r["beam"]) for r in rows] == [("dev2010", 1), ("dev2010", 2)]
+    for beam in (1, 2):
+        assert len(_lines(run / f"hyps/dev2010.beam{beam}.en")) == 887
+    assert all(0 <= r["bleu"] <= 100 and 0 <= r["bleu_lc_intl"] <= 100 for r in rows)
