@@ -24,64 +24,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_training import WORDS, prepare_tiny, tiny, write_corpus
 
 from nmt import checkpoint, corpora
 from nmt.cli import main
-from nmt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def _write_corpus(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
-    rng = random.Random(seed)
-    src, tgt = [], []
-    for _ in range(n):
-        words = rng.choices(WORDS, k=rng.randint(2, 8))
-        src.append(" ".join(words))
-        tgt.append(" ".join(reversed(words)).upper())
-    (folder / f"r{seed}.src").write_text("\n".join(src) + "\n")
-    (folder / f"r{seed}.tgt").write_text("\n".join(tgt) + "\n")
-    return folder / f"r{seed}.src", folder / f"r{seed}.tgt"
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from nmt import data
-
-    folder = tmp_path_factory.mktemp("reliability")
-    train_src, train_tgt = _write_corpus(folder, 300, 1)
-    valid_src, valid_tgt = _write_corpus(folder, 20, 2)
-    overrides = [
-        f"data.train_src={train_src}",
-        f"data.train_tgt={train_tgt}",
-        f"data.valid_src={valid_src}",
-        f"data.valid_tgt={valid_tgt}",
-        f"data.dir={folder / 'data'}",
-        "tokenizer.vocab_size=120",
-    ]
-    data.prepare(load_config(None, overrides))
-    return overrides
+    return prepare_tiny(tmp_path_factory.mktemp("reliability"))
 
 
 def _tiny(prepared, out_dir, *extra) -> list[str]:
-    return [
-        *prepared,
-        f"train.out_dir={out_dir}",
-        "model.emb_dim=16",
-        "model.hidden=32",
-        "model.bi_hidden=16",
-        "model.enc_layers=1",
-        "model.dec_layers=2",
-        "train.max_tokens=200",
-        "train.log_every=1",
-        "train.warmup_steps=3",
-        "train.device=cpu",
-        "train.threads=1",
-        "train.lr=0.01",
-        "train.valid_bleu=false",
-        *extra,
-    ]
+    """The shared tiny run, logging every step, one thread, no validation BLEU."""
+    more = ("train.log_every=1", "train.threads=1", "train.valid_bleu=false", "train.max_epochs=10")
+    return tiny(prepared, out_dir, *more, *extra)
 
 
 def _sha(path: Path) -> str:
@@ -152,7 +111,7 @@ def _mismatched_sentencepiece(tmp, ckpt):
     from nmt.tokenizer import Tokenizer
 
     loaded = checkpoint.load(ckpt)
-    src, tgt = _write_corpus(tmp, 200, 7)
+    src, tgt = write_corpus(tmp, 200, 7)
     other = Tokenizer.train([src], [tgt], tmp / "spm", vocab_size=60)
     checkpoint.save(
         tmp / "mixed.pt",
