@@ -1,67 +1,21 @@
 """Training: the train CLI writes its run folder; resume equals an uninterrupted run."""
 
 import json
-import random
 
 import pytest
 import torch
+from helpers_training import prepare_tiny
+from helpers_training import tiny as _tiny
 
 from nmt import checkpoint
 from nmt.cli import main
 from nmt.config import load_config
 from nmt.training import Trainer, lr_factor
 
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def _write_corpus(folder, n, seed):
-    rng = random.Random(seed)
-    src, tgt = [], []
-    for _ in range(n):
-        words = rng.choices(WORDS, k=rng.randint(2, 8))
-        src.append(" ".join(words))
-        tgt.append(" ".join(reversed(words)).upper())
-    (folder / f"s{seed}.src").write_text("\n".join(src) + "\n")
-    (folder / f"s{seed}.tgt").write_text("\n".join(tgt) + "\n")
-    return folder / f"s{seed}.src", folder / f"s{seed}.tgt"
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from nmt import data
-
-    folder = tmp_path_factory.mktemp("corpus")
-    train_src, train_tgt = _write_corpus(folder, 300, 1)
-    valid_src, valid_tgt = _write_corpus(folder, 20, 2)
-    overrides = [
-        f"data.train_src={train_src}",
-        f"data.train_tgt={train_tgt}",
-        f"data.valid_src={valid_src}",
-        f"data.valid_tgt={valid_tgt}",
-        f"data.dir={folder / 'data'}",
-        "tokenizer.vocab_size=120",
-    ]
-    data.prepare(load_config(None, overrides))
-    return overrides
-
-
-def _tiny(prepared, out_dir, *extra):
-    return [
-        *prepared,
-        f"train.out_dir={out_dir}",
-        "model.emb_dim=16",
-        "model.hidden=32",
-        "model.bi_hidden=16",
-        "model.enc_layers=1",
-        "model.dec_layers=2",
-        "train.max_tokens=200",
-        "train.max_epochs=2",
-        "train.log_every=2",
-        "train.warmup_steps=3",
-        "train.device=cpu",
-        "train.lr=0.01",
-        *extra,
-    ]
+    return prepare_tiny(tmp_path_factory.mktemp("corpus"))
 
 
 def test_train_cli_writes_run_folder(prepared, tmp_path, capsys):
