@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh OUT_DIR [--corpus DIR] [--train-minutes M] [more gpu_check.py args]
 #
 # Results: OUT_DIR/gpu_check.json (written after each stage), OUT_DIR/pytest_gpu.txt,
-# OUT_DIR/multi30k_train.log, OUT_DIR/nvidia-smi.txt. --corpus names a folder holding multi30k/
+# OUT_DIR/nvidia-smi.txt. --corpus names a folder holding multi30k/
 # (a copy of ../shared/corpora/multi30k will do); without it that stage is skipped.
 #
 # Python: .venv/bin/python if the checkout has one, else $PYTHON, else python3. HF `datasets`

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,6 +214,9 @@ def _resolve_type(cls, f: dataclasses.Field):
     return hints[f.name]
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
     """Return (value, problem). Ints are accepted where floats are expected; nothing else."""
     origin = typing.get_origin(tp)
@@ -227,6 +231,8 @@ def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value), None  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
     elif tp is str:
         if isinstance(value, str):
             return value, None

@@ -49,6 +49,18 @@ def test_int_accepted_for_float_but_not_bool_for_int():
         load_config(None, ["train.max_tokens=true"])
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; a user means the number, in a file or override.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 2e-3\n")
+    assert load_config(path, ["train.min_loss_scale=1E9"]).train.lr == 0.002
+    assert load_config(None, ["train.min_loss_scale=1E9"]).train.min_loss_scale == 1e9
+    with pytest.raises(ConfigError, match="train.lr: expected float, found str '1e'"):
+        load_config(None, ["train.lr=1e"])
+    with pytest.raises(ConfigError, match="train.max_tokens: expected int, found str '3e3'"):
+        load_config(None, ["train.max_tokens=3e3"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["lr=0.1"])
