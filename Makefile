@@ -33,9 +33,25 @@ test-slow: venv
 demo: venv
 	$(BIN)/python recipes/multi30k.py --preset demo
 
+# Figures as JSON in runs/bench; run on a quiet machine. Decoding needs the small recipe's model
+# (python recipes/multi30k.py --preset small).
+BENCH := runs/bench
+SMALL := runs/multi30k_en_de_small
 bench: venv
-	$(BIN)/python benchmarks/train_speed.py
-	$(BIN)/python benchmarks/decode_speed.py
+	mkdir -p $(BENCH)
+	$(BIN)/python recipes/multi30k.py --preset small --end-stage prepare
+	$(BIN)/python benchmarks/train_speed.py configs/gnmt_small.yaml --data-dir $(SMALL)/data \
+	    --json $(BENCH)/train_gnmt_small.json
+	$(BIN)/python benchmarks/train_speed.py configs/tcn_small.yaml --data-dir $(SMALL)/data \
+	    --json $(BENCH)/train_tcn_small.json
+	$(BIN)/python benchmarks/train_speed.py configs/gnmt_small.yaml --synthetic \
+	    --json $(BENCH)/train_gnmt_small_wmt_lengths.json
+	$(BIN)/python benchmarks/data_speed.py --pairs 100000 --max-tokens 3000 \
+	    --json $(BENCH)/data.json
+	@if [ -f $(SMALL)/model/best.pt ]; then \
+	    $(BIN)/python benchmarks/decode_speed.py $(SMALL)/model/best.pt --latency 1000 \
+	        --src $(SMALL)/raw/test_2016_flickr.en --json $(BENCH)/decode_gnmt_small.json; \
+	else echo "decode_speed: no $(SMALL)/model/best.pt; train it first"; fi
 
 clean:
 	rm -rf $(VENV) runs

@@ -5,6 +5,8 @@
         [--beam-sizes 1 5] [--batch-size 64] [--repeats 3] [--threads 2] [--json OUT]
     # TCN only: also time the decoder that recomputes the whole prefix at every step
     python benchmarks/decode_speed.py CHECKPOINT --src ... --recompute
+    # also one sentence at a time: latency per sentence (median, p95)
+    python benchmarks/decode_speed.py CHECKPOINT --src ... --latency 1000
 
 Model loading is excluded; each figure is the median of --repeats full passes over the file
 (spread reported as min-max). Prints the machine (CPU, threads, torch) with the figures.
@@ -94,6 +96,29 @@ def run(translator: Translator, lines: list[str], beam: int, batch: int, repeats
     }
 
 
+def latency(translator: Translator, lines: list[str], beam: int) -> dict:
+    """One sentence at a time (batch 1): per-sentence latency, median and 95th percentile."""
+    times, outputs = [], []
+    for line in lines:
+        start = time.perf_counter()
+        outputs += translator.translate([line], beam_size=beam, batch_size=1)
+        times.append(time.perf_counter() - start)
+    tokens = sum(len(p) + 1 for p in translator.tokenizer.encode_tgt(outputs))  # pieces + eos
+    total = sum(times)
+    ms = sorted(1000 * t for t in times)
+    return {
+        "beam": beam,
+        "batch_size": 1,
+        "sentences": len(lines),
+        "seconds": total,
+        "sents_per_s": len(lines) / total,
+        "tgt_tok_per_s": tokens / total,
+        "latency_ms_median": statistics.median(ms),
+        "latency_ms_p95": ms[min(len(ms) - 1, int(0.95 * len(ms)))],
+        "outputs": outputs,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
@@ -103,6 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--recompute", action="store_true", help="TCN: also time prefix recompute")
+    p.add_argument(
+        "--latency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also translate the first N lines one at a time (batch 1): latency median and p95",
+    )
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     if args.threads:
@@ -123,6 +155,11 @@ def main(argv=None) -> int:
             slow["same_output"] = slow["outputs"] == r["outputs"]
             slow["speedup_of_cache"] = slow["seconds"] / r["seconds"]
             results.append(slow)
+        if args.latency:
+            one = latency(translator, lines[: args.latency], beam)
+            one["path"] = "batch 1"
+            one["same_output"] = one["outputs"] == r["outputs"][: args.latency]
+            results.append(one)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = {
         "machine": machine(),

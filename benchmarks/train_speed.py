@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""Training throughput of a config on real prepared batches: target and source+target tokens/s.
+"""Training throughput of a config through the trainer's own update: tokens/s and MFU.
 
     python benchmarks/train_speed.py configs/gnmt_small.yaml \
-        --data-dir runs/multi30k_en_de_small/data \
-        [--threads 1 2] [--steps 30] [--warmup 5] [--json OUT]
+        --data-dir runs/multi30k_en_de_small/data [--threads 1 2] [--json OUT] [overrides]
+    python benchmarks/train_speed.py configs/gnmt_small.yaml --synthetic  # WMT-like lengths
+    python benchmarks/train_speed.py configs/gnmt_small.yaml --data-dir ... train.precision=bf16
 
-Runs forward + label-smoothed loss + backward + clipping + Adam on the first batches of the
-shuffled training order (the same sampler as `nmt train`), after `--warmup` steps; reports the
-median over `--steps` steps, the spread, the padding fraction and the peak RSS. Prints the
-machine (CPU, threads, torch) with the figures. Benchmark on a quiet machine.
+Each step is `nmt.optimization.Updater.step` (autocast at train.precision, label-smoothed loss,
+backward, clipping, Adam), on batches from the same token-bucketed sampler as `nmt train`:
+real prepared data (--data-dir), or random ids with WMT-like lengths (--synthetic, no data
+needed). After --warmup steps, --windows windows of --steps steps are timed; figures are the
+median window and the spread (min-max): target and source+target tokens/s, padding fraction,
+model FLOPs utilisation (benchmarks/flops.py gives the formula; the peak is a 2048³ matrix
+product at the same precision, measured in the same run), and peak RSS. Prints the machine with
+the figures. Benchmark on a quiet machine: a busy core slows two threads several times.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -21,51 +27,98 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_speed import machine  # noqa: E402
+from benchmarks.flops import forward_flops, matmul_peak  # noqa: E402
+from benchmarks.gpu_check import random_batch, wmt_like_lengths  # noqa: E402
 from nmt import data  # noqa: E402
 from nmt.config import load_config  # noqa: E402
-from nmt.models import build_model_for  # noqa: E402
+from nmt.devices import resolve_dtype  # noqa: E402
+from nmt.distributed import Distributed  # noqa: E402
+from nmt.models import build_model, build_model_for  # noqa: E402
+from nmt.optimization import Updater  # noqa: E402
 from nmt.tokenizer import Tokenizer  # noqa: E402
-from nmt.training import label_smoothed_loss  # noqa: E402
+
+SYNTHETIC_PAD = 0
 
 
-def measure(cfg, data_dir: Path, threads: int, steps: int, warmup: int) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.train.seed)
+def real_batches(cfg, data_dir: Path, n: int):
     tok = Tokenizer.load(data_dir)
     train = data.load_split(data_dir, "train")
     sampler = data.TokenBatchSampler(*data.lengths(train), cfg.train.max_tokens, seed=1)
     batches = data.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
-    model = build_model_for(cfg.model, tok)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    times, tgt, src, padded = [], [], [], []
-    for i, batch in zip(range(warmup + steps), batches):
+    return [b for _, b in zip(range(n), batches)], build_model_for(cfg.model, tok), tok.pad_id
+
+
+def synthetic_batches(cfg, n: int):
+    vocab = cfg.tokenizer.vocab_size
+    src_lens, tgt_lens = wmt_like_lengths(60_000, seed=1)
+    sampler = data.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
+    rng = np.random.default_rng(2)
+    batches = [
+        random_batch(src_lens[idx], tgt_lens[idx], vocab, rng) for _, idx in zip(range(n), sampler)
+    ]
+    model_cfg = dataclasses.asdict(cfg.model)
+    return batches, build_model(model_cfg, vocab, vocab, SYNTHETIC_PAD, True), SYNTHETIC_PAD
+
+
+def measure(cfg, args, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cpu")
+    n = args.warmup + args.windows * args.steps
+    if args.synthetic:
+        batches, model, pad_id = synthetic_batches(cfg, n)
+    else:
+        batches, model, pad_id = real_batches(cfg, Path(args.data_dir), n)
+    if len(batches) < n:
+        raise SystemExit(f"only {len(batches)} batches in the data; lower --steps or --windows")
+    dtype = resolve_dtype(cfg.train.precision, device)
+    updater = Updater(cfg, model, Distributed.single(device), dtype, pad_id, total_steps=10**6)
+    model.train()
+    for batch in batches[: args.warmup]:
+        updater.step([batch])
+    windows = []
+    timed = batches[args.warmup :]
+    for w in range(args.windows):
+        chunk = timed[w * args.steps : (w + 1) * args.steps]
         start = time.perf_counter()
-        logits = model(batch.src_ids, batch.src_lens, batch.tgt_in_ids)
-        loss, _ = label_smoothed_loss(logits, batch.tgt_out_ids, tok.pad_id, 0.1)
-        opt.zero_grad(set_to_none=True)
-        (loss / batch.num_tgt_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            tgt.append(batch.num_tgt_tokens)
-            src.append(batch.num_src_tokens)
-            padded.append(batch.tgt_out_ids.numel() + batch.src_ids.numel())
-    per_tgt = [t / s for t, s in zip(tgt, times)]
-    per_all = [(t + s) / d for t, s, d in zip(tgt, src, times)]
+        for batch in chunk:
+            updater.step([batch])
+        seconds = time.perf_counter() - start
+        tgt = sum(b.num_tgt_tokens for b in chunk)
+        src = sum(b.num_src_tokens for b in chunk)
+        flops = 3 * sum(forward_flops(model, b.src_lens, b.tgt_lens) for b in chunk)
+        windows.append(
+            {"tgt": tgt / seconds, "all": (tgt + src) / seconds, "flops": flops / seconds}
+        )
+    peak = matmul_peak(dtype, device)
+    real = sum(b.num_src_tokens + b.num_tgt_tokens for b in timed)
+    padded = sum(b.src_ids.numel() + b.tgt_out_ids.numel() for b in timed)
+
+    def median_and_spread(key):
+        values = [w[key] for w in windows]
+        return statistics.median(values), [min(values), max(values)]
+
+    tgt, tgt_spread = median_and_spread("tgt")
+    flops, _ = median_and_spread("flops")
     return {
         "threads": threads,
-        "steps": len(times),
-        "tgt_tok_per_s": statistics.median(per_tgt),
-        "tgt_tok_per_s_spread": [min(per_tgt), max(per_tgt)],
-        "src_tgt_tok_per_s": statistics.median(per_all),
-        "median_step_s": statistics.median(times),
-        "padding_fraction": 1 - (sum(tgt) + sum(src)) / sum(padded),
+        "precision": str(dtype).removeprefix("torch."),
+        "steps_per_window": args.steps,
+        "windows": args.windows,
+        "sentences_per_batch": sum(len(b) for b in timed) / len(timed),
+        "tgt_tok_per_s": tgt,
+        "tgt_tok_per_s_spread": tgt_spread,
+        "src_tgt_tok_per_s": median_and_spread("all")[0],
+        "padding_fraction": 1 - real / padded,
+        "model_gflop_per_s": flops / 1e9,
+        "matmul_peak_gflop_per_s": peak / 1e9,
+        "mfu": flops / peak,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -73,18 +126,22 @@ def measure(cfg, data_dir: Path, threads: int, steps: int, warmup: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
-    p.add_argument("--data-dir", required=True, help="a folder made by `nmt prepare`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="a folder made by `nmt prepare`")
+    source.add_argument("--synthetic", action="store_true", help="random ids, WMT-like lengths")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    rows = [measure(cfg, Path(args.data_dir), t, args.steps, args.warmup) for t in args.threads]
+    rows = [measure(cfg, args, t) for t in args.threads]
     info = {
         "machine": machine(),
         "config": args.config,
+        "data": "synthetic (WMT-like lengths)" if args.synthetic else args.data_dir,
         "overrides": args.overrides,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

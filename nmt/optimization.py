@@ -28,8 +28,13 @@ from nmt.distributed import Distributed
 FP16_INIT_SCALE = 2.0**16
 
 
-def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (1-based)."""
+def lr_factor(cfg: Config, step: int, total_steps: int, time_share: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (1-based).
+
+    gnmt: the halvings follow whichever budget runs out first: steps (`total_steps`, from
+    max_epochs/max_steps) or time (`time_share`, the share of train.max_minutes spent), so a
+    run stopped by its time budget has decayed by then.
+    """
     t = cfg.train
     if t.schedule == "inverse_sqrt":
         warm = max(t.warmup_steps, 1)
@@ -40,13 +45,18 @@ def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
             return step / t.warmup_steps
         # NVIDIA GNMT v2: exponential warmup from 1% of the peak rate
         warm = math.exp(math.log(0.01) * (t.warmup_steps - step) / t.warmup_steps)
-    if t.schedule == "constant" or not t.decay_times or not total_steps:
+    if t.schedule == "constant" or not t.decay_times:
         return warm
-    start = int(t.decay_start * total_steps)
-    if step <= start:
-        return warm
-    interval = max(1, (total_steps - start) // t.decay_times)
-    halvings = min(t.decay_times, 1 + (step - start - 1) // interval)
+    halvings = 0
+    if total_steps:
+        start = int(t.decay_start * total_steps)
+        if step > start:
+            interval = max(1, (total_steps - start) // t.decay_times)
+            halvings = min(t.decay_times, 1 + (step - start - 1) // interval)
+    if time_share > t.decay_start:
+        interval = max(1e-9, (1.0 - t.decay_start) / t.decay_times)
+        by_time = min(t.decay_times, 1 + int((time_share - t.decay_start) / interval))
+        halvings = max(halvings, by_time)
     return warm * 0.5**halvings
 
 
@@ -102,8 +112,9 @@ class Updater:
         self.device, self.pad_id = dist.device, pad_id
         self.train_model = dist.wrap(model)
         self.optimizer = make_optimizer(cfg, model, self.device)
+        self.time_share = 0.0  # of train.max_minutes spent; set by the trainer, same on all ranks
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(cfg, s + 1, total_steps)
+            self.optimizer, lambda s: lr_factor(cfg, s + 1, total_steps, self.time_share)
         )
         self.dynamic_scale = dtype == torch.float16
         self.scaler = torch.amp.GradScaler(
@@ -189,6 +200,6 @@ class Updater:
     def reset_schedule(self, step: int, total_steps: int) -> None:
         """A fresh optimizer that continues the lr schedule at `step` (--reset-optimizer)."""
         self.scheduler.last_epoch = step
-        factor = lr_factor(self.cfg, step + 1, total_steps)
+        factor = lr_factor(self.cfg, step + 1, total_steps, self.time_share)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor

@@ -336,6 +336,9 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
         self.clock_start = time.perf_counter()
+        if self.cfg.train.max_minutes:  # the next step's lr: a resumed run keeps its decay
+            self._share_time()
+            self.updater.reset_schedule(self.step, self.total_steps)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             stale = checkpoint.remove_stale_temps(self.out_dir)
@@ -487,8 +490,16 @@ class Trainer:
             "train.lr and --resume --reset-optimizer"
         )
 
+    def _share_time(self) -> None:
+        """The share of train.max_minutes spent, agreed by the ranks, for the lr schedule."""
+        minutes = self.cfg.train.max_minutes
+        if minutes:
+            share = self.dist.all_max(int(1e6 * self._elapsed() / (60 * minutes)))
+            self.updater.time_share = share / 1e6
+
     def _log_train(self, progress) -> None:
         self._check_steps()
+        self._share_time()
         w = self.window
         loss, nll = self.dist.all_sum([w.loss, w.nll])  # every rank's good steps
         now = time.perf_counter()

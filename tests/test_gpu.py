@@ -69,7 +69,7 @@ def test_fp16_scale_below_the_minimum_stops_then_resumes_in_bf16(prepared, tmp_p
     out = tmp_path / "run"
     fp16 = ("train.precision=fp16", "train.min_loss_scale=1e9")
     cfg = load_config(None, _cuda(prepared, out, *fp16))
-    with pytest.raises(NmtError, match="fp16 loss scale fell to .* precision=bf16"):
+    with pytest.raises(NmtError, match=r"fp16 loss scale fell to .* train\.precision=bf16"):
         Trainer(cfg).run()  # 2**16 < 1e9: "collapsed" at the first log point
     assert checkpoint.load(out / "last.pt")["train_state"]["step"] == 2
     resumed = Trainer(load_config(None, _cuda(prepared, out, "train.precision=bf16")), resume=True)

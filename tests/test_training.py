@@ -105,6 +105,28 @@ def test_gnmt_schedule_warmup_then_halvings():
     assert lr_factor(inv, 2, 0) == 0.5 and lr_factor(inv, 16, 0) == 0.5
 
 
+def test_gnmt_halvings_follow_the_time_budget_when_it_runs_out_first():
+    cfg = load_config(None, ["train.decay_start=0.5", "train.decay_times=2"])
+    # time shares (0.5, 0.75] give one halving, (0.75, 1] two; steps alone give none yet
+    assert lr_factor(cfg, 400, 1000, time_share=0.5) == 1.0
+    assert lr_factor(cfg, 400, 1000, time_share=0.6) == 0.5
+    assert lr_factor(cfg, 400, 1000, time_share=0.9) == 0.25
+    assert lr_factor(cfg, 1000, 1000, time_share=0.1) == 0.25  # steps ran out first
+    assert lr_factor(cfg, 400, 0, time_share=0.8) == 0.25  # no step budget: time alone
+
+
+def test_a_run_with_a_time_budget_decays_as_the_time_is_spent(prepared, tmp_path, monkeypatch):
+    extra = ["train.max_minutes=1000", "train.decay_start=0.5", "train.decay_times=2"]
+    extra += ["train.warmup_steps=0", "train.max_epochs=0", "train.max_steps=8"]
+    trainer = Trainer(load_config(None, _tiny(prepared, tmp_path / "run", *extra)))
+    monkeypatch.setattr(Trainer, "_elapsed", lambda self: 0.9 * 60 * 1000)  # 90% spent
+    assert trainer.run()["stop"] == "max_steps"  # 1000 minutes not reached: no time stop
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["type"] == "train"]
+    # 8 steps of a step budget of 8 would only halve from step 5; time halves twice from step 1
+    assert lrs and all(lr == pytest.approx(0.01 * 0.25) for lr in lrs)
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(prepared, tmp_path, monkeypatch):
     from nmt import optimization
     from nmt.errors import NmtError

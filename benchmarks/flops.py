@@ -1,0 +1,97 @@
+"""Model FLOPs counted analytically, and the matrix-product peak of the device they run on.
+
+A weight matrix of shape (m, n) applied to one token costs 2·m·n FLOPs (a multiply and an add
+per weight). Forward FLOPs of a batch:
+
+    F = 2 · (W_src · N_src + W_tgt · N_tgt) + 2 · L · (A + C) · Σ_i S_i · T_i
+
+- N_src, N_tgt: real (unpadded) source and target tokens of the batch; S_i, T_i: sentence i's;
+- W_src: weights applied once per source token: every encoder matrix (both directions' LSTM
+  input and recurrent matrices, TCN convolutions k·C_in·C_out and 1×1 residual convolutions,
+  linear layers) and the attention key projection;
+- W_tgt: weights applied once per target token: the decoder's LSTM matrices or convolutions,
+  attention query and context projections, the output projection (tied or not, it is a product);
+- the last term is attention: a score (width A) and a context (width C) for every pair of a
+  target and a real source position, L times (GNMT: once; TCN: after each of its L blocks).
+
+Left out: biases, activations, gates' elementwise work, softmax, normalisation, dropout and
+embedding lookups (together a few percent of F at these sizes). Padding is not counted: what
+padding costs shows as lower utilisation. A training step costs 3·F (the backward pass is about
+twice the forward). MFU = 3·F / step time / peak, the peak being the median FLOP/s of a large
+matrix product measured in the same process, on the same device, at the same precision.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from nmt.models.attention import BahdanauAttention
+
+RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def _matrix_weights(module: nn.Module) -> int:
+    """Weights of `module` itself (not its children) that act as a matrix on each token."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        return module.weight.numel()  # Conv1d: C_out · C_in · k, weight norm included
+    if isinstance(module, RECURRENT):
+        return sum(p.numel() for n, p in module.named_parameters() if n.startswith("weight_"))
+    return 0
+
+
+def weights_per_token(model: nn.Module) -> tuple[int, int]:
+    """(W_src, W_tgt) of an nmt Seq2Seq model."""
+    per_src = per_tgt = 0
+    for name, module in model.named_modules():
+        n = _matrix_weights(module)
+        if name.endswith("bridge"):
+            continue  # once per sentence, not per token
+        if name.startswith("encoder.") or name.endswith("key_proj"):
+            per_src += n  # the decoder's key projection runs over the source once
+        elif name.startswith("decoder."):
+            per_tgt += n
+    return per_src, per_tgt
+
+
+def attention_widths(model: nn.Module) -> tuple[int, int, int]:
+    """(L, A, C): attention applications per target token, score width, context width."""
+    dec = model.decoder
+    if hasattr(dec, "queries"):  # TCN: attention after every block, over the projected keys
+        return len(dec.queries), dec.channels, dec.channels
+    score = (
+        dec.attention.key_proj.out_features
+        if isinstance(dec.attention, BahdanauAttention)
+        else dec.hidden
+    )
+    return 1, score, dec.memory_dim
+
+
+def forward_flops(model: nn.Module, src_lens, tgt_lens) -> float:
+    """F for a batch with these real lengths (sequences of ints or 1-D tensors)."""
+    w_src, w_tgt = weights_per_token(model)
+    levels, score, context = attention_widths(model)
+    src = [int(n) for n in src_lens]
+    tgt = [int(n) for n in tgt_lens]
+    pairs = sum(s * t for s, t in zip(src, tgt))
+    return 2.0 * (w_src * sum(src) + w_tgt * sum(tgt)) + 2.0 * levels * (score + context) * pairs
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 7) -> float:
+    """Median FLOP/s of an n×n by n×n product (2·n³ FLOPs) after one warm-up."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / statistics.median(times)
