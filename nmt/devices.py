@@ -45,3 +45,27 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
             "kernels (use fp32 or bf16)"
         )
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_autocast(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, key: str):
+    """One UsageError, naming `key`, where this build cannot run `model`'s recurrent layers
+    under autocast at `dtype` on `device`.
+
+    bf16 LSTM/GRU/RNN layers on a CPU need oneDNN's bf16 RNN kernels, which some PyTorch builds
+    and CPUs lack ("could not create a primitive descriptor"); a tiny layer of each kind in the
+    model is probed once, so the run fails before any work rather than at its first batch.
+    """
+    if device.type != "cpu" or dtype == torch.float32:
+        return
+    kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.RNNBase)}
+    for kind in sorted(kinds, key=lambda k: k.__name__):
+        try:
+            with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+                kind(8, 8, batch_first=True)(torch.zeros(1, 2, 8))
+        except RuntimeError as e:
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+            raise UsageError(
+                f"{key}={name}: this PyTorch ({torch.__version__}) has no {name} "
+                f"{kind.__name__} kernel on this CPU ({str(e).split('.')[0]}); use fp32 on the "
+                "CPU, or a TCN model"
+            ) from None

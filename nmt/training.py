@@ -33,7 +33,7 @@ import torch
 
 from nmt import checkpoint, data, metrics, search
 from nmt.config import Config, from_dict, to_yaml
-from nmt.devices import resolve_device, resolve_dtype
+from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.distributed import Distributed, launch
 from nmt.errors import NmtError, UsageError
 from nmt.models import build_model_for
@@ -162,6 +162,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         self.model = build_model_for(cfg.model, self.tokenizer).to(self.device)
+        check_autocast(self.model, self.device, self.dtype, "train.precision")
         if self.dist.enabled:
             seed_rank(t.seed, self.dist.rank)
         self.total_steps = self._total_steps()

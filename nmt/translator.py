@@ -32,7 +32,7 @@ import torch
 
 from nmt import checkpoint, search
 from nmt.config import Config, SearchConfig, from_dict
-from nmt.devices import resolve_device, resolve_dtype
+from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
 from nmt.models import build_model_for
 from nmt.tokenizer import Tokenizer
@@ -72,6 +72,7 @@ class Translator:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
     ):
+        check_autocast(model, device, dtype, "dtype")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.cfg = cfg

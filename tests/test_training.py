@@ -239,3 +239,24 @@ def test_checkpoint_round_trip_gives_bit_identical_outputs(prepared, tmp_path):
     lines = ["w1 w2 w3", "w4", ""]
     again = Translator.from_checkpoint(out / "last.pt", device="cpu")
     assert translator.translate(lines) == again.translate(lines)
+
+
+def _bf16_lstm_runs_here() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(4, 4)(torch.zeros(2, 1, 4))
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_bf16_on_a_cpu_without_bf16_lstm_kernels_is_one_clear_error(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--", *_tiny(prepared, out, "train.precision=bf16", "train.max_steps=2")])
+    err = capsys.readouterr().err
+    if _bf16_lstm_runs_here():  # a build with oneDNN bf16 RNN kernels trains
+        assert code == 0
+        return
+    assert code == 2 and "Traceback" not in err
+    assert "train.precision=bf16: this PyTorch" in err and "no bf16 LSTM kernel" in err
+    assert not (out / "last.pt").exists()
