@@ -412,6 +412,10 @@ class Trainer:
             reason = self._after_step(progress)
             if reason:
                 return reason
+        if accum:  # the epoch's last, shorter group: trained on, and counted in total_steps
+            self._optimizer_step(accum, self.window)
+            self.batches_done += len(accum)
+            return self._after_step(progress)
         return None
 
     def _optimizer_step(self, batches, window: _Window) -> None:

@@ -260,3 +260,14 @@ def test_bf16_on_a_cpu_without_bf16_lstm_kernels_is_one_clear_error(prepared, tm
     assert code == 2 and "Traceback" not in err
     assert "train.precision=bf16: this PyTorch" in err and "no bf16 LSTM kernel" in err
     assert not (out / "last.pt").exists()
+
+
+def test_accumulation_trains_on_the_epochs_last_shorter_group(prepared, tmp_path):
+    batches = len(Trainer(load_config(None, _tiny(prepared, tmp_path / "probe"))).sampler)
+    assert batches >= 3
+    accum = batches - 1  # one full group, then a group of one batch
+    cfg = load_config(None, _tiny(prepared, tmp_path / "run", f"train.accum_steps={accum}"))
+    trainer = Trainer(cfg)
+    assert trainer.total_steps == 2 * 2  # 2 epochs of 2 steps each
+    summary = trainer.run()
+    assert summary["step"] == trainer.total_steps and summary["stop"] == "max_epochs"
