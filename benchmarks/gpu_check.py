@@ -194,11 +194,8 @@ class RunToLimit:
 
     def step(self, tgt_ids, state, enc):
         log_probs, state, attn = self.model.step(tgt_ids, state, enc)
-        return (
-            log_probs.index_fill(1, torch.tensor([EOS], device=log_probs.device), -1e4),
-            state,
-            attn,
-        )
+        log_probs[:, EOS] = -1e4  # in place, on the step's own output: no per-step host copy
+        return log_probs, state, attn
 
 
 def decode_throughput(cfg, model, device, dtype, n_batches: int, batch_size: int) -> dict:

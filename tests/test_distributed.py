@@ -113,9 +113,8 @@ def _one_step(trainer, batches) -> dict:
     return {"grads": grads, "weights": trainer.model.state_dict()}
 
 
-def _rank_worker(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
-    from nmt.distributed import launch
-
+def _join(rank: int, port: int) -> None:
+    """This process as rank `rank` of 2 on 127.0.0.1:`port`, one torch thread."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
@@ -124,6 +123,12 @@ def _rank_worker(rank: int, port: int, overrides: list[str], out_dir: str) -> No
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _rank_worker(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
+    from nmt.distributed import launch
+
+    _join(rank, port)
     with launch("cpu") as dist:
         trainer = Trainer(load_config(None, overrides), dist=dist)
         result = _one_step(trainer, _split_batches(trainer)[1][rank])
@@ -155,14 +160,7 @@ def _train_worker(rank, port, overrides, out_dir, signal_rank, signal_step) -> N
     """One rank of a full run; rank `signal_rank` sends itself SIGTERM after `signal_step`."""
     from nmt.distributed import launch
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    _join(rank, port)
     with launch("cpu") as dist:
         trainer = Trainer(load_config(None, overrides), dist=dist)
         step = trainer._optimizer_step
