@@ -139,5 +139,49 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+def average(paths: list[str | Path]) -> dict:
+    """One checkpoint whose weights are the mean of those in `paths` (Polyak averaging of the
+    last few checkpoints of a run, as fairseq's and OpenNMT's averaging scripts do).
+
+    Floating-point tensors are averaged in float64 and cast back; any other tensor (an integer
+    buffer) is taken from the last file. Config and tokenizer come from the last file, and there
+    is no `train_state`: the result translates, it does not resume. Every file must hold the
+    same model (the same model config, tokenizer and tensor shapes), else one UsageError.
+    """
+    if not paths:
+        raise UsageError("average: no checkpoints given")
+    ckpts = [load(p) for p in paths]
+    last, last_path = ckpts[-1], Path(paths[-1])
+    sums: dict[str, torch.Tensor] = {}
+    for path, ckpt in zip(paths, ckpts):
+        _check_same_model(Path(path), ckpt, last_path, last)
+        for key, t in ckpt["model"].items():
+            if t.is_floating_point():
+                sums[key] = sums[key] + t.double() if key in sums else t.double()
+    state = {
+        key: (sums[key] / len(ckpts)).to(t.dtype) if key in sums else t
+        for key, t in last["model"].items()
+    }
+    return {**{k: last[k] for k in REQUIRED}, "model": state}
+
+
+def _check_same_model(path: Path, ckpt: dict, ref_path: Path, ref: dict) -> None:
+    if ckpt["config"].get("model") != ref["config"].get("model"):
+        raise UsageError(f"{path}: another model config than {ref_path}: cannot average them")
+    if tokenizer_bytes(ckpt) != tokenizer_bytes(ref):
+        raise UsageError(f"{path}: another tokenizer than {ref_path}: cannot average them")
+    shapes = {k: tuple(t.shape) for k, t in ckpt["model"].items()}
+    ref_shapes = {k: tuple(t.shape) for k, t in ref["model"].items()}
+    if shapes != ref_shapes:
+        diff = sorted(set(shapes.items()) ^ set(ref_shapes.items()))[:1]
+        raise UsageError(f"{path}: weights differ from {ref_path} ({diff}): cannot average them")
+
+
+def numbered(folder: str | Path) -> list[Path]:
+    """The numbered checkpoints (`step_N.pt`, `train.save_every`) in `folder`, oldest first."""
+    paths = Path(folder).glob("step_*.pt")
+    return sorted((p for p in paths if p.stem[5:].isdigit()), key=lambda p: int(p.stem[5:]))
+
+
 def tokenizer_bytes(ckpt: dict) -> dict[str, bytes]:
     return {k: tensor_to_bytes(v) for k, v in ckpt["tokenizer"].items()}

@@ -133,6 +133,30 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from pathlib import Path
+
+    from nmt import checkpoint
+
+    paths = [Path(p) for p in args.checkpoints]
+    if args.last is not None:
+        if args.last < 1:
+            raise UsageError(f"average --last: expected a number >= 1, found {args.last}")
+        if len(paths) != 1 or not paths[0].is_dir():
+            raise UsageError("average --last N: give one run folder (e.g. runs/model)")
+        found = checkpoint.numbered(paths[0])
+        if len(found) < args.last:
+            raise UsageError(
+                f"{paths[0]}: {len(found)} numbered checkpoints (step_N.pt), --last asks for "
+                f"{args.last}: train with train.save_every and train.keep_last >= {args.last}"
+            )
+        paths = found[-args.last :]
+    averaged = checkpoint.average(paths)
+    checkpoint.atomic_torch_save(averaged, args.output)
+    print(f"averaged {len(paths)} checkpoints into {args.output}: " + " ".join(map(str, paths)))
+    return 0
+
+
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (-lc)")
     p.add_argument(
@@ -193,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     _search_args(p)
     _score_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("average", help="average the weights of checkpoints into one file")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files, or a run folder with --last")
+    p.add_argument("--last", type=int, help="the run folder's last N numbered checkpoints")
+    p.add_argument("-o", "--output", required=True, help="averaged checkpoint (written atomically)")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("score", help="score an existing hypothesis file (no model)")
     p.add_argument("hyp", help="hypothesis file")

@@ -134,6 +134,13 @@ class TrainConfig:
     patience: int = opt(0, "stop after N validations without improvement (0 = never)", min=0)
     save_every: int = opt(0, "also save a numbered checkpoint every N steps (0 = off)", min=0)
     keep_last: int = opt(2, "numbered checkpoints kept", min=1)
+    average_last: int = opt(
+        0,
+        "when training ends, average the weights of the last N numbered checkpoints "
+        "(save_every) into averaged.pt, validate it, and make it `best` when it validates "
+        "better (0 = off; N <= keep_last)",
+        min=0,
+    )
     log_every: int = opt(50, "log every N steps", min=1)
     seed: int = opt(1, "random seed (model init, batch order, dropout)")
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
@@ -312,6 +319,12 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(rf_problem + " (data.max_len + 1 positions: pieces plus bos/eos)")
     if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
         problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
+    t = cfg.train
+    if t.average_last and (not t.save_every or t.average_last > t.keep_last):
+        problems.append(
+            f"train.average_last: needs train.save_every > 0 and average_last <= train.keep_last "
+            f"({t.keep_last}), found average_last {t.average_last}, save_every {t.save_every}"
+        )
     if cfg.data.min_len > cfg.data.max_len:
         problems.append(
             f"data.min_len: must be <= data.max_len ({cfg.data.max_len}), found {cfg.data.min_len}"

@@ -330,8 +330,7 @@ class Trainer:
         self.save(f"step_{self.step}")
         if not self.dist.is_main:
             return
-        numbered = sorted(self.out_dir.glob("step_*.pt"), key=lambda p: int(p.stem[5:]))
-        for old in numbered[: -self.cfg.train.keep_last]:
+        for old in checkpoint.numbered(self.out_dir)[: -self.cfg.train.keep_last]:
             old.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- loop
@@ -385,6 +384,8 @@ class Trainer:
         if stop in SIGNAL_CODES:
             self.save("last")
             self._log(f"stopped on {stop}: saved {self.out_dir / 'last.pt'} at step {self.step}")
+        elif t.average_last:
+            self._average_last()
         self._check_steps()
         return {
             "step": self.step,
@@ -595,15 +596,19 @@ class Trainer:
         self.save("last")  # the other ranks wait here while rank 0 validates
         return self.dist.broadcast(reason)
 
+    def _improves(self, result: dict) -> tuple[float, bool]:
+        """The validation's value of `train.best_metric`, and whether it beats `best`."""
+        metric = "bleu" if self.cfg.train.best_metric == "bleu" and "bleu" in result else "loss"
+        value = result[metric]
+        if self.best is None:
+            return value, True
+        return value, value > self.best if metric == "bleu" else value < self.best
+
     def _validate_on_main(self) -> str | None:
         t = self.cfg.train
         start = time.perf_counter()
         result = self.validate()
-        metric = "bleu" if t.best_metric == "bleu" and "bleu" in result else "loss"
-        value = result[metric]
-        improved = self.best is None or (
-            value > self.best if metric == "bleu" else value < self.best
-        )
+        value, improved = self._improves(result)
         if improved:
             self.best = value
             self.bad_validations = 0
@@ -622,9 +627,48 @@ class Trainer:
         if improved:
             self._write("best", with_train_state=False)
         if t.patience and self.bad_validations >= t.patience:
-            _log(f"early stopping: no improvement of {metric} in {t.patience} validations")
+            _log(f"early stopping: no improvement of {t.best_metric} in {t.patience} validations")
             return "patience"
         return None
+
+    def _average_last(self) -> None:
+        """Average the last `train.average_last` numbered checkpoints (the final weights among
+        them) into `averaged.pt`; on rank 0, validate it and make it `best` if it is better."""
+        if self.step % self.cfg.train.save_every:
+            self._save_numbered()  # the final weights are always part of the average
+        if self.dist.is_main:
+            paths = checkpoint.numbered(self.out_dir)[-self.cfg.train.average_last :]
+            averaged = checkpoint.average(paths)
+            checkpoint.atomic_torch_save(averaged, self.out_dir / "averaged.pt")
+            self._log(f"averaged {len(paths)} checkpoints ({paths[0].name} to {paths[-1].name})")
+            if self.valid_set is not None:
+                self._validate_averaged(averaged["model"], [p.name for p in paths])
+        self.dist.broadcast(None)  # the other ranks wait for rank 0
+
+    def _validate_averaged(self, state: dict, names: list[str]) -> None:
+        final = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(state)
+        start = time.perf_counter()
+        result = self.validate()
+        value, improved = self._improves(result)
+        record = {"type": "average", "step": self.step, "of": names, **result}
+        self._write_log(
+            {
+                **record,
+                "best_before": self.best,
+                "became_best": improved,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        _log(
+            "valid averaged "
+            + " ".join(f"{k}={_fmt(v)}" for k, v in result.items())
+            + (": new best" if improved else f": not better than best {_fmt(self.best)}")
+        )
+        if improved:
+            self.best = value
+            self._write("best", with_train_state=False)
+        self.model.load_state_dict(final)
 
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self):

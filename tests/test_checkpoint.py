@@ -96,3 +96,49 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         _save(path, step=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# ------------------------------------------------------------------ averaging
+def _save_weights(path, w, steps=7, config=None, tok=b"\x00spm\xff"):
+    checkpoint.save(
+        path,
+        config=config or {"model": {"hidden": 3}},
+        model_state={"w": w, "steps": torch.tensor(steps)},
+        tokenizer_bytes={"joint": tok},
+        train_state={"step": steps},
+    )
+    return path
+
+
+def test_average_is_the_mean_of_float_weights(tmp_path):
+    a = _save_weights(tmp_path / "step_10.pt", torch.tensor([1.0, 2.0]), steps=10)
+    b = _save_weights(tmp_path / "step_20.pt", torch.tensor([3.0, 6.0]), steps=20)
+    avg = checkpoint.average([a, b])
+    assert torch.equal(avg["model"]["w"], torch.tensor([2.0, 4.0]))
+    assert avg["model"]["w"].dtype == torch.float32
+    assert int(avg["model"]["steps"]) == 20  # not a float: taken from the last file
+    assert "train_state" not in avg  # translates, does not resume
+    checkpoint.atomic_torch_save(avg, tmp_path / "avg.pt")
+    assert torch.equal(checkpoint.load(tmp_path / "avg.pt")["model"]["w"], avg["model"]["w"])
+
+
+def test_average_refuses_different_models(tmp_path):
+    a = _save_weights(tmp_path / "a.pt", torch.zeros(2))
+    other_shape = _save_weights(tmp_path / "b.pt", torch.zeros(3))
+    other_config = _save_weights(tmp_path / "c.pt", torch.zeros(2), config={"model": {"x": 1}})
+    other_tok = _save_weights(tmp_path / "d.pt", torch.zeros(2), tok=b"other")
+    for bad, what in [(other_shape, "weights differ"), (other_config, "model config"),
+                      (other_tok, "tokenizer")]:  # fmt: skip
+        with pytest.raises(UsageError, match=f"{bad.name}.*{what}"):
+            checkpoint.average([bad, a])
+    with pytest.raises(UsageError, match="no checkpoints"):
+        checkpoint.average([])
+
+
+def test_numbered_sorts_by_step(tmp_path):
+    for step in (100, 20, 3):
+        _save_weights(tmp_path / f"step_{step}.pt", torch.zeros(2))
+    (tmp_path / "step_x.pt").write_bytes(b"")
+    assert [p.name for p in checkpoint.numbered(tmp_path)] == [
+        "step_3.pt", "step_20.pt", "step_100.pt"
+    ]  # fmt: skip

@@ -271,3 +271,47 @@ def test_accumulation_trains_on_the_epochs_last_shorter_group(prepared, tmp_path
     assert trainer.total_steps == 2 * 2  # 2 epochs of 2 steps each
     summary = trainer.run()
     assert summary["step"] == trainer.total_steps and summary["stop"] == "max_epochs"
+
+
+def test_average_last_averages_the_final_checkpoints_and_validates_them(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    extra = ("train.save_every=4", "train.keep_last=3", "train.average_last=3")
+    assert main(["train", *_tiny(prepared, out, *extra)]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (avg_record,) = [r for r in records if r["type"] == "average"]
+    final_step = max(r["step"] for r in records)
+    assert avg_record["of"][-1] == f"step_{final_step}.pt"  # the final weights are included
+    assert len(avg_record["of"]) == 3 and avg_record["bleu"] >= 0
+    paths = [out / name for name in avg_record["of"]]
+    expected = checkpoint.average(paths)["model"]
+    averaged = checkpoint.load(out / "averaged.pt")
+    best = checkpoint.load(out / "best.pt")["model"]
+    last = checkpoint.load(out / "last.pt")["model"]
+    final = checkpoint.load(out / f"step_{final_step}.pt")["model"]
+    for name, tensor in expected.items():
+        assert torch.equal(averaged["model"][name], tensor), name
+        assert torch.equal(last[name], final[name]), name  # `last` keeps the unaveraged weights
+        assert torch.equal(best[name], tensor) == avg_record["became_best"], name
+    assert "valid averaged" in capsys.readouterr().err
+
+    # the same average by hand, and its errors
+    assert main(["average", str(out), "--last", "3", "-o", str(tmp_path / "a.pt")]) == 0
+    by_hand = checkpoint.load(tmp_path / "a.pt")["model"]
+    assert all(torch.equal(by_hand[k], t) for k, t in expected.items())
+    assert main(["average", str(out), "--last", "9", "-o", str(tmp_path / "b.pt")]) == 2
+    assert main(["average", str(out / "nope.pt"), "-o", str(tmp_path / "b.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "3 numbered checkpoints" in err and "nope.pt: checkpoint not found" in err
+    assert not (tmp_path / "b.pt").exists()
+    from nmt.translator import Translator
+
+    assert len(Translator.from_checkpoint(tmp_path / "a.pt").translate(["w1 w2", ""])) == 2
+
+
+def test_average_last_needs_numbered_checkpoints():
+    from nmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="average_last: needs train.save_every"):
+        load_config(None, ["train.average_last=3"])
+    with pytest.raises(ConfigError, match="average_last <= train.keep_last"):
+        load_config(None, ["train.average_last=3", "train.save_every=10", "train.keep_last=2"])
