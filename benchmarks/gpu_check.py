@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nmt import data, search  # noqa: E402
+from nmt import data, search, search_graph  # noqa: E402
 from nmt.config import load_config  # noqa: E402
 from nmt.devices import resolve_dtype  # noqa: E402
 from nmt.distributed import Distributed  # noqa: E402
@@ -198,7 +198,16 @@ class RunToLimit:
         return log_probs, state, attn
 
 
-def decode_throughput(cfg, model, device, dtype, n_batches: int, batch_size: int) -> dict:
+def decode_throughput(
+    cfg,
+    model,
+    device,
+    dtype,
+    n_batches: int,
+    batch_size: int,
+    cuda_graph: bool = True,
+    profile: Path | None = None,
+) -> dict:
     s = cfg.search
     vocab = cfg.tokenizer.vocab_size
     model.eval()
@@ -219,10 +228,23 @@ def decode_throughput(cfg, model, device, dtype, n_batches: int, batch_size: int
                 max_len_a=s.max_len_a,
                 max_len_b=s.max_len_b,
                 pad_id=PAD,
+                run=search_graph.runner(device, cuda_graph),
             )
 
     decode(*_decode_batches(1, batch_size, vocab, seed=7)[0])  # warm-up
     batches = _decode_batches(n_batches, batch_size, vocab, seed=8)
+    if profile is not None:  # one batch under the profiler: where a step's time goes
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
+        with torch_profile(activities=activities) as prof:
+            decode(*batches[0])
+            _sync(device)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        profile.write_text(table)
     _sync(device)
     start = time.perf_counter()
     outputs = [decode(*b) for b in batches]
@@ -232,6 +254,8 @@ def decode_throughput(cfg, model, device, dtype, n_batches: int, batch_size: int
     limit = sum(int(s.max_len_a * n + s.max_len_b) + 1 for _, lens in batches for n in lens)
     return {
         "beam": 5,
+        "cuda_graph": cuda_graph,
+        "outputs": [h[0].tokens for out in outputs for h in out],
         "batch_size": batch_size,
         "sentences": n_batches * batch_size,
         "precision": str(dtype).removeprefix("torch."),
@@ -403,6 +427,7 @@ def _parse(argv):
     )
     p.add_argument("--decode-batches", type=int, default=4, help="timed batches of --batch-size")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--profile", action="store_true", help="decode: write profiler tables")
     p.add_argument(
         "--variant",
         action="append",
@@ -476,7 +501,19 @@ def main(argv=None) -> int:
             held["model"] = build_model(model_cfg, vocab, vocab, PAD, True).to(device)
         dtype = resolve_dtype(cfg.train.precision, device)
         n, size = args.decode_batches, args.batch_size
-        return decode_throughput(cfg, held["model"], device, dtype, n, size)
+        where = out_dir / "decode_profile_graphs.txt" if args.profile else None
+        graphs = decode_throughput(cfg, held["model"], device, dtype, n, size, profile=where)
+        if device.type != "cuda":
+            graphs.pop("outputs")
+            return graphs
+        where = out_dir / "decode_profile_eager.txt" if args.profile else None
+        model = held["model"]
+        eager = decode_throughput(cfg, model, device, dtype, n, size, False, profile=where)
+        same = sum(a == b for a, b in zip(graphs.pop("outputs"), eager.pop("outputs")))
+        graphs["eager_search"] = eager  # nmt.search: shrinking batches, no graphs
+        graphs["same_outputs_as_eager"] = f"{same} of {n * size} sentences"
+        graphs["speedup_over_eager"] = graphs["tgt_tok_s"] / eager["tgt_tok_s"]
+        return graphs
 
     stage("decode", decode)
     held.clear()

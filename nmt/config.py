@@ -181,6 +181,11 @@ class SearchConfig:
     beta: float = opt(0.0, "GNMT coverage penalty weight (0 = off)", min=0.0)
     max_len_a: float = opt(1.5, "max output length = a * source length + b", min=0.0)
     max_len_b: int = opt(10, "max output length = a * source length + b", min=1)
+    cuda_graph: bool = opt(
+        True,
+        "on CUDA: static shapes and one captured CUDA graph per decoding step (the same "
+        "results, one launch per step); false: the batch shrinks as sentences end, as on the CPU",
+    )
     batch_size: int = opt(64, "sentences per decoding batch", min=1)
     max_src_len: int = opt(250, "longer inputs are truncated with a warning", min=1)
 

@@ -92,6 +92,7 @@ def greedy_search(
     beta: float = 0.0,
     pad_id: int | None = None,
     return_attn: bool = False,
+    run=None,
 ) -> list[list[Hypothesis]]:
     """Most probable token at each step. One hypothesis per sentence, in input order.
 
@@ -111,7 +112,7 @@ def greedy_search(
         max_len_b=max_len_b,
         return_attn=return_attn,
     )
-    return _search(model, src_ids, src_lens, settings)
+    return (run or _search)(model, src_ids, src_lens, settings)
 
 
 @torch.no_grad()
@@ -131,8 +132,13 @@ def beam_search(
     pad_id: int | None = None,
     return_attn: bool = False,
     exact_stop: bool = False,
+    run=None,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search. `n_best` hypotheses per sentence (best first), in input order."""
+    """Batched beam search. `n_best` hypotheses per sentence (best first), in input order.
+
+    `run`: another implementation of the loop, called as run(model, src_ids, src_lens,
+    settings) with the same settings and giving the same results, e.g. nmt.search_graph.search
+    (static shapes, one CUDA graph per step). None: this module's loop."""
     if beam_size < 1:
         raise UsageError(f"search: beam_size must be >= 1, found {beam_size}")
     if not 1 <= n_best <= beam_size:
@@ -151,7 +157,7 @@ def beam_search(
         return_attn=return_attn,
         exact_stop=exact_stop,
     )
-    return _search(model, src_ids, src_lens, settings)
+    return (run or _search)(model, src_ids, src_lens, settings)
 
 
 @dataclass(frozen=True)

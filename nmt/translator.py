@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from nmt import checkpoint, search
+from nmt import checkpoint, search, search_graph
 from nmt.config import Config, SearchConfig, from_dict
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
@@ -253,6 +253,7 @@ class Translator:
                 beta=s.beta,
                 max_len_a=s.max_len_a,
                 max_len_b=s.max_len_b,
+                run=search_graph.runner(self.device, s.cuda_graph),
             )
 
 

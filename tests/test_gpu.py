@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from helpers_training import prepare_tiny, tiny, torchrun
-from test_models import CASES, random_batch, run_steps, tiny_model
+from test_models import BOS, CASES, EOS, PAD, random_batch, run_steps, tiny_model
 
 from nmt import checkpoint
 from nmt.config import load_config
@@ -120,3 +120,40 @@ def test_torchrun_on_two_gpus_with_nccl(prepared, tmp_path):
     assert [(s["world_size"], s["stop"]) for s in summaries] == [(2, "max_steps")]
     state = checkpoint.load(out / "last.pt")
     assert len(state["train_state"]["rng_by_rank"]) == 2
+
+
+@pytest.mark.parametrize("family, variant", CASES)
+@pytest.mark.parametrize("beam_size, beta", [(1, 0.0), (5, 0.0), (4, 0.2)])
+@pytest.mark.parametrize("min_left", [16, 0])
+@torch.no_grad()
+def test_cuda_graph_search_equals_the_eager_searches(
+    family, variant, beam_size, beta, min_left, monkeypatch
+):
+    """The captured graphs replay exactly the eager static steps (same kernels, same shapes),
+    also when the batch shrinks (min_left 0: at every check), and find nmt.search's hypotheses:
+    tokens equal, scores to float tolerance."""
+    from test_search_graph import assert_same_results
+
+    from nmt import search, search_graph
+
+    monkeypatch.setattr(search_graph, "CHECK_EVERY", 2)
+    monkeypatch.setattr(search_graph, "MIN_LEFT", min_left)
+
+    torch.manual_seed(0)
+    model = tiny_model(family, **variant).cuda().eval()
+    src_ids, src_lens = (t.cuda() for t in random_batch([7, 4, 9, 1, 6], [1] * 5)[:2])
+    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, alpha=0.6, beta=beta)
+    cfg = search._Settings(
+        n_best=1, greedy=beam_size == 1, max_len_a=1.5, max_len_b=5, return_attn=False, **kw
+    )
+    graphed = search_graph.search(model, src_ids, src_lens, cfg, mode="graph")
+    eager = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
+    assert [[(h.tokens, h.score) for h in r] for r in graphed] == [
+        [(h.tokens, h.score) for h in r] for r in eager
+    ]
+    run = search.beam_search  # beam_size 1 is routed to greedy search
+    dynamic = run(model, src_ids, src_lens, max_len_a=1.5, max_len_b=5, **kw)
+    assert_same_results(graphed, dynamic)
+    through = run(model, src_ids, src_lens, max_len_a=1.5, max_len_b=5, run=search_graph.runner(
+        "cuda"), **kw)  # fmt: skip
+    assert [[h.tokens for h in r] for r in through] == [[h.tokens for h in r] for r in graphed]

@@ -24,6 +24,7 @@ LAYERS = {
     "nmt.models.gnmt": 3,
     "nmt.models.tcn": 3,
     "nmt.search": 4,
+    "nmt.search_graph": 4.5,
     "nmt.checkpoint": 5,
     "nmt.optimization": 5,
     "nmt.training": 6,

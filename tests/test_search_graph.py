@@ -1,0 +1,158 @@
+"""nmt.search_graph (static shapes, CUDA graphs on a GPU) gives nmt.search's results exactly.
+
+On the CPU the static step runs eagerly. The search arithmetic is the same operator for
+operator, but the model computes on all rows where nmt.search drops the finished sentences, and
+a matrix product over another number of rows may round differently: tokens must be equal, scores
+equal to float tolerance (as for nmt.search in another batch, tests/test_search.py), and exactly
+equal where the model is a table (scripted). tests/test_gpu.py runs the graphs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_search import (
+    BOS,
+    EOS,
+    GREEDY_VS_BEAM,
+    LONG_VS_SHORT,
+    PAD,
+    SEARCH,
+    A,
+    B,
+    ScriptedModel,
+    _batch,
+    _random_model,
+    _random_sentences,
+    _src,
+)
+
+from nmt import search, search_graph
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _settings(beam_size=5, n_best=1, alpha=0.6, beta=0.0, exact_stop=False, **kw):
+    return search._Settings(
+        beam_size=beam_size,
+        n_best=n_best,
+        greedy=beam_size == 1,
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_id=PAD,
+        alpha=alpha,
+        beta=beta,
+        max_len_a=kw.get("max_len_a", 1.5),
+        max_len_b=kw.get("max_len_b", 10),
+        return_attn=False,
+        exact_stop=exact_stop,
+    )
+
+
+def _both(model, src_ids, src_lens, cfg, in_place=True):
+    """nmt.search's results, and search_graph's: eagerly, and (`in_place`, for models whose
+    state keeps its shape) written back in place as a graph replay does, which must not depend
+    on how the model's state tensors alias."""
+    with torch.no_grad():
+        dynamic = search._search(model, src_ids, src_lens, cfg)
+        static = search_graph.search(model, src_ids, src_lens, cfg, mode="eager")
+        if in_place:
+            replayed = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
+            assert _as_tuples(replayed) == _as_tuples(static)
+    return dynamic, static
+
+
+def _as_tuples(results):
+    return [[(h.tokens, h.score, h.log_prob) for h in hyps] for hyps in results]
+
+
+def assert_same_results(static, dynamic):
+    assert [[h.tokens for h in hyps] for hyps in static] == [
+        [h.tokens for h in hyps] for hyps in dynamic
+    ]
+    for hyps, refs in zip(static, dynamic):
+        for h, ref in zip(hyps, refs):
+            assert h.score == pytest.approx(ref.score, abs=1e-5)
+            assert h.log_prob == pytest.approx(ref.log_prob, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "gnmt", "tcn"])
+@pytest.mark.parametrize(
+    "beam_size, n_best, alpha, beta, exact_stop",
+    [(1, 1, 0.0, 0.0, False), (1, 1, 0.6, 0.2, False), (2, 2, 0.0, 0.0, True),
+     (4, 2, 0.6, 0.2, False), (4, 4, 1.0, 0.0, True), (5, 3, 0.6, 0.0, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("check_every, min_left", [(4, 16), (1, 0), (3, 2)])
+def test_static_search_equals_search_on_random_models(name, beam_size, n_best, alpha, beta,
+                                                      exact_stop, check_every, min_left,
+                                                      monkeypatch):  # fmt: skip
+    """Also with the batch shrinking at every check (min_left 0), as it does on long batches."""
+    monkeypatch.setattr(search_graph, "CHECK_EVERY", check_every)
+    monkeypatch.setattr(search_graph, "MIN_LEFT", min_left)
+    model = _random_model(name)
+    src_ids, src_lens = _batch(_random_sentences(n=9, seed=beam_size))
+    cfg = _settings(beam_size, n_best, alpha, beta, exact_stop, **SEARCH)
+    dynamic, static = _both(model, src_ids, src_lens, cfg)
+    assert_same_results(static, dynamic)
+    assert any(len(h.tokens) > 1 for hyps in dynamic for h in hyps)  # not a trivial decode
+
+
+@pytest.mark.parametrize("tables, spec", [(GREEDY_VS_BEAM, (7, 3)), (LONG_VS_SHORT, (3, 3))])
+@pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (2, 0.0), (2, 1.0), (3, 0.6)])
+@pytest.mark.parametrize("exact_stop", [False, True])
+def test_static_search_equals_search_on_scripted_tables(tables, spec, beam_size, alpha,
+                                                        exact_stop):  # fmt: skip
+    src_ids, src_lens = _src(spec, (spec[0], 1))
+    cfg = _settings(beam_size, beam_size, alpha, 0.0, exact_stop)
+    dynamic, static = _both(ScriptedModel(tables), src_ids, src_lens, cfg, in_place=False)
+    assert _as_tuples(static) == _as_tuples(dynamic)
+
+
+def test_static_search_ties_blocked_ids_and_unfinishable_sentences():
+    tables = {5: {(): {BOS: 0.3, PAD: 0.3, B: 0.2, A: 0.2}}, 6: {}}
+    model = ScriptedModel(tables, default={EOS: 1.0})
+    src_ids, src_lens = _src((5, 2), (6, 1))
+    dynamic, static = _both(model, src_ids, src_lens, _settings(2, 2, 0.0), in_place=False)
+    assert _as_tuples(static) == _as_tuples(dynamic)
+    assert [h.tokens for h in static[0]] == [[A], [B]]
+    # no way to finish (everything on the blocked BOS): one empty hypothesis scored -inf
+    stuck = ScriptedModel({6: {}}, default={BOS: 1.0})
+    src_ids, src_lens = _src((6, 2))
+    dynamic, static = _both(stuck, src_ids, src_lens, _settings(3, 1, 0.6), in_place=False)
+    assert _as_tuples(static) == _as_tuples(dynamic) == [[([], -math.inf, -math.inf)]]
+
+
+def test_static_search_of_an_empty_batch():
+    model = _random_model("tiny")
+    src_ids, src_lens = torch.zeros((0, 3), dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    assert search_graph.search(model, src_ids, src_lens, _settings(), mode="eager") == []
+
+
+def test_the_batch_shrinks_as_sentences_end(monkeypatch):
+    monkeypatch.setattr(search_graph, "CHECK_EVERY", 1)
+    monkeypatch.setattr(search_graph, "MIN_LEFT", 0)
+    model = _random_model("gnmt")
+    sentences = [[5] * n for n in (1, 1, 2, 2, 3, 9, 9, 9)]
+    src_ids, src_lens = _batch(sentences)
+    cfg = _settings(3, 1, 0.6, max_len_a=1.0, max_len_b=3)
+    dynamic, _ = _both(model, src_ids, src_lens, cfg)
+    rows: list[int] = []
+    step = model.step
+
+    def recording_step(tgt_ids_t, state, enc):
+        rows.append(tgt_ids_t.size(0))
+        return step(tgt_ids_t, state, enc)
+
+    model.step = recording_step
+    with torch.no_grad():
+        static = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
+    assert_same_results(static, dynamic)
+    assert rows[0] == 24 and min(rows) <= 12  # 8 sentences x 3 beams, then half or fewer
