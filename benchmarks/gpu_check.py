@@ -45,12 +45,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nmt import data, search, search_graph  # noqa: E402
+from nmt import search, search_graph  # noqa: E402
 from nmt.config import load_config  # noqa: E402
 from nmt.devices import resolve_dtype  # noqa: E402
-from nmt.distributed import Distributed  # noqa: E402
 from nmt.models import build_model  # noqa: E402
-from nmt.optimization import Updater  # noqa: E402
 
 PAD, BOS, EOS = 0, 2, 3  # any distinct ids do for a randomly initialised model
 TARGETS = {"train_src_tgt_tok_s": 250_000, "decode_tgt_tok_s": 50_000}
@@ -70,8 +68,10 @@ def wmt_like_lengths(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return src + 1, tgt
 
 
-def random_batch(src_lens, tgt_lens, vocab: int, rng: np.random.Generator) -> data.Batch:
-    """A collated batch of random ids with these lengths (the real `collate`)."""
+def random_batch(src_lens, tgt_lens, vocab: int, rng: np.random.Generator):
+    """A collated batch (nmt.data.Batch) of random ids with these lengths (the real `collate`)."""
+    from nmt import data  # pyarrow: imported by the stages that train, not by decode
+
     examples = {
         "src_ids": [np.append(rng.integers(4, vocab, n - 1), EOS) for n in src_lens],
         "tgt_ids": [rng.integers(4, vocab, n) for n in tgt_lens],
@@ -119,6 +119,10 @@ def run_tests(out_dir: Path, timeout: float) -> dict:
 
 def train_throughput(cfg, device: torch.device, steps: int, warmup: int) -> tuple[dict, object]:
     """The figures, and the model (reused by the decode stage)."""
+    from nmt import data
+    from nmt.distributed import Distributed
+    from nmt.optimization import Updater
+
     torch.manual_seed(cfg.train.seed)
     vocab = cfg.tokenizer.vocab_size
     model = build_model(dataclasses.asdict(cfg.model), vocab, vocab, PAD, True).to(device)
@@ -500,6 +504,8 @@ def main(argv=None) -> int:
             model_cfg = dataclasses.asdict(cfg.model)
             held["model"] = build_model(model_cfg, vocab, vocab, PAD, True).to(device)
         dtype = resolve_dtype(cfg.train.precision, device)
+        if device.type == "cuda":
+            held["model"].to(dtype)  # weights in bf16 too, as the Translator has them on CUDA
         n, size = args.decode_batches, args.batch_size
         where = out_dir / "decode_profile_graphs.txt" if args.profile else None
         graphs = decode_throughput(cfg, held["model"], device, dtype, n, size, profile=where)

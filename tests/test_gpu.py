@@ -108,6 +108,7 @@ def test_bf16_translation_on_cuda_keeps_one_line_per_input(tiny_checkpoint):
     from nmt.translator import Translator
 
     translator = Translator.from_checkpoint(tiny_checkpoint, device="cuda", dtype="bf16")
+    assert {p.dtype for p in translator.model.parameters()} == {torch.bfloat16}
     lines = ["w1 w2 w3", "", "the cat sat on the mat"]
     assert len(translator.translate(lines, beam_size=5)) == 3
 
