@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Exploration on a GPU: beam-5 batch-128 decoding of GNMT v2 4x1024 (bf16, random weights,
-eos masked as in gpu_check) under several search variants; writes OUT/variants.json."""
+eos masked as in gpu_check) under search variants, a top-k micro-benchmark, a profile of the
+static search's kernels, and (with CHECKPOINT and SRC) a trained model translating SRC in
+fp32/bf16 with and without graphs; results in OUT/variants.json.
+
+    python benchmarks/decode_gpu_variants.py OUT [CHECKPOINT SRC]
+"""
 
 from __future__ import annotations
 
@@ -80,14 +85,18 @@ model = fp32_model
 # a trained model (Multi30k, CPU-trained checkpoint) on the 1,000 test_2016_flickr sentences
 from nmt.translator import Translator  # noqa: E402
 
-lines = (ROOT / "runs/issue4_tied/raw/test_2016_flickr.en").read_text().splitlines()
+trained = sys.argv[2:4]
+lines = Path(trained[1]).read_text().splitlines() if trained else []
 for name, dtype, cast, graphs in (
-    ("fp32_graph", "fp32", False, True),
-    ("bf16_graph", "bf16", False, True),
-    ("bf16_eager", "bf16", False, False),
-    ("bf16_weights_graph", "bf16", True, True),
+    ()
+    if not trained
+    else (
+        ("fp32_graph", "fp32", False, True),
+        ("bf16_graph", "bf16", False, True),  # the Translator keeps bf16 weights on CUDA
+        ("bf16_eager", "bf16", False, False),
+    )
 ):
-    tr = Translator.from_checkpoint(ROOT / "runs/issue4_tied/model/best.pt", "cuda", dtype)
+    tr = Translator.from_checkpoint(trained[0], "cuda", dtype)
     if cast:
         tr.model.to(torch.bfloat16)
     tr.cfg.search.cuda_graph = graphs
