@@ -87,18 +87,9 @@ from nmt.translator import Translator  # noqa: E402
 
 trained = sys.argv[2:4]
 lines = Path(trained[1]).read_text().splitlines() if trained else []
-for name, dtype, cast, graphs in (
-    ()
-    if not trained
-    else (
-        ("fp32_graph", "fp32", False, True),
-        ("bf16_graph", "bf16", False, True),  # the Translator keeps bf16 weights on CUDA
-        ("bf16_eager", "bf16", False, False),
-    )
-):
+runs = [("fp32_graph", "fp32", True), ("bf16_graph", "bf16", True), ("bf16_eager", "bf16", False)]
+for name, dtype, graphs in runs if trained else []:  # bf16: the Translator keeps bf16 weights
     tr = Translator.from_checkpoint(trained[0], "cuda", dtype)
-    if cast:
-        tr.model.to(torch.bfloat16)
     tr.cfg.search.cuda_graph = graphs
     tr.translate(lines[:64], beam_size=5)  # warm-up
     torch.cuda.synchronize()

@@ -490,9 +490,8 @@ def test_batched_beam_equals_one_by_one(name, alpha, beta):
                         assert h.log_prob == pytest.approx(ref.log_prob, abs=1e-5)
 
 
-def test_beam_beats_or_matches_greedy_and_work_shrinks_on_a_random_model():
-    model = _random_model("tiny")
-    src_ids, src_lens = _batch(_random_sentences())
+def record_rows(model) -> list[int]:
+    """From now on, the number of rows of every `model.step` call is appended to the list."""
     rows: list[int] = []
     step = model.step
 
@@ -501,6 +500,13 @@ def test_beam_beats_or_matches_greedy_and_work_shrinks_on_a_random_model():
         return step(tgt_ids_t, state, enc)
 
     model.step = recording_step
+    return rows
+
+
+def test_beam_beats_or_matches_greedy_and_work_shrinks_on_a_random_model():
+    model = _random_model("tiny")
+    src_ids, src_lens = _batch(_random_sentences())
+    rows = record_rows(model)
     beam = _beam(model, src_ids, src_lens, beam_size=4, alpha=0.0, **SEARCH)
     assert rows[0] == 4 * len(src_ids)
     assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]

@@ -27,6 +27,7 @@ from test_search import (
     _random_model,
     _random_sentences,
     _src,
+    record_rows,
 )
 
 from nmt import search, search_graph
@@ -144,14 +145,7 @@ def test_the_batch_shrinks_as_sentences_end(monkeypatch):
     src_ids, src_lens = _batch(sentences)
     cfg = _settings(3, 1, 0.6, max_len_a=1.0, max_len_b=3)
     dynamic, _ = _both(model, src_ids, src_lens, cfg)
-    rows: list[int] = []
-    step = model.step
-
-    def recording_step(tgt_ids_t, state, enc):
-        rows.append(tgt_ids_t.size(0))
-        return step(tgt_ids_t, state, enc)
-
-    model.step = recording_step
+    rows = record_rows(model)
     with torch.no_grad():
         static = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
     assert_same_results(static, dynamic)
