@@ -150,19 +150,23 @@ def average(paths: list[str | Path]) -> dict:
     """
     if not paths:
         raise UsageError("average: no checkpoints given")
-    ckpts = [load(p) for p in paths]
-    last, last_path = ckpts[-1], Path(paths[-1])
-    sums: dict[str, torch.Tensor] = {}
-    for path, ckpt in zip(paths, ckpts):
-        _check_same_model(Path(path), ckpt, last_path, last)
-        for key, t in ckpt["model"].items():
-            if t.is_floating_point():
-                sums[key] = sums[key] + t.double() if key in sums else t.double()
-    state = {
-        key: (sums[key] / len(ckpts)).to(t.dtype) if key in sums else t
-        for key, t in last["model"].items()
+    ref_path = Path(paths[-1])
+    ref = load(ref_path)
+    ref.pop("train_state", None)
+    sums = {
+        k: t.to(torch.float64, copy=True) for k, t in ref["model"].items() if t.is_floating_point()
     }
-    return {**{k: last[k] for k in REQUIRED}, "model": state}
+    for path in paths[:-1]:  # one file in memory at a time besides the sums: large models too
+        ckpt = load(path)
+        _check_same_model(Path(path), ckpt, ref_path, ref)
+        for key, total in sums.items():
+            total += ckpt["model"][key].double()
+        del ckpt
+    state = {
+        key: (sums[key] / len(paths)).to(t.dtype) if key in sums else t
+        for key, t in ref["model"].items()
+    }
+    return {**{k: ref[k] for k in REQUIRED}, "model": state}
 
 
 def _check_same_model(path: Path, ckpt: dict, ref_path: Path, ref: dict) -> None:
