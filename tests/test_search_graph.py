@@ -33,14 +33,6 @@ from test_search import (
 from nmt import search, search_graph
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _settings(beam_size=5, n_best=1, alpha=0.6, beta=0.0, exact_stop=False, **kw):
     return search._Settings(
         beam_size=beam_size,
