@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 
 import gpu_check  # noqa: E402
 
@@ -108,24 +109,14 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 batch = gpu_check._decode_batches(1, 128, vocab, seed=8)[0]
 wrapped = gpu_check.RunToLimit(model)
 s = cfg.search
-settings = search._Settings(
-    beam_size=5,
-    n_best=1,
-    greedy=False,
-    bos_id=gpu_check.BOS,
-    eos_id=gpu_check.EOS,
-    pad_id=gpu_check.PAD,
-    alpha=s.alpha,
-    beta=0.0,
-    max_len_a=s.max_len_a,
-    max_len_b=s.max_len_b,
-    return_attn=False,
-)
+in_place = functools.partial(search_graph.search, mode="in_place")
+kw = dict(bos_id=gpu_check.BOS, eos_id=gpu_check.EOS, pad_id=gpu_check.PAD, beam_size=5)
+kw.update(alpha=s.alpha, max_len_a=s.max_len_a, max_len_b=s.max_len_b, run=in_place)
 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
     model.to(torch.bfloat16)
-    search_graph.search(wrapped, batch[0].to(device), batch[1].to(device), settings, "in_place")
+    search.beam_search(wrapped, batch[0].to(device), batch[1].to(device), **kw)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        search_graph.search(wrapped, batch[0].to(device), batch[1].to(device), settings, "in_place")
+        search.beam_search(wrapped, batch[0].to(device), batch[1].to(device), **kw)
         torch.cuda.synchronize()
 (out_dir / "static_eager_profile.txt").write_text(
     prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)

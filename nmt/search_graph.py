@@ -2,18 +2,19 @@
 
 Owns: a second implementation of nmt.search's loop in which no tensor changes shape from one
 step to the next and nothing in a step waits for the host: finished sentences stay in the batch
-(their rows are computed and ignored), finished hypotheses live on the device in fixed (n, K)
-buffers, the step index is a device tensor and the length penalties a table read with it. On a
-GPU the whole step (model.step, scoring, top-k, finishing, reordering) is then captured once per
-batch as a CUDA graph and replayed: one launch per step instead of ~150 operator calls from
-Python, which is what bounds beam search there (the kernels themselves take microseconds).
+until half of it is done (their rows are computed and ignored), finished hypotheses live on the
+device in fixed (n, K) buffers, the step index is a device tensor and the length penalties a
+table read with it. On a GPU the whole step (model.step, scoring, top-k, finishing, reordering)
+is then captured as a CUDA graph and replayed, and captured again, smaller, each time the batch
+shrinks: one launch per step instead of ~150 operator calls from Python, which is what bounds
+beam search there (the kernels themselves take microseconds).
 
 Results equal nmt.search's: the same candidate scores and the same tie rules. Finishing merges
 the kept hypotheses and the new ones (in rank order) with one stable sort, which keeps exactly
 what nmt.search's one-by-one insertion keeps. On the CPU the same step runs eagerly; the tests
 compare it with nmt.search there, and tests/test_gpu.py compares the graphs on a GPU. Not
-supported (nmt.search's loop runs instead): `return_attn`. The price of static shapes: no
-shrinking as sentences end; on length-sorted batches (as the Translator makes) little is wasted.
+supported (nmt.search's loop runs instead): `return_attn`. The price of static shapes: rows of
+finished sentences are computed until the next shrink (at most half of the batch).
 Does not own: the settings and helpers it shares with nmt.search.
 """
 
@@ -66,12 +67,12 @@ def runner(device: torch.device, cuda_graph: bool = True):
     return search if cuda_graph and torch.device(device).type == "cuda" else None
 
 
-def search(model, src_ids, src_lens, cfg: _Settings, mode: str | None = None, shrink=True):
+def search(model, src_ids, src_lens, cfg: _Settings, mode: str | None = None):
     """nmt.search's result for (src_ids (n, S), src_lens (n,)).
 
     `mode`: "graph" (capture and replay), "in_place" (eagerly, what a replay does: every step
     written back into the same buffers), "eager" (a new carry each step); None: "graph" on
-    CUDA, else "eager". `shrink`: finished sentences leave the batch at checkpoints (_run)."""
+    CUDA, else "eager"."""
     device, n, k = src_ids.device, src_ids.size(0), cfg.beam_size
     if n == 0:
         return []
@@ -86,7 +87,7 @@ def search(model, src_ids, src_lens, cfg: _Settings, mode: str | None = None, sh
         enc = model.reorder_encoder_out(enc, torch.arange(n, device=device).repeat_interleave(k))
     carry = _initial_carry(model.init_state(enc), consts, steps, src_ids.size(1), device)
     mode = mode or ("graph" if device.type == "cuda" else "eager")
-    return _run(mode, model, enc, carry, consts, steps, shrink)
+    return _run(mode, model, enc, carry, consts, steps)
 
 
 def _initial_carry(state, c: _Consts, steps: int, src_len: int, device) -> dict:
@@ -260,10 +261,10 @@ def _stepper(mode: str, model, enc, carry, c):
     return _Eager(model, enc, carry, c, in_place=mode == "in_place")
 
 
-def _run(mode, model, enc, carry, c: _Consts, steps: int, shrink: bool):
-    """Step until every sentence is done, checking every CHECK_EVERY steps. With `shrink`, when
-    at most half of the sentences are left and at least MIN_LEFT steps may remain, the finished
-    sentences leave the batch (their results are read) and a smaller graph is captured."""
+def _run(mode, model, enc, carry, c: _Consts, steps: int):
+    """Step until every sentence is done, checking every CHECK_EVERY steps. When at most half
+    of the sentences are left and at least MIN_LEFT steps may remain, the finished sentences
+    leave the batch (their results are read) and a smaller graph is captured."""
     results: list = [None] * c.n
     sent_ids = torch.arange(c.n)  # (n,) on the host: input position of each sentence
     max_lens, t = c.max_lens.tolist(), 0
@@ -280,7 +281,7 @@ def _run(mode, model, enc, carry, c: _Consts, steps: int, shrink: bool):
                     results[i] = hyps
                 return results
             most = max(max_lens[i] for i in left.tolist()) + 1 - t  # steps that may remain
-            if shrink and left.numel() <= c.n // 2 and most >= MIN_LEFT:
+            if left.numel() <= c.n // 2 and most >= MIN_LEFT:
                 break
         finished = done.nonzero().squeeze(1)
         sub = {key: carry[key].index_select(0, finished.to(c.sent_rows.device))

@@ -6,6 +6,7 @@ Marked `gpu` (run with `pytest -m gpu`) and skipped without CUDA.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -144,17 +145,12 @@ def test_cuda_graph_search_equals_the_eager_searches(
     model = tiny_model(family, **variant).cuda().eval()
     src_ids, src_lens = (t.cuda() for t in random_batch([7, 4, 9, 1, 6], [1] * 5)[:2])
     kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, alpha=0.6, beta=beta)
-    cfg = search._Settings(
-        n_best=1, greedy=beam_size == 1, max_len_a=1.5, max_len_b=5, return_attn=False, **kw
-    )
-    graphed = search_graph.search(model, src_ids, src_lens, cfg, mode="graph")
-    eager = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
+    kw.update(max_len_a=1.5, max_len_b=5)
+    # the Translator's way on CUDA: search_graph.runner, graphs (beam_size 1: greedy search)
+    graphed = search.beam_search(model, src_ids, src_lens, run=search_graph.runner("cuda"), **kw)
+    in_place = functools.partial(search_graph.search, mode="in_place")
+    eager = search.beam_search(model, src_ids, src_lens, run=in_place, **kw)
     assert [[(h.tokens, h.score) for h in r] for r in graphed] == [
         [(h.tokens, h.score) for h in r] for r in eager
     ]
-    run = search.beam_search  # beam_size 1 is routed to greedy search
-    dynamic = run(model, src_ids, src_lens, max_len_a=1.5, max_len_b=5, **kw)
-    assert_same_results(graphed, dynamic)
-    through = run(model, src_ids, src_lens, max_len_a=1.5, max_len_b=5, run=search_graph.runner(
-        "cuda"), **kw)  # fmt: skip
-    assert [[h.tokens for h in r] for r in through] == [[h.tokens for h in r] for r in graphed]
+    assert_same_results(graphed, search.beam_search(model, src_ids, src_lens, **kw))

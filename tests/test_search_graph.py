@@ -9,6 +9,7 @@ equal where the model is a table (scripted). tests/test_gpu.py runs the graphs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -30,36 +31,28 @@ from test_search import (
     record_rows,
 )
 
-from nmt import search, search_graph
+from nmt import search_graph
+from nmt.search import beam_search
 
 
-def _settings(beam_size=5, n_best=1, alpha=0.6, beta=0.0, exact_stop=False, **kw):
-    return search._Settings(
-        beam_size=beam_size,
-        n_best=n_best,
-        greedy=beam_size == 1,
-        bos_id=BOS,
-        eos_id=EOS,
-        pad_id=PAD,
-        alpha=alpha,
-        beta=beta,
-        max_len_a=kw.get("max_len_a", 1.5),
-        max_len_b=kw.get("max_len_b", 10),
-        return_attn=False,
-        exact_stop=exact_stop,
-    )
+def _search(model, src_ids, src_lens, mode=None, **kw):
+    """nmt.search's beam search (beam_size 1: greedy) through its public entry point, with
+    search_graph's loop in `mode` ("eager", "in_place") or, for None, nmt.search's own."""
+    run = None if mode is None else functools.partial(search_graph.search, mode=mode)
+    with torch.no_grad():
+        return beam_search(model, src_ids, src_lens, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                           run=run, **kw)  # fmt: skip
 
 
-def _both(model, src_ids, src_lens, cfg, in_place=True):
+def _both(model, src_ids, src_lens, in_place=True, **kw):
     """nmt.search's results, and search_graph's: eagerly, and (`in_place`, for models whose
     state keeps its shape) written back in place as a graph replay does, which must not depend
     on how the model's state tensors alias."""
-    with torch.no_grad():
-        dynamic = search._search(model, src_ids, src_lens, cfg)
-        static = search_graph.search(model, src_ids, src_lens, cfg, mode="eager")
-        if in_place:
-            replayed = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
-            assert _as_tuples(replayed) == _as_tuples(static)
+    dynamic = _search(model, src_ids, src_lens, **kw)
+    static = _search(model, src_ids, src_lens, "eager", **kw)
+    if in_place:
+        replayed = _search(model, src_ids, src_lens, "in_place", **kw)
+        assert _as_tuples(replayed) == _as_tuples(static)
     return dynamic, static
 
 
@@ -92,8 +85,8 @@ def test_static_search_equals_search_on_random_models(name, beam_size, n_best, a
     monkeypatch.setattr(search_graph, "MIN_LEFT", min_left)
     model = _random_model(name)
     src_ids, src_lens = _batch(_random_sentences(n=9, seed=beam_size))
-    cfg = _settings(beam_size, n_best, alpha, beta, exact_stop, **SEARCH)
-    dynamic, static = _both(model, src_ids, src_lens, cfg)
+    kw = dict(beam_size=beam_size, n_best=n_best, alpha=alpha, beta=beta, exact_stop=exact_stop)
+    dynamic, static = _both(model, src_ids, src_lens, **kw, **SEARCH)
     assert_same_results(static, dynamic)
     assert any(len(h.tokens) > 1 for hyps in dynamic for h in hyps)  # not a trivial decode
 
@@ -104,8 +97,8 @@ def test_static_search_equals_search_on_random_models(name, beam_size, n_best, a
 def test_static_search_equals_search_on_scripted_tables(tables, spec, beam_size, alpha,
                                                         exact_stop):  # fmt: skip
     src_ids, src_lens = _src(spec, (spec[0], 1))
-    cfg = _settings(beam_size, beam_size, alpha, 0.0, exact_stop)
-    dynamic, static = _both(ScriptedModel(tables), src_ids, src_lens, cfg, in_place=False)
+    kw = dict(beam_size=beam_size, n_best=beam_size, alpha=alpha, exact_stop=exact_stop)
+    dynamic, static = _both(ScriptedModel(tables), src_ids, src_lens, in_place=False, **kw)
     assert _as_tuples(static) == _as_tuples(dynamic)
 
 
@@ -113,20 +106,21 @@ def test_static_search_ties_blocked_ids_and_unfinishable_sentences():
     tables = {5: {(): {BOS: 0.3, PAD: 0.3, B: 0.2, A: 0.2}}, 6: {}}
     model = ScriptedModel(tables, default={EOS: 1.0})
     src_ids, src_lens = _src((5, 2), (6, 1))
-    dynamic, static = _both(model, src_ids, src_lens, _settings(2, 2, 0.0), in_place=False)
+    kw = dict(beam_size=2, n_best=2, alpha=0.0)
+    dynamic, static = _both(model, src_ids, src_lens, in_place=False, **kw)
     assert _as_tuples(static) == _as_tuples(dynamic)
     assert [h.tokens for h in static[0]] == [[A], [B]]
     # no way to finish (everything on the blocked BOS): one empty hypothesis scored -inf
     stuck = ScriptedModel({6: {}}, default={BOS: 1.0})
     src_ids, src_lens = _src((6, 2))
-    dynamic, static = _both(stuck, src_ids, src_lens, _settings(3, 1, 0.6), in_place=False)
+    dynamic, static = _both(stuck, src_ids, src_lens, in_place=False, beam_size=3)
     assert _as_tuples(static) == _as_tuples(dynamic) == [[([], -math.inf, -math.inf)]]
 
 
 def test_static_search_of_an_empty_batch():
     model = _random_model("tiny")
     src_ids, src_lens = torch.zeros((0, 3), dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    assert search_graph.search(model, src_ids, src_lens, _settings(), mode="eager") == []
+    assert _search(model, src_ids, src_lens, "eager") == []
 
 
 def test_the_batch_shrinks_as_sentences_end(monkeypatch):
@@ -135,10 +129,9 @@ def test_the_batch_shrinks_as_sentences_end(monkeypatch):
     model = _random_model("gnmt")
     sentences = [[5] * n for n in (1, 1, 2, 2, 3, 9, 9, 9)]
     src_ids, src_lens = _batch(sentences)
-    cfg = _settings(3, 1, 0.6, max_len_a=1.0, max_len_b=3)
-    dynamic, _ = _both(model, src_ids, src_lens, cfg)
+    kw = dict(beam_size=3, max_len_a=1.0, max_len_b=3)
+    dynamic, _ = _both(model, src_ids, src_lens, **kw)
     rows = record_rows(model)
-    with torch.no_grad():
-        static = search_graph.search(model, src_ids, src_lens, cfg, mode="in_place")
+    static = _search(model, src_ids, src_lens, "in_place", **kw)
     assert_same_results(static, dynamic)
     assert rows[0] == 24 and min(rows) <= 12  # 8 sentences x 3 beams, then half or fewer
