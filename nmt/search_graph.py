@@ -31,6 +31,7 @@ from nmt.search import (
     Hypothesis,
     _search,
     _Settings,
+    end_at_max,
     length_penalty,
     max_output_lens,
 )
@@ -59,6 +60,10 @@ class _Consts:
         # nmt.search divides by a Python float, which CUDA kernels do as a multiplication by its
         # float32 reciprocal: the same arithmetic here keeps the scores bit-identical
         self.reciprocal = device.type == "cuda"
+
+    def block(self, scores: torch.Tensor) -> torch.Tensor:
+        """-inf on the blocked ids' columns of `scores` (rows, V), in place."""
+        return scores if self.blocked is None else scores.index_fill_(1, self.blocked, -math.inf)
 
 
 def runner(device: torch.device, cuda_graph: bool = True):
@@ -115,12 +120,8 @@ def _step(model, enc, carry: dict, c: _Consts) -> dict:
     """One decoding step for every row; a pure function of `carry` (returns a new one)."""
     cfg, n, k, t = c.cfg, c.n, c.k, carry["t"]
     log_probs, state, attn = model.step(carry["tgt"], carry["state"], enc)
-    scores = log_probs.float() + carry["cum"].view(-1, 1)  # (n*K, V)
-    if c.blocked is not None:
-        scores.index_fill_(1, c.blocked, -math.inf)
     at_max = (c.max_lens == t)[:, None].expand(n, k).reshape(-1)  # (n*K,)
-    not_eos = torch.arange(scores.size(1), device=scores.device) != cfg.eos_id  # (V,)
-    scores.masked_fill_(at_max[:, None] & not_eos, -math.inf)
+    scores = end_at_max(log_probs.float(), carry["cum"].view(-1, 1), at_max, cfg.eos_id, c.block)
     cand_scores, cand_beams, cand_tokens = _top_candidates_per_sentence(scores, n, k)
     is_eos = (cand_tokens == cfg.eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
     attn = attn.float()  # (n*K, S)

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import attention, build_model
-from nmt.models.gnmt import BiRNN, GNMTDecoder, GNMTEncoder, reverse_within_lengths
+from nmt.models.gnmt import BiRNN, GNMTDecoder, GNMTEncoder, reverse_within_lengths, run_layer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -117,6 +117,24 @@ def test_bidirectional_layer_equals_packed_bidirectional_rnn(cell):
     got = layer(x, lens)
     for i, n in enumerate(lens.tolist()):
         torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@torch.no_grad()
+def test_one_step_cell_equals_the_layer(cell):
+    """The cell function that runs a decoding step on CUDA gives the layer's own step."""
+    torch.manual_seed(0)
+    rnn = BiRNN(cell, 6, 5).fwd
+    x = torch.randn(3, 1, 6)  # (B, 1, I)
+    h = torch.randn(1, 3, 5)
+    state = (h, torch.randn(1, 3, 5)) if cell == "lstm" else h
+    expected_out, expected_state = rnn(x, state)
+    out, new_state = run_layer(rnn, x, state, one_step_cell=True)
+    torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=0)
+    for got, want in zip(torch.utils._pytree.tree_leaves(new_state),
+                         torch.utils._pytree.tree_leaves(expected_state)):  # fmt: skip
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_encoder_sizes_and_mask():

@@ -54,7 +54,8 @@ class EncoderDecoder(Seq2Seq):
 
     def step(self, tgt_ids_t, state, enc):
         logits, state, attn = self.decoder.step(tgt_ids_t, state, enc)
-        return torch.log_softmax(logits.float(), dim=-1), state, attn  # (B, V)
+        # float32 out of a bf16/fp16 input in one pass, with no float32 copy of the logits
+        return torch.log_softmax(logits, dim=-1, dtype=torch.float32), state, attn  # (B, V)
 
     def reorder_state(self, state, index):
         return self.decoder.reorder_state(state, index)
