@@ -82,7 +82,7 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         loss_row = (1 - eps) * (lse - x[y]) + eps * (lse - mean(x)),  lse = logsumexp(x)
         d loss_row / dx = softmax(x) - (1 - eps) * onehot(y) - eps / V
 
-    Forward reads the logits once per chunk (logsumexp and sum) and keeps only lse (N,); backward
+    Forward reads the logits once per chunk (logsumexp and mean) and keeps only lse (N,); backward
     writes the gradient chunk by chunk from lse. No (N, V) log-probabilities, one-hot or mask."""
 
     @staticmethod
