@@ -298,22 +298,20 @@ def _continuation_scores(log_probs, cum_log_probs, blocked, eos_id, at_max):
     rows `at_max` (n*K,) that reached their maximum length (None: no such row), all but eos."""
     log_probs, cum = log_probs.float(), cum_log_probs.view(-1, 1)  # (n*K, V), (n*K, 1)
     if at_max is None:
-        return _blocked(log_probs + cum, blocked)  # (n*K, V), a new tensor
-    return end_at_max(log_probs, cum, at_max, eos_id, lambda scores: _blocked(scores, blocked))
-
-
-def _blocked(scores, blocked: list[int]):
-    if blocked:
+        scores = log_probs + cum  # (n*K, V), a new tensor
+    else:
+        scores = end_at_max(log_probs, cum, at_max, eos_id)  # (n*K, V)
+    if blocked:  # never eos
         scores[:, blocked] = -math.inf
     return scores
 
 
-def end_at_max(log_probs, cum, at_max, eos_id: int, block):
-    """log_probs (n*K, V) + cum (n*K, 1), `block` applied, then -inf on every continuation but
-    eos of the rows `at_max` (n*K,): folded into the one pass over (n*K, V) that adds `cum`,
-    the eos column put back after. Element for element the same sums as adding first and
-    masking after, without a (n*K, V) mask and a second pass."""
-    scores = block(log_probs + cum.masked_fill(at_max[:, None], -math.inf))  # (n*K, V)
+def end_at_max(log_probs, cum, at_max, eos_id: int):
+    """log_probs (n*K, V) + cum (n*K, 1), with -inf on every continuation but eos of the rows
+    `at_max` (n*K,): folded into the one pass over (n*K, V) that adds `cum`, the eos column put
+    back after. Element for element the same sums as adding first and masking after, without a
+    (n*K, V) mask and a second pass."""
+    scores = log_probs + cum.masked_fill(at_max[:, None], -math.inf)  # (n*K, V)
     scores[:, eos_id] = log_probs[:, eos_id] + cum[:, 0]  # (n*K,)
     return scores
 

@@ -62,7 +62,7 @@ class _Consts:
         self.reciprocal = device.type == "cuda"
 
     def block(self, scores: torch.Tensor) -> torch.Tensor:
-        """-inf on the blocked ids' columns of `scores` (rows, V), in place."""
+        """-inf on the blocked ids' columns of `scores` (rows, V), in place (never eos)."""
         return scores if self.blocked is None else scores.index_fill_(1, self.blocked, -math.inf)
 
 
@@ -121,7 +121,7 @@ def _step(model, enc, carry: dict, c: _Consts) -> dict:
     cfg, n, k, t = c.cfg, c.n, c.k, carry["t"]
     log_probs, state, attn = model.step(carry["tgt"], carry["state"], enc)
     at_max = (c.max_lens == t)[:, None].expand(n, k).reshape(-1)  # (n*K,)
-    scores = end_at_max(log_probs.float(), carry["cum"].view(-1, 1), at_max, cfg.eos_id, c.block)
+    scores = c.block(end_at_max(log_probs.float(), carry["cum"].view(-1, 1), at_max, cfg.eos_id))
     cand_scores, cand_beams, cand_tokens = _top_candidates_per_sentence(scores, n, k)
     is_eos = (cand_tokens == cfg.eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
     attn = attn.float()  # (n*K, S)

@@ -131,10 +131,7 @@ def test_one_step_cell_equals_the_layer(cell):
     expected_out, expected_state = rnn(x, state)
     out, new_state = run_layer(rnn, x, state, one_step_cell=True)
     torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=0)
-    for got, want in zip(torch.utils._pytree.tree_leaves(new_state),
-                         torch.utils._pytree.tree_leaves(expected_state)):  # fmt: skip
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(new_state, expected_state, atol=1e-6, rtol=0)  # shapes too
 
 
 def test_encoder_sizes_and_mask():
