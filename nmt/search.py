@@ -7,11 +7,11 @@ caller's job), tokenisation or the batching of sentences. It uses the model only
 takes every special id as an argument.
 
 How the search works (fairseq-style, over batch x beam at once):
-- Each step scores all (B*K, V) continuations, takes the top 2K of every hypothesis, then the
-  top 2K of the K*2K candidates of each sentence. Among the K best candidates, those ending in
-  eos are finished and frozen with their final score; the live beam is refilled with the K best
-  candidates that do not end in eos (there are always K of them in the 2K), so finished
-  hypotheses never starve the beam.
+- Each step takes the top 2K continuations of every hypothesis (by log-prob; only those get the
+  cumulative score added), then the top 2K of the K*2K candidates of each sentence. Among the K
+  best candidates, those ending in eos are finished and frozen with their final score; the live
+  beam is refilled with the K best candidates that do not end in eos (there are always K of them
+  in the 2K), so finished hypotheses never starve the beam.
 - A sentence keeps its `beam_size` best finished hypotheses. By default it is done as soon as it
   holds `beam_size` of them (fairseq's and OpenNMT's early stop: with alpha > 0 a longer live
   hypothesis could in principle still win, but waiting for that bound runs nearly every sentence
@@ -231,15 +231,16 @@ def _search(model, src_ids, src_lens, cfg: _Settings) -> list[list[Hypothesis]]:
     for t in itertools.count():
         log_probs, state, attn = model.step(tgt_ids_t, state, enc)
         at_max = (act.max_lens == t).repeat_interleave(k) if t >= min_max_len else None
-        scores = _continuation_scores(log_probs, cum_log_probs, blocked, cfg.eos_id, at_max)
+        n = cum_log_probs.size(0)
+        cand_scores, cand_beams, cand_tokens = _top_candidates(
+            log_probs, cum_log_probs, n, k, blocked, cfg.eos_id, at_max
+        )  # (n, 2K) each
         attn = attn.float()  # (n*K, S)
         if coverage is None and cfg.beta != 0.0:
             coverage = torch.zeros_like(attn)
         if attn_history is None and cfg.return_attn:
             attn_history = attn.new_zeros(attn.size(0), 0, attn.size(1))  # (n*K, 0, S)
 
-        n = cum_log_probs.size(0)
-        cand_scores, cand_beams, cand_tokens = _top_candidates(scores, n, k)  # (n, 2K) each
         is_eos = (cand_tokens == cfg.eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
         fin = is_eos[:, :k].nonzero()  # (F, 2): (sentence, rank) of the eos among the k best
         if fin.numel():
@@ -293,19 +294,6 @@ def _rows_of(sents: torch.Tensor, k: int) -> torch.Tensor:
     return (sents[:, None] * k + torch.arange(k, device=sents.device)).view(-1)  # (n*K,)
 
 
-def _continuation_scores(log_probs, cum_log_probs, blocked, eos_id, at_max):
-    """Cumulative log-prob (n*K, V) of every continuation; -inf for the blocked ids and, on the
-    rows `at_max` (n*K,) that reached their maximum length (None: no such row), all but eos."""
-    log_probs, cum = log_probs.float(), cum_log_probs.view(-1, 1)  # (n*K, V), (n*K, 1)
-    if at_max is None:
-        scores = log_probs + cum  # (n*K, V), a new tensor
-    else:
-        scores = end_at_max(log_probs, cum, at_max, eos_id)  # (n*K, V)
-    if blocked:  # never eos
-        scores[:, blocked] = -math.inf
-    return scores
-
-
 def end_at_max(log_probs, cum, at_max, eos_id: int):
     """log_probs (n*K, V) + cum (n*K, 1), with -inf on every continuation but eos of the rows
     `at_max` (n*K,): folded into the one pass over (n*K, V) that adds `cum`, the eos column put
@@ -316,17 +304,31 @@ def end_at_max(log_probs, cum, at_max, eos_id: int):
     return scores
 
 
-def _top_candidates(scores, n, k):
-    """The 2k best (score, beam, token) of each sentence from `scores` (n*k, V).
+def _top_candidates(log_probs, cum_log_probs, n, k, blocked, eos_id, at_max):
+    """The 2k best (score, beam, token) of each sentence: score = cum_log_probs + log_probs.
 
-    Top 2k per hypothesis first (cheap for a large V; the 2k best of a sentence are among
-    them), then an exact order over the n x (k * 2k) survivors: by score, ties by the lower
-    (beam, token), so the result depends on nothing but the sentence's own rows.
+    log_probs (n*k, V) of the next token, cum_log_probs (n, k); `blocked` ids are never chosen;
+    on the rows `at_max` (n*k,) that reached their maximum length (None: no such row) only eos
+    is. Top (2k + len(blocked)) per hypothesis first, on the log-probs themselves: adding the
+    row's cumulative score keeps a row's order, so the 2k best of a sentence are among them, and
+    only those few get the add (no pass over (n*k, V) for it). Then an exact order over the
+    n x (k * k1) survivors: by score, ties by the lower (beam, token), so the result depends on
+    nothing but the sentence's own rows. The finite scores are the same floats as adding first.
     """
-    vocab = scores.size(1)
-    per_hyp = min(2 * k, vocab)
-    top_scores, top_tokens = scores.topk(per_hyp, dim=1)  # (n*K, k1)
-    beams = torch.arange(n * k, device=scores.device) % k  # (n*K,)
+    vocab = log_probs.size(1)
+    per_hyp = min(2 * k + len(blocked), vocab)
+    top_log_probs, top_tokens = log_probs.topk(per_hyp, dim=1)  # (n*K, k1)
+    cum = cum_log_probs.view(-1, 1)  # (n*K, 1)
+    if at_max is not None and bool(at_max.any()):
+        rows = at_max.nonzero().squeeze(1)  # (R,)
+        only_eos = log_probs.new_full((rows.size(0), vocab), -math.inf)  # (R, V)
+        only_eos[:, eos_id] = log_probs[rows, eos_id]
+        top_log_probs[rows], top_tokens[rows] = only_eos.topk(per_hyp, dim=1)
+    top_scores = top_log_probs.float() + cum  # (n*K, k1)
+    if blocked:  # never eos
+        blocked_ids = torch.tensor(blocked, device=top_tokens.device)
+        top_scores.masked_fill_(torch.isin(top_tokens, blocked_ids), -math.inf)
+    beams = torch.arange(n * k, device=log_probs.device) % k  # (n*K,)
     flat = top_tokens + beams[:, None] * vocab  # (n*K, k1) index into the sentence's K*V
     flat, order = flat.view(n, -1).sort(dim=1)  # (n, K*k1), unique keys
     top_scores = top_scores.view(n, -1).gather(1, order)
