@@ -2,7 +2,7 @@
 """Decoding speed of a checkpoint on a test set: sentences/s, target tokens/s, peak memory.
 
     python benchmarks/decode_speed.py CHECKPOINT --src runs/.../raw/test_2016_flickr.en \
-        [--beam-sizes 1 5] [--batch-size 64] [--repeats 3] [--threads 2] [--json OUT]
+        [--beam-sizes 1 5] [--batch-size N] [--repeats 3] [--threads 2] [--json OUT]
     # TCN only: also time the decoder that recomputes the whole prefix at every step
     python benchmarks/decode_speed.py CHECKPOINT --src ... --recompute
     # also one sentence at a time: latency per sentence (median, p95)
@@ -10,6 +10,11 @@
 
 Model loading is excluded; each figure is the median of --repeats full passes over the file
 (spread reported as min-max). Prints the machine (CPU, threads, torch) with the figures.
+
+The first pass also counts the search's work (benchmarks/flops.py, `decode_flops`): model GFLOPs,
+their rate, MFU against a 2048³ float32 matrix product measured in the same run, and
+`sents_per_s_at_peak`, the rate the same work would reach at that peak: a ceiling for any
+exact speed-up of this search on this machine.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.flops import decode_flops, matmul_peak  # noqa: E402
 from nmt.translator import Translator, read_lines  # noqa: E402
 
 
@@ -76,17 +82,44 @@ class RecomputePrefix(torch.nn.Module):
         return self.model.reorder_encoder_out(enc, index)
 
 
-def run(translator: Translator, lines: list[str], beam: int, batch: int, repeats: int) -> dict:
+class WorkCounter:
+    """Passes every call on to `model` and counts the work of the search's passes: real source
+    tokens encoded, decoder row-steps and (row, real source position) pairs attended. Costs a
+    Python call per step, nothing per token."""
+
+    def __init__(self, model):
+        self.model = model
+        self.src_tokens = self.row_steps = self.row_src_pairs = 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def encode(self, src_ids, src_lens):
+        self.src_tokens += int(src_lens.sum())
+        return self.model.encode(src_ids, src_lens)
+
+    def step(self, tgt_ids_t, state, enc):
+        self.row_steps += tgt_ids_t.size(0)
+        self.row_src_pairs += int(enc.src_lens.sum())
+        return self.model.step(tgt_ids_t, state, enc)
+
+
+def run(translator, lines: list[str], beam: int, batch, repeats: int, peak=None) -> dict:
+    """`repeats` timed passes; with the fp32 matmul `peak` (FLOP/s), the first also counts the
+    search's work: model FLOPs, their rate, MFU and the rate that the peak would allow."""
     times, outputs = [], None
-    for _ in range(repeats):
+    model, counter = translator.model, WorkCounter(translator.model)
+    for i in range(repeats):
+        translator.model = counter if i == 0 and peak else model
         start = time.perf_counter()
         outputs = translator.translate(lines, beam_size=beam, batch_size=batch)
         times.append(time.perf_counter() - start)
+    translator.model = model
     tokens = sum(len(p) + 1 for p in translator.tokenizer.encode_tgt(outputs))  # pieces + eos
     med = statistics.median(times)
-    return {
+    result = {
         "beam": beam,
-        "batch_size": batch,
+        "batch_size": batch or translator.cfg.search.batch_size,
         "sentences": len(lines),
         "seconds": med,
         "spread": [min(times), max(times)],
@@ -94,6 +127,16 @@ def run(translator: Translator, lines: list[str], beam: int, batch: int, repeats
         "tgt_tok_per_s": tokens / med,
         "outputs": outputs,
     }
+    if peak:
+        flops = decode_flops(model, counter.src_tokens, counter.row_steps, counter.row_src_pairs)
+        result.update(
+            row_steps=counter.row_steps,
+            model_gflop=flops / 1e9,
+            model_gflop_per_s=flops / med / 1e9,
+            mfu=flops / med / peak,
+            sents_per_s_at_peak=len(lines) / (flops / peak),
+        )
+    return result
 
 
 def latency(translator: Translator, lines: list[str], beam: int) -> dict:
@@ -124,7 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--src", required=True)
     p.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size", type=int, help="sentences per batch (default: the checkpoint's setting)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--recompute", action="store_true", help="TCN: also time prefix recompute")
@@ -141,9 +186,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     translator = Translator.from_checkpoint(args.checkpoint, device="cpu")
     lines = read_lines(args.src)
+    peak = matmul_peak(torch.float32, torch.device("cpu"))
     results = []
     for beam in args.beam_sizes:
-        r = run(translator, lines, beam, args.batch_size, args.repeats)
+        r = run(translator, lines, beam, args.batch_size, args.repeats, peak)
         r["path"] = "cached"
         results.append(r)
         if args.recompute:
@@ -166,6 +212,7 @@ def main(argv=None) -> int:
         "checkpoint": args.checkpoint,
         "src": args.src,
         "peak_rss_mib": peak_mib,
+        "matmul_peak_gflop_per_s": peak / 1e9,
     }
     print(json.dumps(info))
     for r in results:

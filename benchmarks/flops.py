@@ -14,6 +14,11 @@ per weight). Forward FLOPs of a batch:
 - the last term is attention: a score (width A) and a context (width C) for every pair of a
   target and a real source position, L times (GNMT: once; TCN: after each of its L blocks).
 
+Decoding (search) runs the encoder once per sentence and the decoder once per live hypothesis
+row and step, so the same formula holds with N_tgt = R, the row-steps (the sum over steps of
+the rows the decoder ran), and Σ S_i·T_i = P, the sum over those row-steps of the row's real
+source length (`decode_flops`). Search's own work (top-k, sorting) is left out like softmax.
+
 Left out: biases, activations, gates' elementwise work, softmax, normalisation, dropout and
 embedding lookups (together a few percent of F at these sizes). Padding is not counted: what
 padding costs shows as lower utilisation. A training step costs 3·F (the backward pass is about
@@ -78,6 +83,17 @@ def forward_flops(model: nn.Module, src_lens, tgt_lens) -> float:
     tgt = [int(n) for n in tgt_lens]
     pairs = sum(s * t for s, t in zip(src, tgt))
     return 2.0 * (w_src * sum(src) + w_tgt * sum(tgt)) + 2.0 * levels * (score + context) * pairs
+
+
+def decode_flops(model: nn.Module, src_tokens: int, row_steps: int, row_src_pairs: int) -> float:
+    """F of a search: the encoder over `src_tokens` real source tokens, the decoder over
+    `row_steps` hypothesis rows, attending over `row_src_pairs` (row, real source position)."""
+    w_src, w_tgt = weights_per_token(model)
+    levels, score, context = attention_widths(model)
+    return (
+        2.0 * (w_src * src_tokens + w_tgt * row_steps)
+        + 2.0 * levels * (score + context) * row_src_pairs
+    )
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 7) -> float:

@@ -1,19 +1,29 @@
-"""The analytic FLOP count that benchmarks/train_speed.py turns into MFU."""
+"""The analytic FLOP counts that benchmarks/train_speed.py and decode_speed.py turn into MFU."""
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
-from test_models import tiny_model
+from test_models import BOS, EOS, PAD, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-_SPEC = importlib.util.spec_from_file_location(
-    "flops", Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py"
-)
-flops = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(flops)
+from nmt.search import beam_search
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flops = _load("flops")
+decode_speed = _load("decode_speed")
 attention_widths, forward_flops = flops.attention_widths, flops.forward_flops
-weights_per_token = flops.weights_per_token
+weights_per_token, decode_flops = flops.weights_per_token, flops.decode_flops
 
 
 def test_gnmt_count_worked_out_by_hand():
@@ -38,3 +48,30 @@ def test_tcn_count_equals_torch_flop_counter_on_an_unpadded_sentence():
     with counter, torch.no_grad():
         model(src, torch.tensor([7]), tgt)
     assert forward_flops(model, [7], [5]) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_tcn_decode_count_equals_torch_flop_counter_over_a_search(beam_size):
+    # the cached TCN step computes one column per layer, so its products are exactly the
+    # decoder's weights per row-step plus attention over the real source: for one unpadded
+    # sentence the count from the search's own work must equal torch's count of the search
+    model = tiny_model("tcn", emb_dim=12, channels=16, levels=2)
+    counted = decode_speed.WorkCounter(model)
+    src = torch.randint(4, 23, (1, 7))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        beam_search(
+            counted,
+            src,
+            torch.tensor([7]),
+            bos_id=BOS,
+            eos_id=EOS,
+            pad_id=PAD,
+            beam_size=beam_size,
+            max_len_a=0.0,
+            max_len_b=6,
+        )
+    assert counted.src_tokens == 7
+    assert counted.row_steps >= beam_size * 2  # the beam ran a few steps
+    work = (counted.src_tokens, counted.row_steps, counted.row_src_pairs)
+    assert decode_flops(model, *work) == counter.get_total_flops()
