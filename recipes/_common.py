@@ -174,9 +174,12 @@ class Recipe:
             signature = rows[0]["signature" + key.removeprefix("bleu")]
             console.print(f"sacreBLEU ({BLEU_LABELS[key]}): {signature}")
         model = self.run_dir / "model" / "best.pt"
+        nmt_bin = Path(sys.executable).with_name("nmt")  # the nmt of the Python running this
+        command = os.path.relpath(nmt_bin) if nmt_bin.exists() else "nmt"
         console.print(
             "Translate your own file with this model:\n"
-            f"  .venv/bin/nmt translate {os.path.relpath(model)} -i FILE -o OUT"
+            f"  {command} translate {os.path.relpath(model)} -i FILE -o OUT",
+            soft_wrap=True,  # a long path must stay one line that can be pasted
         )
 
     # -- the runner ---------------------------------------------------------------------------

@@ -220,6 +220,23 @@ def test_multi30k_recipe_keeps_its_layout(tmp_path):
     assert m30k.Multi30k(args).beams == [5] and m30k.Multi30k(m30k._parse([])).beams == [1, 5]
 
 
+def test_the_closing_hint_is_one_line_that_runs_from_the_current_folder(
+    tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / ("a_long_folder_name_" * 5) / "run"  # longer than a terminal line
+    (run / "model").mkdir(parents=True)
+    (run / "model/best.pt").touch()
+    monkeypatch.chdir(tmp_path)
+    m30k = recipe("multi30k")
+    m30k.Multi30k(m30k._parse(["--run-dir", str(run)]))._print_table([])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "Translate your own file with this model:"
+    nmt, subcommand, model, *rest = out[-1].split()
+    assert Path(nmt).resolve() == Path(sys.executable).with_name("nmt").resolve()
+    assert subcommand == "translate" and rest == ["-i", "FILE", "-o", "OUT"]
+    assert Path(model).resolve() == (run / "model/best.pt").resolve()
+
+
 @pytest.mark.slow
 def test_iwslt14_recipe_end_to_end(tmp_path, monkeypatch, tiny_config):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
