@@ -204,6 +204,7 @@ def _search(model, src_ids, src_lens, cfg: _Settings) -> list[list[Hypothesis]]:
     blocked = sorted(
         {i for i in (cfg.bos_id, cfg.pad_id) if i is not None and i >= 0} - {cfg.eos_id}
     )
+    blocked = torch.tensor(blocked, device=device) if blocked else None
     max_lens = max_output_lens(src_lens.to(device), cfg.max_len_a, cfg.max_len_b)
     act = _Active(
         sent_ids=torch.arange(num_sents, device=device),
@@ -307,27 +308,30 @@ def end_at_max(log_probs, cum, at_max, eos_id: int):
 def _top_candidates(log_probs, cum_log_probs, n, k, blocked, eos_id, at_max):
     """The 2k best (score, beam, token) of each sentence: score = cum_log_probs + log_probs.
 
-    log_probs (n*k, V) of the next token, cum_log_probs (n, k); `blocked` ids are never chosen;
-    on the rows `at_max` (n*k,) that reached their maximum length (None: no such row) only eos
-    is. Top (2k + len(blocked)) per hypothesis first, on the log-probs themselves: adding the
+    log_probs (n*k, V) of the next token, cum_log_probs (n, k); the `blocked` ids (a tensor, or
+    None) are never chosen; on the rows `at_max` (n*k,) that reached their maximum length (None:
+    no such row) only eos is. Top (2k + len(blocked)) per hypothesis first, on the log-probs
+    themselves (sync-free: no data-dependent shapes, as on a GPU it must be): adding the
     row's cumulative score keeps a row's order, so the 2k best of a sentence are among them, and
     only those few get the add (no pass over (n*k, V) for it). Then an exact order over the
     n x (k * k1) survivors: by score, ties by the lower (beam, token), so the result depends on
     nothing but the sentence's own rows. The finite scores are the same floats as adding first.
     """
     vocab = log_probs.size(1)
-    per_hyp = min(2 * k + len(blocked), vocab)
+    per_hyp = min(2 * k + (0 if blocked is None else blocked.numel()), vocab)
     top_log_probs, top_tokens = log_probs.topk(per_hyp, dim=1)  # (n*K, k1)
     cum = cum_log_probs.view(-1, 1)  # (n*K, 1)
-    if at_max is not None and bool(at_max.any()):
-        rows = at_max.nonzero().squeeze(1)  # (R,)
-        only_eos = log_probs.new_full((rows.size(0), vocab), -math.inf)  # (R, V)
-        only_eos[:, eos_id] = log_probs[rows, eos_id]
-        top_log_probs[rows], top_tokens[rows] = only_eos.topk(per_hyp, dim=1)
+    if at_max is not None:  # those rows offer eos, then -inf on other distinct ids
+        others = torch.arange(per_hyp - 1, device=log_probs.device)  # (k1 - 1,)
+        others = others + (others >= eos_id).long()  # skips eos; all < vocab
+        only_eos = torch.full_like(top_log_probs, -math.inf)  # (n*K, k1)
+        only_eos[:, 0] = log_probs[:, eos_id]
+        only_eos_tokens = torch.cat([others.new_full((1,), eos_id), others])  # (k1,)
+        top_log_probs = torch.where(at_max[:, None], only_eos, top_log_probs)
+        top_tokens = torch.where(at_max[:, None], only_eos_tokens, top_tokens)
     top_scores = top_log_probs.float() + cum  # (n*K, k1)
-    if blocked:  # never eos
-        blocked_ids = torch.tensor(blocked, device=top_tokens.device)
-        top_scores.masked_fill_(torch.isin(top_tokens, blocked_ids), -math.inf)
+    if blocked is not None:  # never eos
+        top_scores.masked_fill_(torch.isin(top_tokens, blocked), -math.inf)
     beams = torch.arange(n * k, device=log_probs.device) % k  # (n*K,)
     flat = top_tokens + beams[:, None] * vocab  # (n*K, k1) index into the sentence's K*V
     flat, order = flat.view(n, -1).sort(dim=1)  # (n, K*k1), unique keys
