@@ -186,7 +186,7 @@ class SearchConfig:
         "on CUDA: static shapes and one captured CUDA graph per decoding step (the same "
         "results, one launch per step); false: the batch shrinks as sentences end, as on the CPU",
     )
-    batch_size: int = opt(64, "sentences per decoding batch", min=1)
+    batch_size: int = opt(128, "sentences per decoding batch", min=1)
     max_src_len: int = opt(250, "longer inputs are truncated with a warning", min=1)
 
 
