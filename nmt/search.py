@@ -295,16 +295,6 @@ def _rows_of(sents: torch.Tensor, k: int) -> torch.Tensor:
     return (sents[:, None] * k + torch.arange(k, device=sents.device)).view(-1)  # (n*K,)
 
 
-def end_at_max(log_probs, cum, at_max, eos_id: int):
-    """log_probs (n*K, V) + cum (n*K, 1), with -inf on every continuation but eos of the rows
-    `at_max` (n*K,): folded into the one pass over (n*K, V) that adds `cum`, the eos column put
-    back after. Element for element the same sums as adding first and masking after, without a
-    (n*K, V) mask and a second pass."""
-    scores = log_probs + cum.masked_fill(at_max[:, None], -math.inf)  # (n*K, V)
-    scores[:, eos_id] = log_probs[:, eos_id] + cum[:, 0]  # (n*K,)
-    return scores
-
-
 def _top_candidates(log_probs, cum_log_probs, n, k, blocked, eos_id, at_max):
     """The 2k best (score, beam, token) of each sentence: score = cum_log_probs + log_probs.
 

@@ -31,7 +31,6 @@ from nmt.search import (
     Hypothesis,
     _search,
     _Settings,
-    end_at_max,
     length_penalty,
     max_output_lens,
 )
@@ -156,6 +155,16 @@ def _step(model, enc, carry: dict, c: _Consts) -> dict:
     if "coverage" in carry:
         out["coverage"] = (carry["coverage"] + attn).index_select(0, parents)  # (n*K, S)
     return {key: out[key] for key in carry}  # the carry's order: a graph copies leaf by leaf
+
+
+def end_at_max(log_probs, cum, at_max, eos_id: int):
+    """log_probs (n*K, V) + cum (n*K, 1), with -inf on every continuation but eos of the rows
+    `at_max` (n*K,): folded into the one pass over (n*K, V) that adds `cum`, the eos column put
+    back after. Element for element the same sums as adding first and masking after, without a
+    (n*K, V) mask and a second pass."""
+    scores = log_probs + cum.masked_fill(at_max[:, None], -math.inf)  # (n*K, V)
+    scores[:, eos_id] = log_probs[:, eos_id] + cum[:, 0]  # (n*K,)
+    return scores
 
 
 def _top_candidates_per_sentence(scores, n, k):
