@@ -76,6 +76,13 @@ class ModelConfig:
     residual_start: int = opt(3, "first layer (1-based) with a residual connection", min=2)
     attention: str = opt("bahdanau", "attention score", choices=("bahdanau", "dot", "general"))
     dropout: float = opt(0.2, "dropout between layers and on embeddings", min=0.0, max=0.9)
+    word_dropout: float = opt(
+        0.0,
+        "training only: zero a whole token's embedding with this probability, both sides "
+        "(Sennrich & Zhang 2019, low-resource NMT)",
+        min=0.0,
+        max=0.9,
+    )
     tie_embeddings: bool = opt(False, "tie the output projection to the target embedding")
     share_embeddings: bool = opt(True, "share source and target embeddings when joint")
     init_scale: float = opt(0.1, "uniform(-s, s) initialisation of weights", min=0.0)

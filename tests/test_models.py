@@ -16,6 +16,7 @@ import torch
 
 from nmt.config import ModelConfig
 from nmt.models import FAMILIES, build_model
+from nmt.models.base import WordDropout
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 23
@@ -165,3 +166,37 @@ def test_forward_backward_shapes_and_grads(family):
     logits.float().logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_word_dropout_zeroes_whole_tokens_and_keeps_the_mean():
+    drop = WordDropout(0.25).train()
+    x = torch.rand(40, 50, 6) + 0.5  # no zero entries of its own
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = (y == 0).all(-1)  # (40, 50)
+    kept = ~dropped
+    # every position is either dropped whole or kept whole, scaled by 1 / (1 - p)
+    assert not ((y == 0) & kept.unsqueeze(-1)).any()
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert 0.2 < dropped.float().mean().item() < 0.3  # 2,000 draws at p = 0.25
+    assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_word_dropout_acts_in_training_only(family):
+    """Same weights with and without word dropout: identical in eval mode (search never sees
+    it), different in training (where it drops tokens on both sides)."""
+    plain = tiny_model(family, dropout=0.0)
+    dropping = tiny_model(family, dropout=0.0, word_dropout=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    src_ids, src_lens, tgt_in_ids = random_batch([4, 7, 6], [5, 2, 6], seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            dropping(src_ids, src_lens, tgt_in_ids), plain(src_ids, src_lens, tgt_in_ids)
+        )
+        plain.train()
+        dropping.train()
+        torch.manual_seed(0)
+        expected = plain(src_ids, src_lens, tgt_in_ids)
+        assert torch.equal(plain(src_ids, src_lens, tgt_in_ids), expected)  # no other noise
+        assert not torch.allclose(dropping(src_ids, src_lens, tgt_in_ids), expected)

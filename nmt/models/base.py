@@ -24,6 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class WordDropout(nn.Module):
+    """In training, zero each token's whole embedding with probability `p` and scale the kept
+    ones by 1 / (1 - p) (word dropout: Sennrich & Zhang 2019, after Gal & Ghahramani 2016 §4,
+    who drop word types; this drops tokens). The identity in eval mode, so search never sees it.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)  # (..., 1)
+        return x * keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)  # (..., E)
+
+
 def sinusoid_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of integer positions (Vaswani et al. 2017): (...,) -> (..., dim)."""
     half = dim // 2

@@ -25,7 +25,7 @@ from torch import nn
 
 from nmt.errors import ConfigError
 from nmt.models.attention import build_attention
-from nmt.models.base import EncoderOut, select_rows, sinusoid_positions
+from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
@@ -68,9 +68,10 @@ def _init_uniform(module: nn.Module, init_scale: float, embed: nn.Embedding) -> 
             embed.weight[embed.padding_idx].zero_()
 
 
-def _embed(embed, ids, positions, scale: float, add_positions: bool) -> torch.Tensor:
-    """Token embeddings times `scale`, plus sinusoidal features of `positions` if asked."""
-    x = embed(ids) * scale  # (B, T, E)
+def _embed(embed, ids, positions, scale: float, add_positions: bool, word_dropout) -> torch.Tensor:
+    """Token embeddings times `scale` (whole tokens dropped in training by `word_dropout`), plus
+    sinusoidal features of `positions` if asked."""
+    x = word_dropout(embed(ids) * scale)  # (B, T, E)
     if add_positions:
         x = x + sinusoid_positions(positions, x.size(-1)).to(x.dtype)  # (B, T, E)
     return x
@@ -132,6 +133,7 @@ class GNMTEncoder(nn.Module):
         self.emb_scale = cfg["emb_dim"] ** 0.5 if cfg.get("emb_scale") else 1.0
         self.positions = bool(cfg.get("positions"))
         self.dropout = nn.Dropout(cfg["dropout"])
+        self.word_dropout = WordDropout(cfg.get("word_dropout", 0.0))
         self.bi_layer = BiRNN(cfg["cell"], cfg["emb_dim"], bi_hidden)
         self.layers = nn.ModuleList()
         for i in range(2, layers + 1):
@@ -142,7 +144,9 @@ class GNMTEncoder(nn.Module):
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         positions = torch.arange(src_ids.size(1), device=src_ids.device)
         src_mask = positions[None, :] < src_lens[:, None]  # (B, S)
-        x = _embed(self.embed, src_ids, positions, self.emb_scale, self.positions)  # (B, S, E)
+        x = _embed(
+            self.embed, src_ids, positions, self.emb_scale, self.positions, self.word_dropout
+        )  # (B, S, E)
         x = self.bi_layer(self.dropout(x), src_lens)  # (B, S, 2 * bi_hidden)
         for i, rnn in enumerate(self.layers, start=2):
             out = rnn(self.dropout(x))[0]  # (B, S, H)
@@ -172,6 +176,7 @@ class GNMTDecoder(nn.Module):
         self.input_feeding = bool(cfg.get("input_feeding"))
         self.memory_dim = memory_dim
         self.dropout = nn.Dropout(cfg["dropout"])
+        self.word_dropout = WordDropout(cfg.get("word_dropout", 0.0))
         first_in = emb_dim + (memory_dim if self.input_feeding else 0)
         self.layers = nn.ModuleList([_make_rnn(cfg["cell"], first_in, hidden)])
         for _ in range(2, cfg["dec_layers"] + 1):
@@ -202,7 +207,9 @@ class GNMTDecoder(nn.Module):
         """All layers over tgt_ids (B, T) at `positions` ((T,) or (B, 1)); `states` holds each
         layer's initial state (nn.LSTM form) or None; `feed` the previous context (B, D) when
         input feeding. Returns logits (B, T, V), states, attn (B, T, S), last context (B, D)."""
-        x = _embed(self.embed, tgt_ids, positions, self.emb_scale, self.positions)  # (B, T, E)
+        x = _embed(
+            self.embed, tgt_ids, positions, self.emb_scale, self.positions, self.word_dropout
+        )  # (B, T, E)
         x = self.dropout(x)
         if self.input_feeding:
             x, context, attn, states[0] = self._fed_first_layer(x, states[0], enc, feed)

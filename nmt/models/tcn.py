@@ -52,22 +52,23 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from nmt.config import check_receptive_field, receptive_field  # noqa: F401
-from nmt.models.base import EncoderOut, select_rows, sinusoid_positions
+from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
 
 
 class _Embedding(nn.Module):
     """Token embedding plus scaled sinusoidal positions, then dropout. Owns the position scale
     only: `embed` is assigned by the owner so that `build_model` can share it."""
 
-    def __init__(self, emb_dim: int, init_scale: float, dropout: float):
+    def __init__(self, emb_dim: int, init_scale: float, dropout: float, word_dropout: float):
         super().__init__()
         self.emb_dim = emb_dim
         self.pos_scale = nn.Parameter(torch.tensor(init_scale / math.sqrt(3.0)))
         self.dropout = nn.Dropout(dropout)
+        self.word_dropout = WordDropout(word_dropout)
 
     def forward(self, embed: nn.Embedding, ids: torch.Tensor, positions: torch.Tensor):
         pos = sinusoid_positions(positions, self.emb_dim)  # (..., E)
-        return self.dropout(embed(ids) + self.pos_scale * pos)  # (..., E)
+        return self.dropout(self.word_dropout(embed(ids)) + self.pos_scale * pos)  # (..., E)
 
 
 def _last_column(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,9 @@ class TCNEncoder(nn.Module):
         self.out_dim = channels
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
         nn.init.uniform_(self.embed.weight, -cfg["init_scale"], cfg["init_scale"])
-        self.embed_pos = _Embedding(emb_dim, cfg["init_scale"], cfg["dropout"])
+        self.embed_pos = _Embedding(
+            emb_dim, cfg["init_scale"], cfg["dropout"], cfg.get("word_dropout", 0.0)
+        )
         self.blocks = _stack(
             emb_dim, channels, cfg["kernel_size"], cfg["levels"], cfg["dropout"], causal=False
         )
@@ -194,7 +197,9 @@ class TCNDecoder(nn.Module):
         self.channels = channels
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
         nn.init.uniform_(self.embed.weight, -cfg["init_scale"], cfg["init_scale"])
-        self.embed_pos = _Embedding(emb_dim, cfg["init_scale"], cfg["dropout"])
+        self.embed_pos = _Embedding(
+            emb_dim, cfg["init_scale"], cfg["dropout"], cfg.get("word_dropout", 0.0)
+        )
         self.blocks = _stack(
             emb_dim, channels, cfg["kernel_size"], levels, cfg["dropout"], causal=True
         )
