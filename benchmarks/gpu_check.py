@@ -322,9 +322,18 @@ def _summary(run: Path, code: int, seconds: float) -> dict:
 
 
 def multi30k_bleu(
-    corpus: Path | None, work: Path, out_dir: Path, minutes: float, device, variants: list[str]
+    corpus: Path | None,
+    work: Path,
+    out_dir: Path,
+    minutes: float,
+    device,
+    variants: list[str],
+    common: list[str] = (),
 ) -> dict:
-    """The small preset, and each variant (extra overrides) beside it, trained side by side."""
+    """The small preset, and each variant (extra overrides) beside it, trained side by side.
+
+    `common` overrides go to every run, the preset's too (e.g. train.precision=fp32, as the CPU).
+    """
     if corpus is None or not (corpus / "multi30k").is_dir():
         return {
             "skipped": f"no Multi30k mirror ({corpus or 'no --corpus'}): pass --corpus DIR, a "
@@ -335,46 +344,65 @@ def multi30k_bleu(
     splits = ["train", "val", "test_2016_flickr"]
     download = ["download", "multi30k", "--langs", "en", "de", "--out", str(raw), "--splits"]
     _nmt(*download, *splits, timeout=300, env=env)
-    data_overrides = [
-        f"data.train_src={raw}/train.en",
-        f"data.train_tgt={raw}/train.de",
-        f"data.valid_src={raw}/val.en",
-        f"data.valid_tgt={raw}/val.de",
-        f"data.dir={work}/multi30k_data",
-    ]
     preset = str(ROOT / "configs/gnmt_small.yaml")
-    start = time.perf_counter()
-    _nmt("prepare", preset, *data_overrides, timeout=600, env=env)
-    prepare_s = time.perf_counter() - start
     runs = [("preset", [])] + [(v, v.split()) for v in variants]
+    runs = [(name, [*common, *extra]) for name, extra in runs]
+    # A variant that changes the tokenizer or the data filter gets its own prepared data.
+    data_keys = [
+        tuple(x for x in extra if x.startswith(("tokenizer.", "data."))) for _, extra in runs
+    ]
+    groups = list(dict.fromkeys(data_keys))
+
+    def data_overrides(key: tuple) -> list[str]:
+        return [
+            f"data.train_src={raw}/train.en",
+            f"data.train_tgt={raw}/train.de",
+            f"data.valid_src={raw}/val.en",
+            f"data.valid_tgt={raw}/val.de",
+            f"data.dir={work}/multi30k_data{groups.index(key)}",
+            *key,
+        ]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        list(
+            pool.map(
+                lambda k: _nmt("prepare", preset, *data_overrides(k), timeout=600, env=env), groups
+            )
+        )
+    prepare_s = time.perf_counter() - start
     procs = []
     start = time.perf_counter()
-    for k, (_, extra) in enumerate(runs):
+    for k, ((_, extra), key) in enumerate(zip(runs, data_keys)):
         run = work / f"multi30k_run{k}"
-        args = [preset, *data_overrides, f"train.out_dir={run}", f"train.device={device.type}"]
-        args += [f"train.max_minutes={minutes}", *extra]
+        args = [preset, *data_overrides(key), f"train.out_dir={run}", f"train.device={device.type}"]
+        args += [f"train.max_minutes={minutes}", *[x for x in extra if x not in key]]
         procs.append((run, _start_training(args, env, work / f"multi30k_train{k}.log")))
     deadline = start + 60 * minutes + 90  # max_minutes stops them; the kill is a backstop
     codes = [_finish(proc, deadline) for _, proc in procs]
     train_s = time.perf_counter() - start
-    test = [f"--src={raw}/test_2016_flickr.en", f"--ref={raw}/test_2016_flickr.de"]
+    sets = {
+        split: [f"--src={raw}/{split}.en", f"--ref={raw}/{split}.de"]
+        for split in ("val", "test_2016_flickr")
+    }
 
-    def evaluate(model: Path, beam: int) -> dict:
+    def evaluate(model: Path, beam: int, split: str) -> dict:
         search_args = [f"--beam-size={beam}", f"--device={device.type}", "--json"]
+        name = f"{'test' if split != 'val' else 'val'}_beam{beam}"
         try:
-            out = _nmt("evaluate", str(model), *test, *search_args, timeout=300, env=env)
+            out = _nmt("evaluate", str(model), *sets[split], *search_args, timeout=300, env=env)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
-            return {f"beam{beam}_error": str(e)[-800:]}
+            return {f"{name}_error": str(e)[-800:]}
         score = json.loads(out.stdout)
         return {
-            f"beam{beam}_bleu": score["bleu"]["score"],
-            f"beam{beam}_chrf": score["chrf"]["score"],
+            f"{name}_bleu": score["bleu"]["score"],
+            f"{name}_chrf": score["chrf"]["score"],
             "bleu_signature": score["bleu"]["signature"],
         }
 
     results = []
     jobs = []
-    with ThreadPoolExecutor(max_workers=2 * len(runs)) as pool:  # the GPU takes them together
+    with ThreadPoolExecutor(max_workers=3 * len(runs)) as pool:  # the GPU takes them together
         for k, ((name, _), (run, _), code) in enumerate(zip(runs, procs, codes)):
             model = run / ("best.pt" if (run / "best.pt").exists() else "last.pt")
             result = {"overrides": name, "checkpoint": model.name}
@@ -386,7 +414,8 @@ def multi30k_bleu(
                 result["stderr_tail"] = (work / f"multi30k_train{k}.log").read_text()[-800:]
             results.append(result)
             if model.exists():
-                jobs += [(result, pool.submit(evaluate, model, beam)) for beam in (1, 5)]
+                for beam, split in ((5, "test_2016_flickr"), (5, "val")):
+                    jobs.append((result, pool.submit(evaluate, model, beam, split)))
         for result, job in jobs:
             result.update(job.result())
     return {
@@ -448,6 +477,12 @@ def _parse(argv):
         metavar="OVERRIDES",
         help="multi30k: one more run beside the preset, its overrides space-separated, e.g. "
         "'train.lr=0.004 train.max_epochs=25' (repeatable; the runs share the GPU)",
+    )
+    p.add_argument(
+        "--common",
+        default="",
+        metavar="OVERRIDES",
+        help="multi30k: overrides for every run, the preset's too (space-separated)",
     )
     p.add_argument(
         "--skip",
@@ -538,7 +573,15 @@ def main(argv=None) -> int:
     minutes = max(0.5, min(args.train_minutes, left))
     stage(
         "multi30k",
-        lambda: multi30k_bleu(args.corpus, args.work_dir, out_dir, minutes, device, args.variant),
+        lambda: multi30k_bleu(
+            args.corpus,
+            args.work_dir,
+            out_dir,
+            minutes,
+            device,
+            args.variant,
+            args.common.split(),
+        ),
     )
     report["total_seconds"] = time.perf_counter() - begin
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
