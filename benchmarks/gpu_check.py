@@ -21,8 +21,11 @@ it finished):
    batch's longest): 4 batches (512 sentences) decode about a third slower on an H100.
    Target >= 50,000 tokens/s;
 4. multi30k: trains the small Multi30k preset (configs/gnmt_small.yaml) for --train-minutes
-   and reports beam-5 BLEU on test_2016_flickr. Needs the corpus: --corpus names a mirror
-   folder holding multi30k/ (as ../shared/corpora); without it the stage is skipped, saying so.
+   and reports beam-5 BLEU on val and test_2016_flickr. Each --variant (extra overrides) trains
+   beside it, on the same GPU; a variant that changes tokenizer.* or data.* gets its own
+   prepared data; --common overrides go to every run (e.g. train.precision=fp32, as the CPU).
+   Needs the corpus: --corpus names a mirror folder holding multi30k/ (as ../shared/corpora);
+   without it the stage is skipped, saying so.
 
 Extra `section.key=value` arguments override the throughput model's config; with --device cpu
 and a tiny model they make a quick smoke run of the script on a machine without a GPU.
@@ -35,6 +38,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +379,7 @@ def multi30k_bleu(
     start = time.perf_counter()
     for k, ((_, extra), key) in enumerate(zip(runs, data_keys)):
         run = work / f"multi30k_run{k}"
+        shutil.rmtree(run, ignore_errors=True)  # a rerun in the same --work-dir starts afresh
         args = [preset, *data_overrides(key), f"train.out_dir={run}", f"train.device={device.type}"]
         args += [f"train.max_minutes={minutes}", *[x for x in extra if x not in key]]
         procs.append((run, _start_training(args, env, work / f"multi30k_train{k}.log")))
