@@ -386,12 +386,12 @@ def multi30k_bleu(
     deadline = start + 60 * minutes + 90  # max_minutes stops them; the kill is a backstop
     codes = [_finish(proc, deadline) for _, proc in procs]
     train_s = time.perf_counter() - start
-    splits = {"val": "val", "test": "test_2016_flickr"}  # result key: split
+    scored = {"val": "val", "test": "test_2016_flickr"}  # result key: split
 
-    def evaluate(model: Path, beam: int, key: str) -> dict:
-        search_args = [f"--beam-size={beam}", f"--device={device.type}", "--json"]
-        text = [f"--src={raw}/{splits[key]}.en", f"--ref={raw}/{splits[key]}.de"]
-        name = f"{key}_beam{beam}"
+    def evaluate(model: Path, key: str) -> dict:
+        search_args = ["--beam-size=5", f"--device={device.type}", "--json"]
+        text = [f"--src={raw}/{scored[key]}.en", f"--ref={raw}/{scored[key]}.de"]
+        name = f"{key}_beam5"
         try:
             out = _nmt("evaluate", str(model), *text, *search_args, timeout=300, env=env)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
@@ -417,7 +417,7 @@ def multi30k_bleu(
                 result["stderr_tail"] = (work / f"multi30k_train{k}.log").read_text()[-800:]
             results.append(result)
             if model.exists():
-                jobs += [(result, pool.submit(evaluate, model, 5, key)) for key in splits]
+                jobs += [(result, pool.submit(evaluate, model, key)) for key in scored]
         for result, job in jobs:
             result.update(job.result())
     return {
