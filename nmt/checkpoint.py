@@ -153,8 +153,11 @@ def average(paths: list[str | Path]) -> dict:
     ref_path = Path(paths[-1])
     ref = load(ref_path)
     ref.pop("train_state", None)
+    alias = _aliases(ref["model"])
     sums = {
-        k: t.to(torch.float64, copy=True) for k, t in ref["model"].items() if t.is_floating_point()
+        k: t.to(torch.float64, copy=True)
+        for k, t in ref["model"].items()
+        if t.is_floating_point() and alias[k] == k
     }
     for path in paths[:-1]:  # one file in memory at a time besides the sums: large models too
         ckpt = load(path)
@@ -162,11 +165,21 @@ def average(paths: list[str | Path]) -> dict:
         for key, total in sums.items():
             total += ckpt["model"][key].double()
         del ckpt
-    state = {
-        key: (sums[key] / len(paths)).to(t.dtype) if key in sums else t
-        for key, t in ref["model"].items()
-    }
+    means = {key: (total / len(paths)).to(ref["model"][key].dtype) for key, total in sums.items()}
+    state = {key: means.get(alias[key], t) for key, t in ref["model"].items()}
     return {**{k: ref[k] for k in REQUIRED}, "model": state}
+
+
+def _aliases(state: dict) -> dict[str, str]:
+    """Each key -> the first key naming the same tensor. Tied weights (a shared embedding and
+    output projection) are one tensor under several names; `torch.save` writes it once, and the
+    average must keep it one tensor, else the file holds a copy per name."""
+    first: dict[tuple, str] = {}
+    alias = {}
+    for key, t in state.items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        alias[key] = first.setdefault(where, key)
+    return alias
 
 
 def _check_same_model(path: Path, ckpt: dict, ref_path: Path, ref: dict) -> None:

@@ -122,6 +122,24 @@ def test_average_is_the_mean_of_float_weights(tmp_path):
     assert torch.equal(checkpoint.load(tmp_path / "avg.pt")["model"]["w"], avg["model"]["w"])
 
 
+def test_average_keeps_tied_weights_one_tensor(tmp_path):
+    # an embedding tied to the output projection: one tensor under two names, stored once
+    paths = []
+    for step, value in [(10, 1.0), (20, 3.0)]:
+        emb = torch.full((4, 3), value)
+        state = {"emb.weight": emb, "out.weight": emb, "out.bias": torch.full((4,), value)}
+        paths.append(tmp_path / f"step_{step}.pt")
+        checkpoint.save(paths[-1], config={}, model_state=state, tokenizer_bytes={"j": b"x"})
+    avg = checkpoint.average(paths)["model"]
+    assert torch.equal(avg["emb.weight"], torch.full((4, 3), 2.0))
+    assert torch.equal(avg["out.bias"], torch.full((4,), 2.0))
+    assert avg["out.weight"] is avg["emb.weight"]
+    checkpoint.atomic_torch_save({"model": avg}, tmp_path / "avg.pt")
+    loaded = torch.load(tmp_path / "avg.pt", weights_only=True)["model"]
+    storage = [loaded[k].untyped_storage().data_ptr() for k in ("emb.weight", "out.weight")]
+    assert storage[0] == storage[1]  # written once
+
+
 def test_average_refuses_different_models(tmp_path):
     a = _save_weights(tmp_path / "a.pt", torch.zeros(2))
     other_shape = _save_weights(tmp_path / "b.pt", torch.zeros(3))
