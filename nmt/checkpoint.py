@@ -177,7 +177,7 @@ def _aliases(state: dict) -> dict[str, str]:
     first: dict[tuple, str] = {}
     alias = {}
     for key, t in state.items():
-        where = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
         alias[key] = first.setdefault(where, key)
     return alias
 
