@@ -140,6 +140,16 @@ def test_average_keeps_tied_weights_one_tensor(tmp_path):
     assert storage[0] == storage[1]  # written once
 
 
+def test_average_keeps_empty_tensors_apart(tmp_path):
+    # empty tensors all sit at a null storage address: same address, but not one tensor
+    state = {"w": torch.zeros(0), "count": torch.zeros(0, dtype=torch.int64)}
+    paths = [tmp_path / "step_1.pt", tmp_path / "step_2.pt"]
+    for path in paths:
+        checkpoint.save(path, config={}, model_state=state, tokenizer_bytes={"j": b"x"})
+    avg = checkpoint.average(paths)["model"]
+    assert avg["w"].dtype == torch.float32 and avg["count"].dtype == torch.int64
+
+
 def test_average_refuses_different_models(tmp_path):
     a = _save_weights(tmp_path / "a.pt", torch.zeros(2))
     other_shape = _save_weights(tmp_path / "b.pt", torch.zeros(3))
