@@ -45,6 +45,14 @@ class DataConfig:
     max_len: int = opt(200, "pairs with more pieces than this on either side are dropped", min=1)
     min_len: int = opt(1, "pairs with fewer pieces than this on either side are dropped", min=0)
     num_proc: int = opt(1, "worker processes for encoding (1 = in-process)", min=1)
+    sampling_alpha: float = opt(
+        0.0,
+        "subword regularization of the training pairs, drawn afresh for every batch: "
+        "BPE-dropout probability (tokenizer.model_type bpe) or unigram sampling smoothing "
+        "(the prepared train split then keeps its text); 0 = the one fixed segmentation",
+        min=0.0,
+        max=1.0,
+    )
 
 
 @dataclass

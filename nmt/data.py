@@ -7,11 +7,13 @@ Owns: validated streaming reads of line-aligned text (`read_parallel`); writing 
 Arrow datasets in `cfg.data.dir` (skipping work whose inputs and settings have not changed),
 in memory bounded by chunk and sample sizes, not by the corpus; the
 `TokenBatchSampler` (padded-token budget, per-epoch seeded order, per-rank shards, exact
-resume); `Batch` and `collate`. Does not own the model, the optimizer or the training loop.
+resume); `Batch` and `collate`, from the fixed ids or from text re-segmented per batch
+(`SubwordSampling`). Does not own the model, the optimizer or the training loop.
 
 A prepared split holds, per example: `line` (0-based line in the raw files), `src_ids`
 (pieces + [eos]), `tgt_ids` (pieces only; bos/eos are added by `collate`), `src_lens`
-(= len(src_ids)) and `tgt_lens` (= len(tgt_ids)).
+(= len(src_ids)) and `tgt_lens` (= len(tgt_ids)); with data.sampling_alpha set, the train
+split also keeps the text, `src` and `tgt`.
 """
 
 from __future__ import annotations
@@ -314,7 +316,6 @@ def _encode_batch(batch: dict, tokenizer: Tokenizer) -> dict:
     src_ids = [ids + [eos] for ids in tokenizer.encode_src(batch["src"])]
     tgt_ids = tokenizer.encode_tgt(batch["tgt"])
     return {
-        "line": batch["line"],
         "src_ids": src_ids,
         "tgt_ids": tgt_ids,
         "src_lens": [len(ids) for ids in src_ids],
@@ -335,14 +336,16 @@ def _keep_mask(src_lens, tgt_lens, min_len: int, max_len: int) -> np.ndarray:
     )
 
 
-def _features(tokenizer: Tokenizer) -> datasets.Features:
+def _features(tokenizer: Tokenizer, keep_text: bool) -> datasets.Features:
     import datasets
 
     big = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) > np.iinfo(np.int16).max
     dtype = "int32" if big else "int16"
+    text = {"src": datasets.Value("string"), "tgt": datasets.Value("string")} if keep_text else {}
     return datasets.Features(
         {
             "line": datasets.Value("int64"),
+            **text,
             "src_ids": datasets.List(datasets.Value(dtype)),
             "tgt_ids": datasets.List(datasets.Value(dtype)),
             "src_lens": datasets.Value("int32"),
@@ -384,9 +387,9 @@ def _raw_pairs(src: str, tgt: str, path: Path, chunk: int = 10_000) -> datasets.
     return datasets.Dataset.from_file(str(path))
 
 
-def _split_settings(src: str, tgt: str, tokenizer: Tokenizer, cfg: Config) -> dict:
+def _split_settings(src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, keep_text: bool) -> dict:
     """What a prepared split depends on: if these match, it is kept."""
-    return {
+    settings = {
         "format": FORMAT_VERSION,
         "tokenizer_sha256": hashlib.sha256(b"".join(tokenizer.to_bytes().values())).hexdigest(),
         "src": _file_id(src),
@@ -394,16 +397,26 @@ def _split_settings(src: str, tgt: str, tokenizer: Tokenizer, cfg: Config) -> di
         "min_len": cfg.data.min_len,
         "max_len": cfg.data.max_len,
     }
+    if keep_text:  # absent otherwise, so that splits prepared without the key are kept
+        settings["text"] = True
+    return settings
 
 
 def _encode_split(
-    split: str, src: str, tgt: str, tokenizer: Tokenizer, cfg: Config, data_dir: Path
+    split: str,
+    src: str,
+    tgt: str,
+    tokenizer: Tokenizer,
+    cfg: Config,
+    data_dir: Path,
+    keep_text: bool = False,
 ) -> None:
     """Encode one split into `data_dir/split`: raw Arrow file → batched map(encode) → drop
-    the pairs outside the length limits → save_to_disk, renamed into place when complete."""
+    the pairs outside the length limits → save_to_disk, renamed into place when complete.
+    `keep_text` keeps the `src` and `tgt` text columns (for subword sampling)."""
 
     d = cfg.data
-    settings = _split_settings(src, tgt, tokenizer, cfg)
+    settings = _split_settings(src, tgt, tokenizer, cfg, keep_text)
     final_dir = data_dir / split
     if _read_json(final_dir / SPLIT_SETTINGS) == settings:
         _log(f"{split}: kept {final_dir}")
@@ -416,8 +429,8 @@ def _encode_split(
             batched=True,
             batch_size=1000,
             fn_kwargs={"tokenizer": tokenizer},
-            remove_columns=["src", "tgt"],
-            features=_features(tokenizer),
+            remove_columns=[] if keep_text else ["src", "tgt"],
+            features=_features(tokenizer, keep_text),
             num_proc=d.num_proc if d.num_proc > 1 else None,
             desc=f"encode {split}",
         )
@@ -485,7 +498,8 @@ def prepare(cfg: Config) -> Path:
     d = cfg.data
     data_dir = _checked_data_dir(cfg)
     tokenizer = _ensure_tokenizer(cfg, data_dir)
-    _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir)
+    keep_text = d.sampling_alpha > 0  # batches of the train split are then re-segmented
+    _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir, keep_text)
     if d.valid_src:
         _encode_split("valid", d.valid_src, d.valid_tgt, tokenizer, cfg, data_dir)
     else:
@@ -747,36 +761,86 @@ def collate(examples: dict, indices, pad_id: int, bos_id: int, eos_id: int) -> B
     )
 
 
+@dataclass(frozen=True)
+class SubwordSampling:
+    """Subword regularization (data.sampling_alpha): each training batch is segmented afresh
+    from its text, with `Tokenizer.encode_sampled`, instead of read from the fixed ids.
+
+    The draw is seeded by `seed` and the batch's example indices (in order), so that a batch
+    gets the same pieces in every process and after a resume, and the reshuffled batches of
+    another epoch get new ones. Lengths stay those of the fixed segmentation for bucketing
+    (sampled ones run longer: BPE-dropout 0.1 adds about 40% pieces on Multi30k), and the
+    data.max_len filter applies to them too.
+    """
+
+    tokenizer: Tokenizer
+    alpha: float
+    seed: int
+
+    def examples(self, table: pa.Table, indices) -> dict:
+        """The `src_ids` and `tgt_ids` columns, sampled from the `src` and `tgt` text."""
+        key = zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())
+        seed = zlib.crc32(f"{self.seed}:{key}".encode())  # 32 bits, as sentencepiece takes
+        src = table.column("src").to_pylist()
+        tgt = table.column("tgt").to_pylist()
+        src_ids, tgt_ids = self.tokenizer.encode_sampled(src, tgt, self.alpha, seed)
+        eos = self.tokenizer.eos_id
+        return {"src_ids": [ids + [eos] for ids in src_ids], "tgt_ids": tgt_ids}
+
+
 class _Collated:
     """dataset[list of indices] -> Batch: what a loader asks for, one batch per key."""
 
-    def __init__(self, dataset: datasets.Dataset, pad_id: int, bos_id: int, eos_id: int):
-        self.columns = dataset.with_format("arrow", columns=["src_ids", "tgt_ids"])
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+        sampling: SubwordSampling | None = None,
+    ):
+        if sampling is not None and not {"src", "tgt"} <= set(dataset.column_names):
+            raise UsageError(
+                "data.sampling_alpha needs the text in the prepared train split: prepare it "
+                "again with data.sampling_alpha set (`nmt prepare`, or a recipe's "
+                "--start-stage prepare), which keeps the text"
+            )
+        names = ["src", "tgt"] if sampling is not None else ["src_ids", "tgt_ids"]
+        self.columns = dataset.with_format("arrow", columns=names)
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.sampling = sampling
 
     def __getitem__(self, indices: list[int]) -> Batch:
         table = self.columns[indices]  # a pyarrow Table: no per-row Python objects
-        examples = {name: table.column(name) for name in ("src_ids", "tgt_ids")}
+        if self.sampling is not None:
+            examples = self.sampling.examples(table, indices)
+        else:
+            examples = {name: table.column(name) for name in ("src_ids", "tgt_ids")}
         return collate(examples, indices, self.pad_id, self.bos_id, self.eos_id)
 
 
 def make_batches(
-    dataset: datasets.Dataset, sampler: TokenBatchSampler, pad_id: int, bos_id: int, eos_id: int
+    dataset: datasets.Dataset,
+    sampler: TokenBatchSampler,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    sampling: SubwordSampling | None = None,
 ) -> Iterator[Batch]:
     """Batches in the sampler's order (resuming at its position), built in this process."""
-    collated = _Collated(dataset, pad_id, bos_id, eos_id)
+    collated = _Collated(dataset, pad_id, bos_id, eos_id, sampling)
     for indices in sampler:
         yield collated[indices]
 
 
 class _InProcess:
-    """Iterable once per epoch: `make_batches` from the sampler's position."""
+    """Iterable once per epoch: the batches from the sampler's position, as `make_batches`."""
 
-    def __init__(self, dataset, sampler, pad_id, bos_id, eos_id):
-        self.args = (dataset, sampler, pad_id, bos_id, eos_id)
+    def __init__(self, collated: _Collated, sampler: TokenBatchSampler):
+        self.collated, self.sampler = collated, sampler
 
     def __iter__(self) -> Iterator[Batch]:
-        return make_batches(*self.args)
+        return (self.collated[indices] for indices in self.sampler)
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -791,6 +855,7 @@ def batch_loader(
     eos_id: int,
     workers: int = 0,
     pin_memory: bool = False,
+    sampling: SubwordSampling | None = None,
 ):
     """An iterable over the rest of the sampler's epoch, one pass per `iter()`.
 
@@ -800,10 +865,11 @@ def batch_loader(
     The loader then draws indices from the sampler ahead of the batches the caller has used:
     the caller must count the batches it consumed to know the resumable position.
     """
+    collated = _Collated(dataset, pad_id, bos_id, eos_id, sampling)
     if workers == 0 and not pin_memory:
-        return _InProcess(dataset, sampler, pad_id, bos_id, eos_id)
+        return _InProcess(collated, sampler)
     return torch.utils.data.DataLoader(
-        _Collated(dataset, pad_id, bos_id, eos_id),
+        collated,
         batch_size=None,  # the sampler yields whole batches of indices
         sampler=sampler,
         num_workers=workers,

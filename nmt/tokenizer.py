@@ -13,6 +13,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ SRC_FILE = "spm.src.model"
 TGT_FILE = "spm.tgt.model"
 # The ids every model trained here gets; loaded models are read, not assumed.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# sentencepiece's sampling seed is global to the process: one seeded draw at a time.
+_SAMPLING_LOCK = threading.Lock()
 
 
 def _processor(model_bytes: bytes, name: str) -> spm.SentencePieceProcessor:
@@ -243,6 +246,38 @@ class Tokenizer:
     def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
         """Piece ids per line; no bos/eos."""
         return self.tgt_sp.encode(list(lines), out_type=int)
+
+    def encode_sampled(
+        self, src_lines: Sequence[str], tgt_lines: Sequence[str], alpha: float, seed: int
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """(source, target) piece ids of one random segmentation per line: subword
+        regularization, BPE-dropout with merge-dropout probability `alpha` for a bpe model
+        (Provilkov et al. 2020), sampling from all segmentations with smoothing `alpha` for a
+        unigram one (Kudo 2018). The same seed gives the same segmentations.
+
+        sentencepiece draws from one generator per thread, seeded from the process-wide seed
+        when that thread first samples; so the draw runs in a fresh thread, started under a lock
+        just after the seed is set, one line at a time (a batch call would spread the lines
+        over a thread pool in an order that is not fixed).
+        """
+        out: dict = {}
+
+        def draw() -> None:
+            opts = dict(out_type=int, enable_sampling=True, alpha=alpha, nbest_size=-1)
+            try:
+                out["src"] = [self.src_sp.encode(line, **opts) for line in src_lines]
+                out["tgt"] = [self.tgt_sp.encode(line, **opts) for line in tgt_lines]
+            except Exception as e:  # raised again in the caller's thread
+                out["error"] = e
+
+        with _SAMPLING_LOCK:
+            spm.set_random_generator_seed(seed)
+            worker = threading.Thread(target=draw, name="nmt-subword-sampling")
+            worker.start()
+            worker.join()
+        if "error" in out:
+            raise out["error"]
+        return out["src"], out["tgt"]
 
     def _decode(self, sp: spm.SentencePieceProcessor, ids) -> list[str]:
         special = {self.pad_id, self.bos_id, self.eos_id}

@@ -215,6 +215,7 @@ class Trainer:
         )
         self.sampler.set_epoch(0)
         cuda = self.device.type == "cuda"
+        alpha = self.cfg.data.sampling_alpha
         self.loader = data.batch_loader(
             self.train_set,
             self.sampler,
@@ -223,6 +224,7 @@ class Trainer:
             tok.eos_id,
             workers=t.num_workers if cuda else 0,
             pin_memory=cuda,
+            sampling=data.SubwordSampling(tok, alpha, t.seed) if alpha > 0 else None,
         )
 
     def _total_steps(self) -> int:

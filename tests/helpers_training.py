@@ -29,8 +29,9 @@ def write_corpus(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
     return folder / f"s{seed}.src", folder / f"s{seed}.tgt"
 
 
-def prepare_tiny(folder: Path) -> list[str]:
-    """Prepare the tiny dataset under `folder`; returns its `data.*`/`tokenizer.*` overrides."""
+def prepare_tiny(folder: Path, *extra: str) -> list[str]:
+    """Prepare the tiny dataset under `folder` (`extra`: more `data.*` overrides); returns its
+    `data.*`/`tokenizer.*` overrides."""
     from nmt import data
     from nmt.config import load_config
 
@@ -43,6 +44,7 @@ def prepare_tiny(folder: Path) -> list[str]:
         f"data.valid_tgt={valid_tgt}",
         f"data.dir={folder / 'data'}",
         "tokenizer.vocab_size=120",
+        *extra,
     ]
     data.prepare(load_config(None, overrides))
     return overrides

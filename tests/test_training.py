@@ -18,6 +18,11 @@ def prepared(tmp_path_factory):
     return prepare_tiny(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(scope="module")
+def prepared_sampling(tmp_path_factory):  # BPE-dropout: every batch segmented afresh
+    return prepare_tiny(tmp_path_factory.mktemp("corpus"), "data.sampling_alpha=0.1")
+
+
 def test_train_cli_writes_run_folder(prepared, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--", *_tiny(prepared, out)]) == 0
@@ -39,7 +44,9 @@ def _weights(path):
     return checkpoint.load(path)["model"]
 
 
-def test_resume_equals_uninterrupted_run(prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("data_fixture", ["prepared", "prepared_sampling"])
+def test_resume_equals_uninterrupted_run(data_fixture, tmp_path, monkeypatch, request):
+    prepared = request.getfixturevalue(data_fixture)
     full = tmp_path / "full"
     Trainer(load_config(None, _tiny(prepared, full))).run()
 
