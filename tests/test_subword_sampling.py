@@ -45,20 +45,26 @@ def test_encode_sampled_is_seeded_and_decodes_to_the_text(prepared):
     assert tok.encode_sampled(lines, lines, 0.0, seed=7)[0] == tok.encode_src(lines)
 
 
-def test_prepare_keeps_the_text_only_for_sampling(prepared, folder, capsys):
-    train, _, lines = prepared
+def test_prepare_keeps_the_text_only_for_sampling(tmp_path, capsys):
+    # its own folder: re-preparing replaces the split files the module's fixture maps
+    overrides = prepare_tiny(tmp_path, "data.sampling_alpha=0.1")
+    data_dir = load_config(None, overrides).data.dir
+    lines = (tmp_path / "s1.src").read_text().splitlines()
+    train = data.load_split(data_dir, "train")
     assert {"src", "tgt", "src_ids", "line"} <= set(train.column_names)
     rows = train[:5]
     assert rows["src"] == [lines[i] for i in rows["line"]]
+    sampled_split_ids = train["src_ids"]
+    capsys.readouterr()
 
-    overrides = prepare_tiny(folder)  # sampling off: re-encoded, without the text
+    prepare_tiny(tmp_path)  # sampling off: re-encoded, without the text
     assert "train: kept" not in capsys.readouterr().err
-    data_dir = load_config(None, overrides).data.dir
     plain = data.load_split(data_dir, "train")
     assert "src" not in plain.column_names
-    assert plain["src_ids"] == train["src_ids"]
-    prepare_tiny(folder, "data.sampling_alpha=0.1")  # and back, for the other tests
+    assert plain["src_ids"] == sampled_split_ids
+    prepare_tiny(tmp_path, "data.sampling_alpha=0.1")  # and on again: the text comes back
     assert "train: kept" not in capsys.readouterr().err
+    assert "src" in data.load_split(data_dir, "train").column_names
 
 
 def test_sampled_batches_are_reproducible_and_hold_the_same_sentences(prepared):
