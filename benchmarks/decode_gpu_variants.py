@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 
 import gpu_check  # noqa: E402
@@ -35,7 +34,7 @@ device = torch.device("cuda")
 cfg = load_config(str(ROOT / "configs/gnmt_v2.yaml"), [])
 vocab = cfg.tokenizer.vocab_size
 torch.manual_seed(0)
-model = build_model(dataclasses.asdict(cfg.model), vocab, vocab, gpu_check.PAD, True).to(device)
+model = build_model(cfg.model, vocab, vocab, gpu_check.PAD, True).to(device)
 model.eval()
 results = {}
 

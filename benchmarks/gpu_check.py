@@ -133,7 +133,7 @@ def train_throughput(cfg, device: torch.device, steps: int, warmup: int) -> tupl
 
     torch.manual_seed(cfg.train.seed)
     vocab = cfg.tokenizer.vocab_size
-    model = build_model(dataclasses.asdict(cfg.model), vocab, vocab, PAD, True).to(device)
+    model = build_model(cfg.model, vocab, vocab, PAD, True).to(device)
     dtype = resolve_dtype(cfg.train.precision, device)
     updater = Updater(cfg, model, Distributed.single(device), dtype, PAD, total_steps=10**6)
     src_lens, tgt_lens = wmt_like_lengths(60_000, seed=1)
@@ -547,8 +547,7 @@ def main(argv=None) -> int:
     def decode():
         if "model" not in held:  # the train stage was skipped or failed before its model
             vocab = cfg.tokenizer.vocab_size
-            model_cfg = dataclasses.asdict(cfg.model)
-            held["model"] = build_model(model_cfg, vocab, vocab, PAD, True).to(device)
+            held["model"] = build_model(cfg.model, vocab, vocab, PAD, True).to(device)
         dtype = resolve_dtype(cfg.train.precision, device)
         if device.type == "cuda":
             held["model"].to(dtype)  # weights in bf16 too, as the Translator has them on CUDA

@@ -19,7 +19,6 @@ the figures. Benchmark on a quiet machine: a busy core slows two threads several
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
@@ -62,8 +61,7 @@ def synthetic_batches(cfg, n: int):
     batches = [
         random_batch(src_lens[idx], tgt_lens[idx], vocab, rng) for _, idx in zip(range(n), sampler)
     ]
-    model_cfg = dataclasses.asdict(cfg.model)
-    return batches, build_model(model_cfg, vocab, vocab, SYNTHETIC_PAD, True), SYNTHETIC_PAD
+    return batches, build_model(cfg.model, vocab, vocab, SYNTHETIC_PAD, True), SYNTHETIC_PAD
 
 
 def measure(cfg, args, threads: int) -> dict:

@@ -3,8 +3,6 @@ initialisation, config errors, and a tiny model that must learn to reverse seque
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -17,8 +15,8 @@ from nmt.models.gnmt import BiRNN, GNMTDecoder, GNMTEncoder, reverse_within_leng
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
-def cfg_of(**fields) -> dict:
-    return dataclasses.asdict(ModelConfig(**fields))
+def cfg_of(**fields) -> ModelConfig:
+    return ModelConfig(**fields)
 
 
 # --- sizes ------------------------------------------------------------------------------------
@@ -135,20 +133,22 @@ def test_one_step_cell_equals_the_layer(cell):
 
 
 def test_encoder_sizes_and_mask():
-    enc = GNMTEncoder(cfg_of(emb_dim=8, hidden=12, bi_hidden=5, enc_layers=1), 11, PAD)
+    enc = GNMTEncoder.from_config(cfg_of(emb_dim=8, hidden=12, bi_hidden=5, enc_layers=1), 11, PAD)
     assert enc.out_dim == 10
     out = enc(torch.tensor([[4, 5, 3], [6, 3, 0]]), torch.tensor([3, 2]))
     assert out.memory.shape == (2, 3, 10)
     assert out.src_mask.tolist() == [[True, True, True], [True, True, False]]
-    enc = GNMTEncoder(cfg_of(emb_dim=8, hidden=12, bi_hidden=5, enc_layers=3), 11, PAD)
+    enc = GNMTEncoder.from_config(cfg_of(emb_dim=8, hidden=12, bi_hidden=5, enc_layers=3), 11, PAD)
     assert enc.out_dim == 12
 
 
 def test_residual_at_layer_two_needs_matching_widths():
     with pytest.raises(ConfigError, match="residual_start"):
-        GNMTEncoder(cfg_of(hidden=16, bi_hidden=4, enc_layers=2, residual_start=2), 10, PAD)
-    GNMTEncoder(cfg_of(hidden=16, bi_hidden=8, enc_layers=2, residual_start=2), 10, PAD)
-    GNMTEncoder(cfg_of(hidden=16, bi_hidden=4, enc_layers=3, residual_start=3), 10, PAD)
+        GNMTEncoder.from_config(
+            cfg_of(hidden=16, bi_hidden=4, enc_layers=2, residual_start=2), 10, PAD
+        )
+    GNMTEncoder.from_config(cfg_of(hidden=16, bi_hidden=8, enc_layers=2, residual_start=2), 10, PAD)
+    GNMTEncoder.from_config(cfg_of(hidden=16, bi_hidden=4, enc_layers=3, residual_start=3), 10, PAD)
 
 
 # --- decoder ----------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_initialisation_follows_nvidia_except_the_attention_gain():
 def test_tie_output():
     model = build_model(cfg_of(emb_dim=16, hidden=16, tie_embeddings=True), 30, 30, PAD, True)
     assert model.decoder.out.weight is model.decoder.embed.weight
-    decoder = GNMTDecoder(cfg_of(emb_dim=8, hidden=16), 30, PAD, 16)
+    decoder = GNMTDecoder.from_config(cfg_of(emb_dim=8, hidden=16), 30, PAD, 16)
     with pytest.raises(ConfigError, match="tie_embeddings"):
         decoder.tie_output()
 

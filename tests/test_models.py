@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -63,9 +61,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         kernel_size=3,
     )
     sizes.update(overrides)
-    cfg = dataclasses.asdict(ModelConfig(arch=family, **sizes))
     torch.manual_seed(seed)
-    return build_model(cfg, VOCAB, VOCAB, PAD, joint_vocab=True).eval()
+    return build_model(
+        ModelConfig(arch=family, **sizes), VOCAB, VOCAB, PAD, joint_vocab=True
+    ).eval()
 
 
 def random_batch(src_lens, tgt_lens, seed: int = 1):

@@ -7,7 +7,6 @@ one by one, work shrinks as sentences end, maximum length).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 
@@ -361,17 +360,15 @@ def _real_model(arch: str):
 
     if arch not in FAMILIES:
         pytest.skip(f"model family {arch} is not available")
-    cfg = dataclasses.asdict(
-        ModelConfig(
-            arch=arch,
-            emb_dim=16,
-            hidden=16,
-            bi_hidden=8,
-            channels=16,
-            levels=2,
-            dropout=0.0,
-            init_scale=0.5,
-        )
+    cfg = ModelConfig(
+        arch=arch,
+        emb_dim=16,
+        hidden=16,
+        bi_hidden=8,
+        channels=16,
+        levels=2,
+        dropout=0.0,
+        init_scale=0.5,
     )
     torch.manual_seed(0)
     return build_model(cfg, 12, 12, PAD, joint_vocab=True).eval()

@@ -22,17 +22,17 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 V = 20
 
 
-def make_cfg(**overrides) -> dict:
+def make_cfg(**overrides) -> ModelConfig:
     base = dict(arch="tcn", emb_dim=16, channels=24, kernel_size=3, levels=3, dropout=0.1)
     base.update(overrides)
-    return dataclasses.asdict(ModelConfig(**base))
+    return ModelConfig(**base)
 
 
 def make_pair(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = make_cfg(**overrides)
-    encoder = TCNEncoder(cfg, V, PAD).eval()
-    decoder = TCNDecoder(cfg, V, PAD, encoder.out_dim).eval()
+    encoder = TCNEncoder.from_config(cfg, V, PAD).eval()
+    decoder = TCNDecoder.from_config(cfg, V, PAD, encoder.out_dim).eval()
     return encoder, decoder
 
 
@@ -90,13 +90,15 @@ def test_receptive_field_measured(k, levels):
 
 
 def test_check_receptive_field():
-    assert check_receptive_field(make_cfg(kernel_size=3, levels=4), 61) is None
-    problem = check_receptive_field(make_cfg(kernel_size=3, levels=4), 200)
+    def check(max_len, **overrides):
+        return check_receptive_field(dataclasses.asdict(make_cfg(**overrides)), max_len)
+
+    assert check(61, kernel_size=3, levels=4) is None
+    problem = check(200, kernel_size=3, levels=4)
     assert "model.levels" in problem and "61" in problem and "levels >= 6" in problem
-    assert "kernel_size >= 2" in check_receptive_field(make_cfg(kernel_size=1), 10)
-    assert check_receptive_field(make_cfg(arch="gnmt", kernel_size=1), 500) is None
-    mixed = make_cfg(arch="gnmt", decoder="tcn", kernel_size=2, levels=2)
-    assert "levels >= 4" in check_receptive_field(mixed, 20)
+    assert "kernel_size >= 2" in check(10, kernel_size=1)
+    assert check(500, arch="gnmt", kernel_size=1) is None
+    assert "levels >= 4" in check(20, arch="gnmt", decoder="tcn", kernel_size=2, levels=2)
 
 
 # ---- causality ----------------------------------------------------------------------------
@@ -210,14 +212,15 @@ def test_weight_norm_state_dict_round_trip():
 
 def test_tie_output():
     cfg = make_cfg(emb_dim=16, channels=24, tie_embeddings=True)
-    decoder = TCNDecoder(cfg, V, PAD, memory_dim=10)
+    decoder = TCNDecoder.from_config(cfg, V, PAD, memory_dim=10)
     decoder.tie_output()
     assert decoder.out.weight is decoder.embed.weight
     assert decoder.bottleneck is not None  # channels 24 -> emb 16 before the tied projection
-    same = TCNDecoder(make_cfg(emb_dim=24, channels=24, tie_embeddings=True), V, PAD, 10)
+    cfg = make_cfg(emb_dim=24, channels=24, tie_embeddings=True)
+    same = TCNDecoder.from_config(cfg, V, PAD, memory_dim=10)
     same.tie_output()
     assert same.bottleneck is None and same.out.weight is same.embed.weight
-    untied = TCNDecoder(make_cfg(emb_dim=16, channels=24), V, PAD, memory_dim=10)
+    untied = TCNDecoder.from_config(make_cfg(emb_dim=16, channels=24), V, PAD, memory_dim=10)
     with pytest.raises(ValueError, match="tie_embeddings"):
         untied.tie_output()
 

@@ -4,21 +4,23 @@ A model is an `EncoderDecoder`: one encoder and one decoder, each from a family 
 (a plain dict, no registration by import side effect). Families can be mixed where the contract
 holds: the decoder only sees the encoder's `EncoderOut` (memory of width `encoder.out_dim`).
 
-Encoder classes: `Cls(cfg: dict, vocab_size: int, pad_id: int)`, `.out_dim`, `.embed`
+Every class takes its sizes and options as explicit keyword arguments (no defaults: those live
+in `nmt.config.ModelConfig`, with their help) and has one `from_config(model_cfg, ...)` that reads
+them from a `ModelConfig`.
+Encoder classes: `Cls.from_config(model_cfg, vocab_size, pad_id)`, `.out_dim`, `.embed`
 (nn.Embedding), `forward(src_ids (B, S), src_lens (B,)) -> EncoderOut`.
-Decoder classes: `Cls(cfg: dict, vocab_size: int, pad_id: int, memory_dim: int)`, `.embed`,
+Decoder classes: `Cls.from_config(model_cfg, vocab_size, pad_id, memory_dim)`, `.embed`,
 `prepare(enc) -> EncoderOut` (cache keys once per sentence), `forward(tgt_in_ids (B, T), enc)
 -> logits (B, T, V)`, `init_state(enc)`, `step(tgt_ids_t (B,), state, enc) -> (logits (B, V),
 state, attn (B, S))`, `reorder_state(state, index)`, `tie_output()` (share the output projection
-with `.embed`, called only when cfg["tie_embeddings"]).
+with `.embed`, called only when `model_cfg.tie_embeddings`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from nmt.config import ModelConfig
 from nmt.models import gnmt
 from nmt.models.base import EncoderOut, Seq2Seq
 
@@ -62,28 +64,34 @@ class EncoderDecoder(Seq2Seq):
 
 
 def build_model(
-    cfg: dict, src_vocab_size: int, tgt_vocab_size: int, pad_id: int, joint_vocab: bool
+    model_cfg: ModelConfig,
+    src_vocab_size: int,
+    tgt_vocab_size: int,
+    pad_id: int,
+    joint_vocab: bool,
 ) -> EncoderDecoder:
-    """Build a model from the plain dict of `ModelConfig` (dataclasses.asdict)."""
-    enc_family = cfg.get("encoder") or cfg["arch"]
-    dec_family = cfg.get("decoder") or cfg["arch"]
+    """The encoder and decoder `model_cfg` names, embeddings shared and output tied as it says."""
+    enc_family = model_cfg.encoder or model_cfg.arch
+    dec_family = model_cfg.decoder or model_cfg.arch
     for family in (enc_family, dec_family):
         if family not in FAMILIES:
             raise ValueError(f"model family {family!r} is not available: {sorted(FAMILIES)}")
-    encoder = FAMILIES[enc_family][0](cfg, src_vocab_size, pad_id)
-    decoder = FAMILIES[dec_family][1](cfg, tgt_vocab_size, pad_id, encoder.out_dim)
+    encoder = FAMILIES[enc_family][0].from_config(model_cfg, src_vocab_size, pad_id)
+    decoder = FAMILIES[dec_family][1].from_config(
+        model_cfg, tgt_vocab_size, pad_id, encoder.out_dim
+    )
     same_shape = encoder.embed.weight.shape == decoder.embed.weight.shape
-    if cfg.get("share_embeddings", True) and joint_vocab and same_shape:
+    if model_cfg.share_embeddings and joint_vocab and same_shape:
         decoder.embed = encoder.embed
-    if cfg.get("tie_embeddings", False):
+    if model_cfg.tie_embeddings:
         decoder.tie_output()
     return EncoderDecoder(encoder, decoder)
 
 
-def build_model_for(model_cfg, tokenizer) -> EncoderDecoder:
+def build_model_for(model_cfg: ModelConfig, tokenizer) -> EncoderDecoder:
     """`build_model` for a `ModelConfig` and the tokenizer whose vocabularies it uses."""
     return build_model(
-        dataclasses.asdict(model_cfg),
+        model_cfg,
         tokenizer.src_vocab_size,
         tokenizer.tgt_vocab_size,
         tokenizer.pad_id,

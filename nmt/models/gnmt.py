@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models.attention import build_attention
 from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
@@ -112,34 +113,70 @@ class BiRNN(nn.Module):
 class GNMTEncoder(nn.Module):
     """Embedding, one bidirectional layer, then unidirectional layers with residuals.
 
-    Layer 1 is bidirectional (`bi_hidden` per direction, concatenated); layers 2..N have `hidden`
-    units; layer i >= `residual_start` (1-based) adds its input to its output; dropout on the
-    embeddings and between layers. The backward direction starts at each sentence's last real
-    token and every upper layer runs left to right, so a sentence's memory at its real positions
-    does not depend on its batch-mates (padded positions hold garbage, masked by `src_mask`).
+    Layer 1 is bidirectional (`bi_hidden` per direction, concatenated); layers 2..`num_layers`
+    have `hidden` units; layer i >= `residual_start` (1-based) adds its input to its output;
+    dropout on the embeddings and between layers. The backward direction starts at each
+    sentence's last real token and every upper layer runs left to right, so a sentence's memory
+    at its real positions does not depend on its batch-mates (padded positions hold garbage,
+    masked by `src_mask`). Arguments are `ModelConfig`'s fields of the same names (help and
+    defaults there), with `num_layers` for `enc_layers`.
     """
 
-    def __init__(self, cfg: dict, vocab_size: int, pad_id: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        *,
+        emb_dim: int,
+        hidden: int,
+        bi_hidden: int,
+        num_layers: int,
+        residual_start: int,
+        cell: str,
+        dropout: float,
+        word_dropout: float,
+        init_scale: float,
+        emb_scale: bool,
+        positions: bool,
+    ):
         super().__init__()
-        hidden, bi_hidden, layers = cfg["hidden"], cfg["bi_hidden"], cfg["enc_layers"]
-        self.residual_start = max(2, cfg["residual_start"])
-        if layers >= 2 and self.residual_start == 2 and 2 * bi_hidden != hidden:
+        self.residual_start = max(2, residual_start)
+        if num_layers >= 2 and self.residual_start == 2 and 2 * bi_hidden != hidden:
             problem = (
                 f"model.residual_start: a residual at encoder layer 2 needs 2 * model.bi_hidden"
                 f" == model.hidden, found {2 * bi_hidden} and {hidden} (use residual_start >= 3)"
             )
             raise ConfigError([problem])
-        self.embed = nn.Embedding(vocab_size, cfg["emb_dim"], padding_idx=pad_id)
-        self.emb_scale = cfg["emb_dim"] ** 0.5 if cfg.get("emb_scale") else 1.0
-        self.positions = bool(cfg.get("positions"))
-        self.dropout = nn.Dropout(cfg["dropout"])
-        self.word_dropout = WordDropout(cfg.get("word_dropout", 0.0))
-        self.bi_layer = BiRNN(cfg["cell"], cfg["emb_dim"], bi_hidden)
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
+        self.emb_scale = emb_dim**0.5 if emb_scale else 1.0
+        self.positions = positions
+        self.dropout = nn.Dropout(dropout)
+        self.word_dropout = WordDropout(word_dropout)
+        self.bi_layer = BiRNN(cell, emb_dim, bi_hidden)
         self.layers = nn.ModuleList()
-        for i in range(2, layers + 1):
-            self.layers.append(_make_rnn(cfg["cell"], 2 * bi_hidden if i == 2 else hidden, hidden))
-        self.out_dim = hidden if layers > 1 else 2 * bi_hidden
-        _init_uniform(self, cfg["init_scale"], self.embed)
+        for i in range(2, num_layers + 1):
+            self.layers.append(_make_rnn(cell, 2 * bi_hidden if i == 2 else hidden, hidden))
+        self.out_dim = hidden if num_layers > 1 else 2 * bi_hidden
+        _init_uniform(self, init_scale, self.embed)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int) -> GNMTEncoder:
+        m = model_cfg
+        return cls(
+            vocab_size,
+            pad_id,
+            emb_dim=m.emb_dim,
+            hidden=m.hidden,
+            bi_hidden=m.bi_hidden,
+            num_layers=m.enc_layers,
+            residual_start=m.residual_start,
+            cell=m.cell,
+            dropout=m.dropout,
+            word_dropout=m.word_dropout,
+            init_scale=m.init_scale,
+            emb_scale=m.emb_scale,
+            positions=m.positions,
+        )
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         positions = torch.arange(src_ids.size(1), device=src_ids.device)
@@ -157,36 +194,79 @@ class GNMTEncoder(nn.Module):
 class GNMTDecoder(nn.Module):
     """GNMT v2 decoder: layer 1 on the target embeddings queries the memory; upper layers read
     [their input, context]; layer i >= `residual_start` adds its input (not the context); dropout
-    on the embeddings and on every upper layer's input; a projection hidden -> V.
+    on the embeddings and on every upper layer's input; a projection hidden -> V. Arguments are
+    `ModelConfig`'s fields of the same names, with `num_layers` for `dec_layers`; `memory_dim` is
+    the encoder's `out_dim`.
 
     State: {"layers": one entry per layer, `(h, c)` for an LSTM or `h` for GRU/RNN, each (B, H),
     "pos": (B,)}, batch first so that `select_rows` reorders it. `init_state` gives zeros (GNMT v2
     does not bridge encoder states) unless `bridge` is set.
     """
 
-    def __init__(self, cfg: dict, vocab_size: int, pad_id: int, memory_dim: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        memory_dim: int,
+        *,
+        emb_dim: int,
+        hidden: int,
+        num_layers: int,
+        residual_start: int,
+        cell: str,
+        attention: str,
+        dropout: float,
+        word_dropout: float,
+        init_scale: float,
+        emb_scale: bool,
+        positions: bool,
+        input_feeding: bool,
+        bridge: bool,
+    ):
         super().__init__()
-        hidden, emb_dim = cfg["hidden"], cfg["emb_dim"]
         self.hidden = hidden
-        self.is_lstm = cfg["cell"] == "lstm"
-        self.residual_start = cfg["residual_start"]
+        self.is_lstm = cell == "lstm"
+        self.residual_start = residual_start
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
-        self.emb_scale = emb_dim**0.5 if cfg.get("emb_scale") else 1.0
-        self.positions = bool(cfg.get("positions"))
-        self.input_feeding = bool(cfg.get("input_feeding"))
+        self.emb_scale = emb_dim**0.5 if emb_scale else 1.0
+        self.positions = positions
+        self.input_feeding = input_feeding
         self.memory_dim = memory_dim
-        self.dropout = nn.Dropout(cfg["dropout"])
-        self.word_dropout = WordDropout(cfg.get("word_dropout", 0.0))
-        first_in = emb_dim + (memory_dim if self.input_feeding else 0)
-        self.layers = nn.ModuleList([_make_rnn(cfg["cell"], first_in, hidden)])
-        for _ in range(2, cfg["dec_layers"] + 1):
-            self.layers.append(_make_rnn(cfg["cell"], hidden + memory_dim, hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.word_dropout = WordDropout(word_dropout)
+        first_in = emb_dim + (memory_dim if input_feeding else 0)
+        self.layers = nn.ModuleList([_make_rnn(cell, first_in, hidden)])
+        for _ in range(2, num_layers + 1):
+            self.layers.append(_make_rnn(cell, hidden + memory_dim, hidden))
         self.out = nn.Linear(hidden, vocab_size)
-        n_layers = len(self.layers)
-        self.bridge = nn.Linear(memory_dim, n_layers * hidden) if cfg.get("bridge") else None
-        _init_uniform(self, cfg["init_scale"], self.embed)
+        self.bridge = nn.Linear(memory_dim, num_layers * hidden) if bridge else None
+        _init_uniform(self, init_scale, self.embed)
         # built after the uniform init so that its own defaults (gain, bias) stand
-        self.attention = build_attention(cfg["attention"], hidden, memory_dim, cfg["init_scale"])
+        self.attention = build_attention(attention, hidden, memory_dim, init_scale)
+
+    @classmethod
+    def from_config(
+        cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int, memory_dim: int
+    ) -> GNMTDecoder:
+        m = model_cfg
+        return cls(
+            vocab_size,
+            pad_id,
+            memory_dim,
+            emb_dim=m.emb_dim,
+            hidden=m.hidden,
+            num_layers=m.dec_layers,
+            residual_start=m.residual_start,
+            cell=m.cell,
+            attention=m.attention,
+            dropout=m.dropout,
+            word_dropout=m.word_dropout,
+            init_scale=m.init_scale,
+            emb_scale=m.emb_scale,
+            positions=m.positions,
+            input_feeding=m.input_feeding,
+            bridge=m.bridge,
+        )
 
     def tie_output(self) -> None:
         """Share the output projection's weight with `self.embed` (needs emb_dim == hidden)."""

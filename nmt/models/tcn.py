@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from nmt.config import check_receptive_field, receptive_field  # noqa: F401
+from nmt.config import ModelConfig, check_receptive_field, receptive_field  # noqa: F401
 from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
 
 
@@ -156,20 +156,43 @@ class TCNEncoder(nn.Module):
     """Source embedding + positions, then a non-causal TCN stack. Owns its embedding and stack.
 
     forward(src_ids (B, S), src_lens (B,)) -> EncoderOut(memory (B, S, channels), src_mask,
-    src_lens); memory is zero at padded positions.
+    src_lens); memory is zero at padded positions. Arguments are `ModelConfig`'s fields of the
+    same names.
     """
 
-    def __init__(self, cfg: dict, vocab_size: int, pad_id: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        *,
+        emb_dim: int,
+        channels: int,
+        kernel_size: int,
+        levels: int,
+        dropout: float,
+        word_dropout: float,
+        init_scale: float,
+    ):
         super().__init__()
-        emb_dim, channels = cfg["emb_dim"], cfg["channels"]
         self.out_dim = channels
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
-        nn.init.uniform_(self.embed.weight, -cfg["init_scale"], cfg["init_scale"])
-        self.embed_pos = _Embedding(
-            emb_dim, cfg["init_scale"], cfg["dropout"], cfg.get("word_dropout", 0.0)
-        )
-        self.blocks = _stack(
-            emb_dim, channels, cfg["kernel_size"], cfg["levels"], cfg["dropout"], causal=False
+        nn.init.uniform_(self.embed.weight, -init_scale, init_scale)
+        self.embed_pos = _Embedding(emb_dim, init_scale, dropout, word_dropout)
+        self.blocks = _stack(emb_dim, channels, kernel_size, levels, dropout, causal=False)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int) -> TCNEncoder:
+        m = model_cfg
+        return cls(
+            vocab_size,
+            pad_id,
+            emb_dim=m.emb_dim,
+            channels=m.channels,
+            kernel_size=m.kernel_size,
+            levels=m.levels,
+            dropout=m.dropout,
+            word_dropout=m.word_dropout,
+            init_scale=m.init_scale,
         )
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
@@ -188,29 +211,60 @@ class TCNEncoder(nn.Module):
 class TCNDecoder(nn.Module):
     """Target embedding + positions, a causal TCN stack with attention after every block
     (ConvS2S multi-step attention), and the output projection. Owns all of these and the
-    incremental-decoding state (per-conv caches and the position).
+    incremental-decoding state (per-conv caches and the position). Arguments are `ModelConfig`'s
+    fields of the same names; `memory_dim` is the encoder's `out_dim`; `tie_embeddings` builds the
+    output projection so that `tie_output` can share it with the embedding (a bottleneck
+    channels -> emb_dim first where they differ).
     """
 
-    def __init__(self, cfg: dict, vocab_size: int, pad_id: int, memory_dim: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        memory_dim: int,
+        *,
+        emb_dim: int,
+        channels: int,
+        kernel_size: int,
+        levels: int,
+        dropout: float,
+        word_dropout: float,
+        init_scale: float,
+        tie_embeddings: bool,
+    ):
         super().__init__()
-        emb_dim, channels, levels = cfg["emb_dim"], cfg["channels"], cfg["levels"]
         self.channels = channels
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
-        nn.init.uniform_(self.embed.weight, -cfg["init_scale"], cfg["init_scale"])
-        self.embed_pos = _Embedding(
-            emb_dim, cfg["init_scale"], cfg["dropout"], cfg.get("word_dropout", 0.0)
-        )
-        self.blocks = _stack(
-            emb_dim, channels, cfg["kernel_size"], levels, cfg["dropout"], causal=True
-        )
+        nn.init.uniform_(self.embed.weight, -init_scale, init_scale)
+        self.embed_pos = _Embedding(emb_dim, init_scale, dropout, word_dropout)
+        self.blocks = _stack(emb_dim, channels, kernel_size, levels, dropout, causal=True)
         self.key_proj = nn.Linear(memory_dim, channels)
         self.queries = nn.ModuleList(nn.Linear(channels, channels) for _ in range(levels))
         self.contexts = nn.ModuleList(nn.Linear(channels, channels) for _ in range(levels))
-        self.dropout = nn.Dropout(cfg["dropout"])
+        self.dropout = nn.Dropout(dropout)
         # Tying needs the output input width to be the embedding width: project down first.
-        needs_bottleneck = cfg["tie_embeddings"] and channels != emb_dim
+        needs_bottleneck = tie_embeddings and channels != emb_dim
         self.bottleneck = nn.Linear(channels, emb_dim) if needs_bottleneck else None
         self.out = nn.Linear(emb_dim if needs_bottleneck else channels, vocab_size)
+
+    @classmethod
+    def from_config(
+        cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int, memory_dim: int
+    ) -> TCNDecoder:
+        m = model_cfg
+        return cls(
+            vocab_size,
+            pad_id,
+            memory_dim,
+            emb_dim=m.emb_dim,
+            channels=m.channels,
+            kernel_size=m.kernel_size,
+            levels=m.levels,
+            dropout=m.dropout,
+            word_dropout=m.word_dropout,
+            init_scale=m.init_scale,
+            tie_embeddings=m.tie_embeddings,
+        )
 
     def tie_output(self) -> None:
         """Share the output projection weight with `self.embed` (call after any sharing)."""
@@ -218,7 +272,7 @@ class TCNDecoder(nn.Module):
             raise ValueError(
                 f"TCN decoder: cannot tie the output projection (input width "
                 f"{self.out.in_features}) to an embedding of width "
-                f"{self.embed.embedding_dim}; build it with cfg['tie_embeddings'] = True"
+                f"{self.embed.embedding_dim}; build it with tie_embeddings=True"
             )
         self.out.weight = self.embed.weight
 
