@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_training import prepare_tiny, tiny
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from nmt.cli import main
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import attention, build_model
@@ -149,6 +151,40 @@ def test_residual_at_layer_two_needs_matching_widths():
         )
     GNMTEncoder.from_config(cfg_of(hidden=16, bi_hidden=8, enc_layers=2, residual_start=2), 10, PAD)
     GNMTEncoder.from_config(cfg_of(hidden=16, bi_hidden=4, enc_layers=3, residual_start=3), 10, PAD)
+
+
+# --- config errors ----------------------------------------------------------------------------
+
+
+def test_config_mistakes_reaching_the_models_are_config_errors():
+    """nmt.config rejects these first; a ModelConfig built in code still gets a ConfigError
+    (exit 2 through the CLI) that names the key, never a ValueError."""
+    with pytest.raises(ConfigError, match="model.attention: expected bahdanau, dot or general"):
+        build_model(cfg_of(attention="luong"), 30, 30, PAD, True)
+    with pytest.raises(ConfigError, match="model.cell: expected one of lstm, gru, rnn"):
+        build_model(cfg_of(cell="lstn"), 30, 30, PAD, True)
+    with pytest.raises(ConfigError, match="model.arch: expected one of gnmt, tcn, found 'rnn'"):
+        build_model(cfg_of(arch="rnn"), 30, 30, PAD, True)
+    with pytest.raises(ConfigError, match="model.decoder: expected one of gnmt, tcn, found 'cnn'"):
+        build_model(cfg_of(decoder="cnn"), 30, 30, PAD, True)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return prepare_tiny(tmp_path_factory.mktemp("corpus"))
+
+
+def test_a_model_check_through_the_cli_is_one_error_line_and_exit_2(prepared, tmp_path, capsys):
+    """`nmt train` with a residual at encoder layer 2 that the widths cannot take: the encoder's
+    own check (nmt.config does not make it) ends the run with one `error:` line, exit 2."""
+    out = tmp_path / "run"
+    layers = ("model.enc_layers=2", "model.residual_start=2", "model.bi_hidden=8")
+    assert main(["train", "--", *tiny(prepared, out, *layers)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert "model.residual_start: a residual at encoder layer 2" in err
+    assert "found 16 and 32" in err
+    assert not list(out.glob("*.pt"))
 
 
 # --- decoder ----------------------------------------------------------------------------------

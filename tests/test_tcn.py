@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nmt.config import ModelConfig
+from nmt.errors import ConfigError
 from nmt.models.tcn import (
     TCNDecoder,
     TCNEncoder,
@@ -221,7 +222,7 @@ def test_tie_output():
     same.tie_output()
     assert same.bottleneck is None and same.out.weight is same.embed.weight
     untied = TCNDecoder.from_config(make_cfg(emb_dim=16, channels=24), V, PAD, memory_dim=10)
-    with pytest.raises(ValueError, match="tie_embeddings"):
+    with pytest.raises(ConfigError, match="tie_embeddings"):
         untied.tie_output()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from nmt.config import ModelConfig
+from nmt.errors import ConfigError
 from nmt.models import gnmt
 from nmt.models.base import EncoderOut, Seq2Seq
 
@@ -73,9 +74,12 @@ def build_model(
     """The encoder and decoder `model_cfg` names, embeddings shared and output tied as it says."""
     enc_family = model_cfg.encoder or model_cfg.arch
     dec_family = model_cfg.decoder or model_cfg.arch
-    for family in (enc_family, dec_family):
+    for side in ("encoder", "decoder"):
+        key = side if getattr(model_cfg, side) else "arch"
+        family = getattr(model_cfg, key)
         if family not in FAMILIES:
-            raise ValueError(f"model family {family!r} is not available: {sorted(FAMILIES)}")
+            families = ", ".join(FAMILIES)
+            raise ConfigError([f"model.{key}: expected one of {families}, found {family!r}"])
     encoder = FAMILIES[enc_family][0].from_config(model_cfg, src_vocab_size, pad_id)
     decoder = FAMILIES[dec_family][1].from_config(
         model_cfg, tgt_vocab_size, pad_id, encoder.out_dim

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from nmt.errors import ConfigError
+
 # Bahdanau scores need tanh(q_t + k_s) for every (t, s): a (B, T, S, A) tensor that has no cheaper
 # exact formulation. It is never materialised whole: it is built in chunks over T of at most this
 # many elements (cache-sized on a CPU, where fresh large buffers cost page faults; larger on a GPU
@@ -183,4 +185,4 @@ def build_attention(kind: str, query_dim: int, memory_dim: int, init_scale: floa
         return BahdanauAttention(query_dim, memory_dim, query_dim, init_scale)
     if kind in ("dot", "general"):
         return LuongAttention(query_dim, memory_dim, kind == "general", init_scale)
-    raise ValueError(f"model.attention: expected bahdanau, dot or general, found {kind!r}")
+    raise ConfigError([f"model.attention: expected bahdanau, dot or general, found {kind!r}"])

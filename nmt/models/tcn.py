@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from nmt.config import ModelConfig, check_receptive_field, receptive_field  # noqa: F401
+from nmt.errors import ConfigError
 from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
 
 
@@ -269,10 +270,12 @@ class TCNDecoder(nn.Module):
     def tie_output(self) -> None:
         """Share the output projection weight with `self.embed` (call after any sharing)."""
         if self.out.in_features != self.embed.embedding_dim:
-            raise ValueError(
-                f"TCN decoder: cannot tie the output projection (input width "
-                f"{self.out.in_features}) to an embedding of width "
-                f"{self.embed.embedding_dim}; build it with tie_embeddings=True"
+            raise ConfigError(
+                [
+                    f"model.tie_embeddings: the TCN decoder cannot tie its output projection "
+                    f"(input width {self.out.in_features}) to an embedding of width "
+                    f"{self.embed.embedding_dim}; build it with tie_embeddings=True"
+                ]
             )
         self.out.weight = self.embed.weight
 
