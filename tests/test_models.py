@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -154,6 +156,14 @@ def test_reorder_matches_reordered_batch(family, variant, index):
         model, src_ids[index], src_lens[index], tgt_in_ids[index, : prefix + 2]
     )
     torch.testing.assert_close(lp2, expected_lp2[:, prefix + 1], atol=ATOL, rtol=0)
+
+
+def test_every_family_the_config_offers_is_there():
+    """`model.arch=tcn` must build a TCN, never meet a family that an import error removed."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(FAMILIES) == set(fields["arch"].metadata["choices"])
+    for side in ("encoder", "decoder"):
+        assert set(FAMILIES) == set(fields[side].metadata["choices"]) - {""}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

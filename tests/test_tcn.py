@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 
 import pytest
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
+from nmt.models import build_model
 from nmt.models.tcn import (
     TCNDecoder,
     TCNEncoder,
@@ -231,10 +231,6 @@ def test_tie_output():
 
 @pytest.mark.parametrize("encoder_family,decoder_family", [("gnmt", "tcn"), ("tcn", "gnmt")])
 def test_mixed_families(encoder_family, decoder_family):
-    if importlib.util.find_spec("nmt.models.gnmt") is None:
-        pytest.skip("nmt.models.gnmt is not there yet")
-    from nmt.models import build_model
-
     torch.manual_seed(8)
     cfg = make_cfg(
         arch="gnmt", encoder=encoder_family, decoder=decoder_family, hidden=24, bi_hidden=12

@@ -22,18 +22,13 @@ import torch
 
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
-from nmt.models import gnmt
+from nmt.models import gnmt, tcn
 from nmt.models.base import EncoderOut, Seq2Seq
 
 FAMILIES = {
     "gnmt": (gnmt.GNMTEncoder, gnmt.GNMTDecoder),
+    "tcn": (tcn.TCNEncoder, tcn.TCNDecoder),
 }
-try:  # the TCN family lands separately; keep gnmt usable on its own
-    from nmt.models import tcn
-
-    FAMILIES["tcn"] = (tcn.TCNEncoder, tcn.TCNDecoder)
-except ImportError:  # pragma: no cover
-    pass
 
 
 class EncoderDecoder(Seq2Seq):
