@@ -45,9 +45,9 @@ def run_layer(rnn: nn.Module, x: torch.Tensor, state, one_step_cell: bool | None
     """`rnn(x, state)` for x (B, T, I) and a state in nn.LSTM's (1, B, H) form.
 
     For one step on a GPU (`one_step_cell` None: T == 1 and x on CUDA) the layer runs as its
-    cell function instead: two GEMMs and one fused pointwise kernel, against cuDNN's sequence
-    set-up and copies, which cost several times the arithmetic per decoding step (H200, GNMT v2
-    beam 5). On the CPU oneDNN's single-step LSTM is the faster one, so it stays.
+    cell function instead: two GEMMs and one fused pointwise kernel, where cuDNN's sequence set-up
+    and copies outweigh the arithmetic of a single step (figures: benchmarks/README.md, Models).
+    On the CPU oneDNN's single-step LSTM is the faster one, so it stays.
     """
     if one_step_cell is None:
         one_step_cell = x.size(1) == 1 and x.is_cuda
