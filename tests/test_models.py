@@ -4,12 +4,14 @@
 - incremental decoding (`step` T times) gives the log-softmax of teacher-forced `forward`;
 - padding invariance: a sentence's outputs do not depend on its batch-mates;
 - `reorder_state` / `reorder_encoder_out` with a permutation and with repeated rows give the same
-  step outputs as building the reordered batch from scratch.
+  step outputs as building the reordered batch from scratch;
+- model classes take explicit arguments only (no `**kwargs`, no defaults of their own).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -209,3 +211,18 @@ def test_word_dropout_acts_in_training_only(family):
         expected = plain(src_ids, src_lens, tgt_in_ids)
         assert torch.equal(plain(src_ids, src_lens, tgt_in_ids), expected)  # no other noise
         assert not torch.allclose(dropping(src_ids, src_lens, tgt_in_ids), expected)
+
+
+@pytest.mark.parametrize(
+    "cls", [cls for pair in FAMILIES.values() for cls in pair], ids=lambda cls: cls.__name__
+)
+def test_model_classes_take_explicit_arguments_only(cls):
+    """No `**kwargs` (an unknown option must fail) and no defaults (they live in ModelConfig),
+    and one `from_config` that builds the class from a ModelConfig."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert all(p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+    assert all(p.default is p.empty for p in params), [p.name for p in params]
+    from_config = inspect.signature(cls.from_config).parameters
+    assert list(from_config)[:3] == ["model_cfg", "vocab_size", "pad_id"]
+    memory_dim = [16] if "memory_dim" in from_config else []
+    assert isinstance(cls.from_config(ModelConfig(), VOCAB, PAD, *memory_dim), cls)
