@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_models import BOS, EOS, PAD, tiny_model
+from helpers_models import BOS, EOS, PAD, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmt.search import beam_search

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import BOS, PAD, exact_match, reverse_batch
 from helpers_training import prepare_tiny, tiny
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -13,8 +14,6 @@ from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import attention, build_model
 from nmt.models.gnmt import BiRNN, GNMTDecoder, GNMTEncoder, reverse_within_lengths, run_layer
-
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 def cfg_of(**fields) -> ModelConfig:
@@ -300,39 +299,6 @@ def test_luong_projection_only_where_needed():
 VOCAB = 20  # pad, unk, bos, eos and 16 symbols
 
 
-def reverse_batch(gen: torch.Generator, size: int):
-    """Random sequences of 3-10 symbols: src = seq + eos, tgt = reversed seq + eos."""
-    lens = torch.randint(3, 11, (size,), generator=gen)
-    width = int(lens.max()) + 1
-    src_ids = torch.full((size, width), PAD)
-    tgt_in_ids = torch.full((size, width), PAD)
-    tgt_out_ids = torch.full((size, width), PAD)
-    for i, n in enumerate(lens.tolist()):
-        seq = torch.randint(4, VOCAB, (n,), generator=gen)
-        src_ids[i, :n], src_ids[i, n] = seq, EOS
-        tgt_in_ids[i, 0], tgt_in_ids[i, 1 : n + 1] = BOS, seq.flip(0)
-        tgt_out_ids[i, :n], tgt_out_ids[i, n] = seq.flip(0), EOS
-    return src_ids, lens + 1, tgt_in_ids, tgt_out_ids
-
-
-@torch.no_grad()
-def greedy(model, src_ids, src_lens, max_len: int) -> list[list[int]]:
-    enc = model.encode(src_ids, src_lens)
-    state = model.init_state(enc)
-    tokens = torch.full((src_ids.size(0),), BOS)
-    out = []
-    finished = torch.zeros(src_ids.size(0), dtype=torch.bool)
-    for _ in range(max_len):
-        log_probs, state, _ = model.step(tokens, state, enc)
-        tokens = log_probs.argmax(-1)  # (B,)
-        out.append(tokens)
-        finished |= tokens == EOS
-        if finished.all():
-            break
-    hyps = torch.stack(out, 1).tolist()
-    return [h[: h.index(EOS)] if EOS in h else h for h in hyps]
-
-
 def test_tiny_gnmt_learns_to_reverse():
     torch.manual_seed(0)
     cfg = cfg_of(emb_dim=32, hidden=64, bi_hidden=32, enc_layers=1, dec_layers=2, dropout=0.0)
@@ -342,7 +308,7 @@ def test_tiny_gnmt_learns_to_reverse():
     running = None
     # it usually converges in 300-500 updates; stop early once the running loss is tiny
     for _ in range(1200):
-        src_ids, src_lens, tgt_in_ids, tgt_out_ids = reverse_batch(gen, 64)
+        src_ids, src_lens, tgt_in_ids, tgt_out_ids = reverse_batch(gen, 64, VOCAB)
         logits = model(src_ids, src_lens, tgt_in_ids)
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, VOCAB), tgt_out_ids.reshape(-1), ignore_index=PAD
@@ -353,9 +319,5 @@ def test_tiny_gnmt_learns_to_reverse():
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         if running < 0.05:
             break
-    model.eval()
-    src_ids, src_lens, _, tgt_out_ids = reverse_batch(torch.Generator().manual_seed(123), 200)
-    hyps = greedy(model, src_ids, src_lens, max_len=int(src_lens.max()) + 2)
-    refs = [t[: t.index(EOS)] for t in tgt_out_ids.tolist()]
-    exact = sum(h == r for h, r in zip(hyps, refs)) / len(refs)
+    exact = exact_match(model, VOCAB)
     assert exact >= 0.95, f"exact match {exact:.3f} after loss {running:.4f}"

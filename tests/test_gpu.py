@@ -12,8 +12,9 @@ import math
 
 import pytest
 import torch
+from helpers_models import BOS, EOS, PAD, VOCAB, random_batch, run_steps, tiny_model
 from helpers_training import prepare_tiny, tiny, torchrun
-from test_models import BOS, CASES, EOS, PAD, random_batch, run_steps, tiny_model
+from test_models import CASES
 
 from nmt import checkpoint
 from nmt.config import load_config
@@ -99,7 +100,9 @@ def test_step_equals_forward_on_cuda(family, variant, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 sums on both paths
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = tiny_model(family, **variant).cuda()
-    src_ids, src_lens, tgt_in_ids = (t.cuda() for t in random_batch([7, 4, 9, 1], [6, 8, 3, 5]))
+    src_ids, src_lens, tgt_in_ids = (
+        t.cuda() for t in random_batch([7, 4, 9, 1], [6, 8, 3, 5], VOCAB)
+    )
     expected = torch.log_softmax(model(src_ids, src_lens, tgt_in_ids).float(), -1)  # (B, T, V)
     log_probs, _ = run_steps(model, src_ids, src_lens, tgt_in_ids)
     torch.testing.assert_close(log_probs, expected, atol=1e-4, rtol=0)
@@ -143,7 +146,7 @@ def test_cuda_graph_search_equals_the_eager_searches(
 
     torch.manual_seed(0)
     model = tiny_model(family, **variant).cuda().eval()
-    src_ids, src_lens = (t.cuda() for t in random_batch([7, 4, 9, 1, 6], [1] * 5)[:2])
+    src_ids, src_lens = (t.cuda() for t in random_batch([7, 4, 9, 1, 6], [1] * 5, VOCAB)[:2])
     kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, alpha=0.6, beta=beta)
     kw.update(max_len_a=1.5, max_len_b=5)
     # the Translator's way on CUDA: search_graph.runner, graphs (beam_size 1: greedy search)

@@ -15,13 +15,12 @@ import inspect
 
 import pytest
 import torch
+from helpers_models import PAD, VOCAB, random_batch, run_steps, tiny_model
 
 from nmt.config import ModelConfig
-from nmt.models import FAMILIES, build_model
+from nmt.models import FAMILIES
 from nmt.models.base import WordDropout
 
-PAD, BOS, EOS = 0, 2, 3
-VOCAB = 23
 ATOL = 1e-5
 
 
@@ -35,73 +34,36 @@ GNMT_VARIANTS.append({"cell": "lstm", "attention": "bahdanau", "bridge": True, "
 GNMT_VARIANTS.append({"cell": "gru", "attention": "dot", "bridge": True, "positions": True})
 GNMT_VARIANTS.append({"cell": "lstm", "attention": "bahdanau", "input_feeding": True})
 GNMT_VARIANTS.append({"cell": "rnn", "attention": "general", "input_feeding": True})
-VARIANTS = {"gnmt": GNMT_VARIANTS}
+# TCN: every kernel size with its own padding case (1: none, 2: uneven, 3: even), the 1x1
+# residual (channels != emb_dim), and the bottleneck before a tied output projection.
+TCN_VARIANTS = [
+    {"kernel_size": 3},
+    {"kernel_size": 1, "channels": 24},
+    {"kernel_size": 2, "channels": 24, "levels": 3},
+    {"kernel_size": 3, "channels": 24, "tie_embeddings": True},
+]
+VARIANTS = {"gnmt": GNMT_VARIANTS, "tcn": TCN_VARIANTS}
 CASES = [
     pytest.param(family, variant, id="-".join([family, *map(str, variant.values())]))
     for family in FAMILIES
     for variant in VARIANTS.get(family, [{}])
 ]
-# mixed families (an encoder of one, a decoder of another) share the same contract
+# mixed families (an encoder of one, a decoder of another) share the same contract, whether the
+# memory is as wide as the decoder (16) or not (TCN channels 24)
 CASES += [
-    pytest.param(enc, {"decoder": dec}, id=f"{enc}+{dec}")
+    pytest.param(enc, {"decoder": dec, **wide}, id=f"{enc}+{dec}" + ("-channels24" if wide else ""))
     for enc in FAMILIES
     for dec in FAMILIES
+    for wide in ({}, {"channels": 24})
     if enc != dec
 ]
-
-
-def tiny_model(family: str, seed: int = 0, **overrides):
-    """A small model in eval mode (dropout > 0, so that eval really switches it off)."""
-    sizes = dict(
-        emb_dim=16,
-        hidden=16,
-        bi_hidden=8,
-        enc_layers=3,
-        dec_layers=3,
-        residual_start=2,
-        dropout=0.3,
-        channels=16,
-        levels=2,
-        kernel_size=3,
-    )
-    sizes.update(overrides)
-    torch.manual_seed(seed)
-    return build_model(
-        ModelConfig(arch=family, **sizes), VOCAB, VOCAB, PAD, joint_vocab=True
-    ).eval()
-
-
-def random_batch(src_lens, tgt_lens, seed: int = 1):
-    """Right-padded src (B, S) and tgt_in (B, T) starting with BOS; real tokens are 4..VOCAB-1."""
-    gen = torch.Generator().manual_seed(seed)
-    b = len(src_lens)
-    src_ids = torch.full((b, max(src_lens)), PAD)
-    tgt_in_ids = torch.full((b, max(tgt_lens)), PAD)
-    for i, (s, t) in enumerate(zip(src_lens, tgt_lens)):
-        src_ids[i, :s] = torch.randint(4, VOCAB, (s,), generator=gen)
-        src_ids[i, s - 1] = EOS
-        tgt_in_ids[i, :t] = torch.randint(4, VOCAB, (t,), generator=gen)
-        tgt_in_ids[i, 0] = BOS
-    return src_ids, torch.tensor(src_lens), tgt_in_ids
-
-
-def run_steps(model, src_ids, src_lens, tgt_in_ids):
-    """Log-probs (B, T, V) and attention (B, T, S) from `step`, one target position at a time."""
-    enc = model.encode(src_ids, src_lens)
-    state = model.init_state(enc)
-    log_probs, attns = [], []
-    for t in range(tgt_in_ids.size(1)):
-        lp, state, attn = model.step(tgt_in_ids[:, t], state, enc)
-        log_probs.append(lp)
-        attns.append(attn)
-    return torch.stack(log_probs, 1), torch.stack(attns, 1)
 
 
 @pytest.mark.parametrize("family, variant", CASES)
 @torch.no_grad()
 def test_step_equals_forward(family, variant):
     model = tiny_model(family, **variant)
-    src_ids, src_lens, tgt_in_ids = random_batch([7, 4, 9, 1], [6, 8, 3, 5])
+    src_ids, src_lens, tgt_in_ids = random_batch([7, 4, 9, 1], [6, 8, 3, 5], VOCAB)
     expected = torch.log_softmax(model(src_ids, src_lens, tgt_in_ids).float(), -1)  # (B, T, V)
     log_probs, attn = run_steps(model, src_ids, src_lens, tgt_in_ids)
     assert log_probs.shape == expected.shape == (4, 8, VOCAB)
@@ -118,7 +80,7 @@ def test_step_equals_forward(family, variant):
 def test_padding_invariance(family, variant):
     model = tiny_model(family, **variant)
     src_lens, tgt_lens = [5, 11, 2], [4, 9, 6]
-    src_ids, src_lens_t, tgt_in_ids = random_batch(src_lens, tgt_lens, seed=3)
+    src_ids, src_lens_t, tgt_in_ids = random_batch(src_lens, tgt_lens, VOCAB, seed=3)
     batch_logits = model(src_ids, src_lens_t, tgt_in_ids)  # (B, T, V)
     batch_enc = model.encode(src_ids, src_lens_t)
     for i, (s, t) in enumerate(zip(src_lens, tgt_lens)):
@@ -133,7 +95,7 @@ def test_padding_invariance(family, variant):
 @torch.no_grad()
 def test_reorder_matches_reordered_batch(family, variant, index):
     model = tiny_model(family, **variant)
-    src_ids, src_lens, tgt_in_ids = random_batch([6, 3, 8, 5], [5, 5, 5, 5], seed=5)
+    src_ids, src_lens, tgt_in_ids = random_batch([6, 3, 8, 5], [5, 5, 5, 5], VOCAB, seed=5)
     index = torch.tensor(index)
     prefix = 3
 
@@ -171,7 +133,7 @@ def test_every_family_the_config_offers_is_there():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_forward_backward_shapes_and_grads(family):
     model = tiny_model(family).train()
-    src_ids, src_lens, tgt_in_ids = random_batch([4, 7], [5, 2], seed=7)
+    src_ids, src_lens, tgt_in_ids = random_batch([4, 7], [5, 2], VOCAB, seed=7)
     logits = model(src_ids, src_lens, tgt_in_ids)
     assert logits.shape == (2, 5, VOCAB)
     logits.float().logsumexp(-1).sum().backward()
@@ -200,7 +162,7 @@ def test_word_dropout_acts_in_training_only(family):
     plain = tiny_model(family, dropout=0.0)
     dropping = tiny_model(family, dropout=0.0, word_dropout=0.5)
     dropping.load_state_dict(plain.state_dict())
-    src_ids, src_lens, tgt_in_ids = random_batch([4, 7, 6], [5, 2, 6], seed=3)
+    src_ids, src_lens, tgt_in_ids = random_batch([4, 7, 6], [5, 2, 6], VOCAB, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(
             dropping(src_ids, src_lens, tgt_in_ids), plain(src_ids, src_lens, tgt_in_ids)
