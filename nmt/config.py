@@ -106,11 +106,40 @@ class ModelConfig:
         False, "GNMT: add sinusoidal position features to the embeddings of both sides"
     )
     emb_scale: bool = opt(
-        False, "GNMT: multiply embeddings by sqrt(emb_dim) (faster early training on small data)"
+        False,
+        "multiply embeddings by sqrt(emb_dim), GNMT and TCN (faster early training on small data)",
     )
     kernel_size: int = opt(3, "TCN: convolution kernel size", min=1)
     levels: int = opt(4, "TCN: temporal blocks per stack; dilation doubles per level", min=1)
     channels: int = opt(256, "TCN: channels of every temporal block", min=1)
+    glu: bool = opt(
+        False,
+        "TCN: a gated linear unit after each convolution (ConvS2S, Gehring et al. 2017) instead "
+        "of ReLU; each convolution then computes 2 x channels",
+    )
+    scaled_residual: bool = opt(
+        False,
+        "TCN: join a block and its residual as (x + f(x)) * sqrt(0.5), and the decoder's "
+        "attention as (h + context) * sqrt(0.5) (ConvS2S), instead of ReLU(x + f(x)) (Bai et al.)",
+    )
+    conv_init: str = opt(
+        "pytorch",
+        "TCN: weight initialisation: pytorch (fan-in scaled uniform defaults) or convs2s "
+        "(normal(0, sqrt(g * (1 - dropout) / fan_in)), g = 4 before a GLU, 2 before a ReLU, "
+        "1 before no activation: keeps the variance through the stack)",
+        choices=("pytorch", "convs2s"),
+    )
+    separable: bool = opt(
+        False,
+        "TCN: depthwise-separable convolutions: a dilated depthwise convolution (kernel_size "
+        "weights per channel) then a 1x1 convolution (about kernel_size times fewer FLOPs)",
+    )
+    attention_blocks: int = opt(
+        0,
+        "TCN decoder: attend to the source after the last N blocks only (0 = after every block, "
+        "as ConvS2S; at most model.levels)",
+        min=0,
+    )
 
 
 @dataclass
@@ -338,6 +367,11 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(
             "model.dec_layers: the GNMT decoder needs >= 2 layers (attention feeds layers 2 "
             f"and up), found {m.dec_layers}"
+        )
+    if m.attention_blocks > m.levels and "tcn" in (m.decoder or m.arch):
+        problems.append(
+            f"model.attention_blocks: must be <= model.levels ({m.levels}), "
+            f"found {m.attention_blocks}"
         )
     rf_problem = check_receptive_field(dataclasses.asdict(m), cfg.data.max_len + 1)
     if rf_problem:

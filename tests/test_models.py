@@ -41,6 +41,13 @@ TCN_VARIANTS = [
     {"kernel_size": 1, "channels": 24},
     {"kernel_size": 2, "channels": 24, "levels": 3},
     {"kernel_size": 3, "channels": 24, "tie_embeddings": True},
+    # the ConvS2S options: gated linear units, scaled residuals, variance-keeping init
+    {"kernel_size": 3, "glu": True, "scaled_residual": True, "conv_init": "convs2s"},
+    # depthwise-separable convolutions (with the 1x1 residual, and with kernel size 1)
+    {"kernel_size": 3, "channels": 24, "separable": True, "conv_init": "convs2s"},
+    {"kernel_size": 1, "separable": True, "glu": True},
+    # attention after the last block only; embeddings scaled by sqrt(emb_dim)
+    {"kernel_size": 2, "levels": 3, "attention_blocks": 1, "emb_scale": True, "glu": True},
 ]
 VARIANTS = {"gnmt": GNMT_VARIANTS, "tcn": TCN_VARIANTS}
 CASES = [

@@ -16,9 +16,25 @@ from helpers_models import PAD, exact_match, random_batch, reverse_batch
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import build_model
-from nmt.models.tcn import TCNDecoder, TCNEncoder, check_receptive_field, receptive_field
+from nmt.models.tcn import (
+    TCNDecoder,
+    TCNEncoder,
+    TemporalBlock,
+    check_receptive_field,
+    receptive_field,
+)
 
 V = 20
+
+
+# The block and decoder options, each through the causality and cache tests (the contract tests
+# in test_models.py run them too).
+OPTIONS = {
+    "bai": {},
+    "convs2s": {"glu": True, "scaled_residual": True, "conv_init": "convs2s"},
+    "separable": {"separable": True, "glu": True, "conv_init": "convs2s"},
+    "last-attention": {"attention_blocks": 1, "emb_scale": True, "scaled_residual": True},
+}
 
 
 def make_cfg(**overrides) -> ModelConfig:
@@ -44,11 +60,14 @@ def test_receptive_field_formula():
     assert receptive_field(1, 5) == 1
 
 
-@pytest.mark.parametrize("k,levels", [(1, 2), (2, 1), (2, 3), (3, 2), (4, 2)])
-def test_receptive_field_measured(k, levels):
+@pytest.mark.parametrize("k,levels,options", [
+    (1, 2, "bai"), (2, 1, "bai"), (2, 3, "bai"), (3, 2, "bai"), (4, 2, "bai"),
+    (3, 2, "separable"), (2, 3, "convs2s"),
+])  # fmt: skip
+def test_receptive_field_measured(k, levels, options):
     """Perturb one input; the outputs that move span exactly the receptive field."""
     rf = receptive_field(k, levels)
-    encoder, decoder = make_pair(kernel_size=k, levels=levels, dropout=0.0)
+    encoder, decoder = make_pair(kernel_size=k, levels=levels, dropout=0.0, **OPTIONS[options])
     n, p = 2 * rf + 4, rf // 2 + 2  # no moved output falls off either edge
     src_ids, src_lens, tgt_ids = random_batch([n], [n], V)
     with torch.no_grad():
@@ -80,12 +99,80 @@ def test_check_receptive_field():
     assert "levels >= 4" in check(20, arch="gnmt", decoder="tcn", kernel_size=2, levels=2)
 
 
+# ---- the block options ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "glu, scaled_residual, separable",
+    [(False, False, False), (True, True, False), (True, False, True), (False, True, True)],
+)
+def test_block_computes_what_its_options_say(glu, scaled_residual, separable):
+    """The block against its definition written out with plain convolutions: activation (ReLU,
+    or GLU = first half * sigmoid(second half)) after each conv, then ReLU(x + f(x)) or
+    (x + f(x)) * sqrt(0.5); a separable conv is a grouped (depthwise) conv then a 1x1 conv."""
+    torch.manual_seed(0)
+    block = TemporalBlock(
+        8, 8, 3, 2, 0.0, True, glu=glu, scaled_residual=scaled_residual, separable=separable,
+        conv_init="convs2s",
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 8, 10)  # (B, C, T)
+
+    def conv(module, h):
+        h = F.pad(h, (4, 0))  # causal: (k - 1) * d on the left
+        if separable:
+            depthwise, pointwise = module.depthwise, module.pointwise
+            h = F.conv1d(h, depthwise.weight, depthwise.bias, dilation=2, groups=8)
+            return F.conv1d(h, pointwise.weight, pointwise.bias)
+        return F.conv1d(h, module.weight, module.bias, dilation=2)
+
+    def activate(h):
+        if glu:
+            a, b = h.chunk(2, dim=1)
+            return a * torch.sigmoid(b)
+        return torch.relu(h)
+
+    with torch.no_grad():
+        h = activate(conv(block.conv2, activate(conv(block.conv1, x))))
+        expected = (x + h) * 0.5**0.5 if scaled_residual else torch.relu(x + h)
+        torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("scaled_residual", [False, True])
+def test_attention_joins_its_context_as_the_residual_option_says(scaled_residual):
+    """h + context (Bai et al. add it plainly), or (h + context) * sqrt(0.5) (ConvS2S)."""
+    encoder, decoder = make_pair(scaled_residual=scaled_residual)
+    src_ids, src_lens, _ = random_batch([5, 3], [1, 1], V, seed=2)
+    h = torch.randn(2, 4, 24)  # (B, T, C)
+    with torch.no_grad():
+        enc = decoder.prepare(encoder(src_ids, src_lens))
+        scores = decoder.queries[1](h) @ enc.keys.transpose(1, 2) / 24**0.5  # (B, T, S)
+        scores = scores.masked_fill(~enc.src_mask[:, None, :], float("-inf"))
+        context = decoder.contexts[1](scores.softmax(-1) @ enc.keys)  # (B, T, C)
+        expected = (h + context) * 0.5**0.5 if scaled_residual else h + context
+        torch.testing.assert_close(decoder._attend(1, h, enc)[0], expected)
+
+
+def test_emb_scale_multiplies_the_token_embeddings():
+    """emb_dim 16: tokens times 4, and the position features start 4 times larger too (at the
+    RMS of the scaled embedding initialisation)."""
+    encoder, _ = make_pair(dropout=0.0)
+    scaled, _ = make_pair(dropout=0.0, emb_scale=True)
+    torch.testing.assert_close(scaled.embed_pos.pos_scale, 4.0 * encoder.embed_pos.pos_scale)
+    ids, positions = torch.tensor([[4, 5, 6]]), torch.arange(3)
+    with torch.no_grad():
+        for enc in (encoder, scaled):
+            enc.embed_pos.pos_scale.zero_()  # the token embeddings alone
+        plain = encoder.embed_pos(encoder.embed, ids, positions)
+        torch.testing.assert_close(scaled.embed_pos(scaled.embed, ids, positions), plain * 4.0)
+
+
 # ---- causality ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_decoder_is_causal_and_encoder_is_not(k):
-    encoder, decoder = make_pair(kernel_size=k)
+def test_decoder_is_causal_and_encoder_is_not(k, options):
+    encoder, decoder = make_pair(kernel_size=k, **OPTIONS[options])
     src_ids, src_lens, tgt_ids = random_batch([9, 6], [8, 8], V, seed=2)
     with torch.no_grad():
         enc = decoder.prepare(encoder(src_ids, src_lens))
@@ -115,12 +202,13 @@ def test_memory_is_zero_at_padded_positions():
 # ---- incremental decoding -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_cache_equals_recompute(k):
+def test_cache_equals_recompute(k, options):
     """A cached `step` gives what the uncached path (the whole prefix through
     `forward_with_attention`, what benchmarks/decode_speed.py --recompute measures) gives at its
     last position: logits and the blocks' mean attention."""
-    encoder, decoder = make_pair(kernel_size=k, levels=3)
+    encoder, decoder = make_pair(kernel_size=k, levels=3, **OPTIONS[options])
     src_ids, src_lens, tgt_ids = random_batch([7, 3, 5], [12, 12, 12], V, seed=3)
     with torch.no_grad():
         enc = decoder.prepare(encoder(src_ids, src_lens))
@@ -130,6 +218,57 @@ def test_cache_equals_recompute(k):
             logits, attn = decoder.forward_with_attention(tgt_ids[:, :t], enc)
             torch.testing.assert_close(step_logits, logits[:, -1], atol=1e-5, rtol=0)
             torch.testing.assert_close(step_attn, attn[:, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", ["bai", "separable"])
+def test_reorders_at_every_step_equal_recompute(options):
+    """Beam search reorders (and shrinks) the rows at every step: the row table must compose
+    those reorders over the whole span of every conv. Each step here reorders by a random
+    permutation, a repeat, or a shrink, and is checked against the reordered prefix recomputed
+    through `forward_with_attention`."""
+    encoder, decoder = make_pair(kernel_size=3, levels=3, **OPTIONS[options])  # spans up to 8
+    src_ids, src_lens, tgt_ids = random_batch([7, 3, 5, 6], [14] * 4, V, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        enc = decoder.prepare(encoder(src_ids, src_lens))
+        state = decoder.init_state(enc)
+        prefix = tgt_ids[:, :0]  # (B, 0): each row's tokens so far, reordered with it
+        for t in range(13):
+            tokens = tgt_ids[torch.arange(prefix.size(0)) % tgt_ids.size(0), t]  # (B,)
+            logits, state, attn = decoder.step(tokens, state, enc)
+            prefix = torch.cat([prefix, tokens[:, None]], dim=1)  # (B, t + 1)
+            expected, expected_attn = decoder.forward_with_attention(prefix, enc)
+            torch.testing.assert_close(logits, expected[:, -1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(attn, expected_attn[:, -1], atol=1e-5, rtol=0)
+            rows = prefix.size(0)
+            kind = t % 3
+            if kind == 0:  # same size: the row table alone changes
+                index = torch.randperm(rows, generator=gen)
+            elif kind == 1:  # repeats and drops rows at the same size
+                index = torch.randint(0, rows, (rows,), generator=gen)
+            else:  # the batch grows (up to 6 rows) or shrinks (down to 2)
+                size = 6 if rows < 4 else 2
+                index = torch.randint(0, rows, (size,), generator=gen)
+            state = decoder.reorder_state(state, index)
+            enc = enc.index_select(index)
+            prefix = prefix[index]
+
+
+def test_same_size_reorder_copies_no_column():
+    """What makes the reorder cheap: at the same batch size it selects rows of the (B, W) table
+    only and keeps every column; at another size it gathers each column once."""
+    encoder, decoder = make_pair(kernel_size=3, levels=3)
+    src_ids, src_lens, tgt_ids = random_batch([7, 3, 5], [6] * 3, V, seed=4)
+    with torch.no_grad():
+        enc = decoder.prepare(encoder(src_ids, src_lens))
+        state = decoder.init_state(enc)
+        for t in range(4):
+            _, state, _ = decoder.step(tgt_ids[:, t], state, enc)
+        same = decoder.reorder_state(state, torch.tensor([2, 0, 0]))
+        assert all(a is b for c, d in zip(state["cols"], same["cols"]) for a, b in zip(c, d))
+        assert same["rows"].shape == state["rows"].shape == (3, 8)  # W = (k - 1) * 2**(L - 1)
+        bigger = decoder.reorder_state(state, torch.tensor([2, 0, 0, 1]))
+        assert all(col.shape[0] == 4 for c in bigger["cols"] for col in c)
 
 
 # ---- parameters ---------------------------------------------------------------------------
@@ -152,6 +291,33 @@ def test_weight_norm_state_dict_round_trip():
         a = decoder(tgt_ids, decoder.prepare(encoder(src_ids, src_lens)))
         b = decoder_2(tgt_ids, decoder_2.prepare(encoder_2(src_ids, src_lens)))
     assert torch.equal(a, b)
+
+
+def _block_output_stds(conv_init: str) -> list[float]:
+    torch.manual_seed(0)
+    cfg = make_cfg(
+        emb_dim=64, channels=64, levels=8, dropout=0.0, glu=True, scaled_residual=True,
+        conv_init=conv_init,
+    )  # fmt: skip
+    encoder = TCNEncoder.from_config(cfg, V, PAD)
+    h = torch.randn(16, 64, 40)  # (B, C, S): unit variance in
+    stds = []
+    with torch.no_grad():
+        for block in encoder.blocks:
+            h = block(h)
+            stds.append(h.std().item())
+    return stds
+
+
+def test_convs2s_init_keeps_the_variance_through_the_stack():
+    """ConvS2S's rule (std sqrt(4 / fan_in) before a GLU) keeps a unit-variance input within a
+    small factor of unit variance through 8 GLU blocks with scaled residuals (about 1.2-2.8
+    here); with PyTorch's fan-in uniform default each block's branch is small, so each
+    sqrt(0.5) residual join shrinks the signal (std 0.07 after 8 blocks)."""
+    kept = _block_output_stds("convs2s")
+    assert all(0.7 < std < 4.0 for std in kept), kept
+    shrunk = _block_output_stds("pytorch")
+    assert shrunk[-1] < 0.15, shrunk
 
 
 def test_tie_output():

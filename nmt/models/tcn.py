@@ -53,42 +53,93 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from nmt.config import ModelConfig, check_receptive_field, receptive_field  # noqa: F401
 from nmt.errors import ConfigError
-from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
+from nmt.models.base import EncoderOut, WordDropout, sinusoid_positions
+
+HALF_SQRT = math.sqrt(0.5)
 
 
 class _Embedding(nn.Module):
-    """Token embedding plus scaled sinusoidal positions, then dropout. Owns the position scale
-    only: `embed` is assigned by the owner so that `build_model` can share it."""
+    """Token embedding (times sqrt(emb_dim) with `emb_scale`) plus scaled sinusoidal positions,
+    then dropout. Owns the position scale only: `embed` is assigned by the owner so that
+    `build_model` can share it."""
 
-    def __init__(self, emb_dim: int, init_scale: float, dropout: float, word_dropout: float):
+    def __init__(
+        self, emb_dim: int, init_scale: float, dropout: float, word_dropout: float, emb_scale: bool
+    ):
         super().__init__()
         self.emb_dim = emb_dim
-        self.pos_scale = nn.Parameter(torch.tensor(init_scale / math.sqrt(3.0)))
+        self.scale = math.sqrt(emb_dim) if emb_scale else 1.0
+        # started at the RMS of the (scaled) embedding initialisation
+        self.pos_scale = nn.Parameter(torch.tensor(self.scale * init_scale / math.sqrt(3.0)))
         self.dropout = nn.Dropout(dropout)
         self.word_dropout = WordDropout(word_dropout)
 
     def forward(self, embed: nn.Embedding, ids: torch.Tensor, positions: torch.Tensor):
         pos = sinusoid_positions(positions, self.emb_dim)  # (..., E)
-        return self.dropout(self.word_dropout(embed(ids)) + self.pos_scale * pos)  # (..., E)
+        x = self.word_dropout(embed(ids) * self.scale)  # (..., E)
+        return self.dropout(x + self.pos_scale * pos)  # (..., E)
 
 
-def _last_column(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
-    """The one output of `conv` over window (B, C_in, (k-1)d + 1) -> (B, C_out, 1).
+def _init_normal_(module: nn.Module, gain: float, dropout: float) -> None:
+    """ConvS2S's variance-keeping rule: normal(0, sqrt(gain * (1 - dropout) / fan_in)), bias 0."""
+    fan_in = module.weight[0].numel()  # C_in * k (or k for a depthwise conv), in_features
+    nn.init.normal_(module.weight, std=math.sqrt(gain * (1.0 - dropout) / fan_in))
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
-    Gathers the k dilated taps and runs one matrix product: several times faster on CPU than
-    a dilated conv call over the window, and the same sum up to float rounding.
+
+class _SeparableConv(nn.Module):
+    """A dilated depthwise convolution (k weights per channel) then a 1x1 convolution, both
+    weight-normalised: about k times fewer products than a dense (C_out, C_in, k) one."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.depthwise = nn.Conv1d(
+            in_channels, in_channels, kernel_size, dilation=dilation, groups=in_channels
+        )
+        self.pointwise = nn.Conv1d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))  # (B, C_out, T)
+
+
+def _make_conv(c_in, c_out, kernel_size, dilation, separable, init, gain, dropout) -> nn.Module:
+    """A weight-normalised dilated conv (dense or separable), initialised as `init` says; weight
+    norm starts with g = ||v||, so the initial function is the initialised one."""
+    if separable:
+        conv = _SeparableConv(c_in, c_out, kernel_size, dilation)
+        if init == "convs2s":
+            _init_normal_(conv.depthwise, 1.0, 0.0)  # a plain (variance-keeping) sum of k taps
+            _init_normal_(conv.pointwise, gain, dropout)
+        conv.depthwise = weight_norm(conv.depthwise)
+        conv.pointwise = weight_norm(conv.pointwise)
+        return conv
+    conv = nn.Conv1d(c_in, c_out, kernel_size, dilation=dilation)
+    if init == "convs2s":
+        _init_normal_(conv, gain, dropout)
+    return weight_norm(conv)
+
+
+def _last_column(conv: nn.Module, taps: torch.Tensor) -> torch.Tensor:
+    """The one output of `conv` whose k dilated inputs are taps (B, C_in, k) -> (B, C_out).
+
+    One matrix product (a depthwise weighted sum first for a separable conv): several times
+    faster on CPU than a dilated conv call over the window, and the same sum up to rounding.
     """
-    taps = window[:, :, :: conv.dilation[0]]  # (B, C_in, k)
+    if isinstance(conv, _SeparableConv):
+        depthwise = conv.depthwise.weight.squeeze(1)  # (C_in, k)
+        mixed = (taps * depthwise).sum(2) + conv.depthwise.bias  # (B, C_in)
+        return F.linear(mixed, conv.pointwise.weight.squeeze(2), conv.pointwise.bias)
     weight = conv.weight  # (C_out, C_in, k); weight norm recomputes it here
-    out = F.linear(taps.reshape(taps.size(0), -1), weight.reshape(weight.size(0), -1), conv.bias)
-    return out.unsqueeze(2)  # (B, C_out, 1)
+    return F.linear(taps.reshape(taps.size(0), -1), weight.reshape(weight.size(0), -1), conv.bias)
 
 
 class TemporalBlock(nn.Module):
-    """Two weight-normalised dilated convs with ReLU and dropout, plus a residual (Bai et al.).
+    """Two weight-normalised dilated convs, each followed by its activation (ReLU, or a GLU)
+    and dropout, plus a residual (Bai et al.; the GLU and scaled residual of ConvS2S as options).
 
     Owns its convs and padding. `forward` works on (B, C, T); `step` computes one new column
-    from a cache of each conv's last (k-1)*dilation inputs (causal blocks only).
+    from the inputs each conv read at earlier steps (causal blocks only; see `TCNDecoder`).
     """
 
     def __init__(
@@ -99,58 +150,130 @@ class TemporalBlock(nn.Module):
         dilation: int,
         dropout: float,
         causal: bool,
+        *,
+        glu: bool,
+        scaled_residual: bool,
+        separable: bool,
+        conv_init: str,
     ):
         super().__init__()
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.span = (kernel_size - 1) * dilation  # inputs before the newest one a conv reads
-        self.causal = causal
+        self.causal, self.glu, self.scaled_residual = causal, glu, scaled_residual
         if causal:
             self.padding = (self.span, 0)
         else:  # centered; for even kernel sizes the extra position goes to the left
             self.padding = ((self.span + 1) // 2, self.span // 2)
-        self.conv1 = weight_norm(
-            nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation)
-        )
-        self.conv2 = weight_norm(
-            nn.Conv1d(out_channels, out_channels, kernel_size, dilation=dilation)
-        )
-        self.residual = (
-            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        )
+        width, gain = (2 * out_channels, 4.0) if glu else (out_channels, 2.0)
+        conv = (kernel_size, dilation, separable, conv_init, gain, dropout)
+        self.conv1 = _make_conv(in_channels, width, *conv)
+        self.conv2 = _make_conv(out_channels, width, *conv)
+        self.residual = None
+        if in_channels != out_channels:
+            self.residual = nn.Conv1d(in_channels, out_channels, 1)
+            if conv_init == "convs2s":
+                _init_normal_(self.residual, 1.0, 0.0)
         self.dropout = nn.Dropout(dropout)
+
+    def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
+        return self.dropout(F.glu(h, dim=dim) if self.glu else F.relu(h))
+
+    def _join(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        return (h + res) * HALF_SQRT if self.scaled_residual else F.relu(h + res)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C_in, T), mask (B, 1, T) float with 1 = real token, or None -> (B, C_out, T)."""
         if mask is not None:
             x = x * mask
-        h = self.dropout(F.relu(self.conv1(F.pad(x, self.padding))))  # (B, C_out, T)
+        h = self._activate(self.conv1(F.pad(x, self.padding)), dim=1)  # (B, C_out, T)
         if mask is not None:
             h = h * mask
-        h = self.dropout(F.relu(self.conv2(F.pad(h, self.padding))))  # (B, C_out, T)
+        h = self._activate(self.conv2(F.pad(h, self.padding)), dim=1)  # (B, C_out, T)
         res = x if self.residual is None else self.residual(x)  # (B, C_out, T)
-        return F.relu(h + res)
+        return self._join(h, res)
 
-    def init_cache(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
-        """Zeros standing for the left padding: [(B, C_in, span), (B, C_out, span)]."""
-        c_in, c_out = self.conv1.in_channels, self.conv1.out_channels
-        return [like.new_zeros(batch, c_in, self.span), like.new_zeros(batch, c_out, self.span)]
-
-    def step(self, x_t: torch.Tensor, cache: list[torch.Tensor]):
-        """x_t (B, C_in, 1) -> (y_t (B, C_out, 1), new cache). Causal blocks only."""
-        window1 = torch.cat([cache[0], x_t], dim=2)  # (B, C_in, span + 1)
-        h = self.dropout(F.relu(_last_column(self.conv1, window1)))  # (B, C_out, 1)
-        window2 = torch.cat([cache[1], h], dim=2)  # (B, C_out, span + 1)
-        h = self.dropout(F.relu(_last_column(self.conv2, window2)))  # (B, C_out, 1)
-        res = x_t if self.residual is None else self.residual(x_t)  # (B, C_out, 1)
-        return F.relu(h + res), [window1[:, :, 1:], window2[:, :, 1:]]
+    def step(self, x_t: torch.Tensor, history: _History, convs: tuple[int, int]):
+        """x_t (B, C_in) -> (y_t (B, C_out), [x_t, h_t]: what conv1 and conv2 read at this step,
+        for `history` to keep). Causal blocks only."""
+        h = self._activate(_last_column(self.conv1, history.taps(convs[0], x_t)), dim=1)
+        h_out = self._activate(_last_column(self.conv2, history.taps(convs[1], h)), dim=1)
+        res = x_t
+        if self.residual is not None:
+            res = F.linear(x_t, self.residual.weight.squeeze(2), self.residual.bias)  # (B, C_out)
+        return self._join(h_out, res), [x_t, h]
 
 
-def _stack(in_dim: int, channels: int, kernel_size: int, levels: int, dropout: float, causal):
+class _History:
+    """The inputs that the decoder's causal convs read at earlier steps: for conv c, the last
+    span_c columns (oldest first), and one row table for all convs.
+
+    Beam search reorders the rows at every step. Copying every conv's last span_c columns (the
+    cache) per step cost more than the step's products (benchmarks/README.md, Models): instead
+    `rows[:, W - m]` (W the longest span) says which row of the column written m steps ago holds
+    each current row's input, so a reorder of the same size only selects rows of this (B, W)
+    table, and a step gathers just the k - 1 columns each conv reads. A reorder that changes
+    the batch size gathers every column (equal shapes leaf for leaf, as a CUDA graph needs).
+    """
+
+    def __init__(self, state: dict, spans: list[int], dilations: list[int]):
+        self.cols, self.rows = state["cols"], state["rows"]
+        self.spans, self.dilations = spans, dilations
+
+    def taps(self, conv: int, x_t: torch.Tensor) -> torch.Tensor:
+        """The k inputs conv `conv` reads at this step, x_t last: (B, C_in, k)."""
+        span, d, width = self.spans[conv], self.dilations[conv], self.rows.size(1)
+        cols = [
+            self.cols[conv][span - m].index_select(0, self.rows[:, width - m])  # (B, C_in)
+            for m in range(span, 0, -d)
+        ]
+        return torch.stack([*cols, x_t], dim=2)  # (B, C_in, k)
+
+    @staticmethod
+    def advance(state: dict, new_cols: list[torch.Tensor]) -> dict:
+        """The state one step later: each conv's oldest column out, its new input in."""
+        rows = state["rows"]
+        own = torch.arange(rows.size(0), device=rows.device)[:, None]  # (B, 1)
+        cols = [c[1:] + [x] if c else c for c, x in zip(state["cols"], new_cols)]
+        return {"pos": state["pos"] + 1, "rows": torch.cat([rows[:, 1:], own], 1), "cols": cols}
+
+    @staticmethod
+    def reorder(state: dict, index: torch.Tensor) -> dict:
+        rows = state["rows"].index_select(0, index)  # (B', W)
+        pos = state["pos"].index_select(0, index)
+        if index.numel() == state["rows"].size(0):
+            return {"pos": pos, "rows": rows, "cols": state["cols"]}
+        width = rows.size(1)
+        cols = [
+            [col.index_select(0, rows[:, width - len(c) + p]) for p, col in enumerate(c)]
+            for c in state["cols"]
+        ]
+        own = torch.arange(index.numel(), device=rows.device)[:, None].expand(-1, width)
+        return {"pos": pos, "rows": own.contiguous(), "cols": cols}
+
+
+def _stack(in_dim, channels, kernel_size, levels, dropout, causal, options: dict):
     return nn.ModuleList(
         TemporalBlock(
-            in_dim if level == 0 else channels, channels, kernel_size, 2**level, dropout, causal
+            in_dim if level == 0 else channels,
+            channels,
+            kernel_size,
+            2**level,
+            dropout,
+            causal,
+            **options,
         )
         for level in range(levels)
     )
+
+
+def _block_options(m: ModelConfig) -> dict:
+    return {
+        "glu": m.glu,
+        "scaled_residual": m.scaled_residual,
+        "separable": m.separable,
+        "conv_init": m.conv_init,
+    }
 
 
 class TCNEncoder(nn.Module):
@@ -173,13 +296,21 @@ class TCNEncoder(nn.Module):
         dropout: float,
         word_dropout: float,
         init_scale: float,
+        emb_scale: bool,
+        glu: bool,
+        scaled_residual: bool,
+        separable: bool,
+        conv_init: str,
     ):
         super().__init__()
         self.out_dim = channels
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
         nn.init.uniform_(self.embed.weight, -init_scale, init_scale)
-        self.embed_pos = _Embedding(emb_dim, init_scale, dropout, word_dropout)
-        self.blocks = _stack(emb_dim, channels, kernel_size, levels, dropout, causal=False)
+        self.embed_pos = _Embedding(emb_dim, init_scale, dropout, word_dropout, emb_scale)
+        options = dict(
+            glu=glu, scaled_residual=scaled_residual, separable=separable, conv_init=conv_init
+        )
+        self.blocks = _stack(emb_dim, channels, kernel_size, levels, dropout, False, options)
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int) -> TCNEncoder:
@@ -194,6 +325,8 @@ class TCNEncoder(nn.Module):
             dropout=m.dropout,
             word_dropout=m.word_dropout,
             init_scale=m.init_scale,
+            emb_scale=m.emb_scale,
+            **_block_options(m),
         )
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
@@ -210,12 +343,12 @@ class TCNEncoder(nn.Module):
 
 
 class TCNDecoder(nn.Module):
-    """Target embedding + positions, a causal TCN stack with attention after every block
-    (ConvS2S multi-step attention), and the output projection. Owns all of these and the
-    incremental-decoding state (per-conv caches and the position). Arguments are `ModelConfig`'s
-    fields of the same names; `memory_dim` is the encoder's `out_dim`; `tie_embeddings` builds the
-    output projection so that `tie_output` can share it with the embedding (a bottleneck
-    channels -> emb_dim first where they differ).
+    """Target embedding + positions, a causal TCN stack with attention after the last
+    `attention_blocks` blocks (0 = every block: ConvS2S multi-step attention), and the output
+    projection. Owns all of these and the incremental-decoding state. Arguments are
+    `ModelConfig`'s fields of the same names; `memory_dim` is the encoder's `out_dim`;
+    `tie_embeddings` builds the output projection so that `tie_output` can share it with the
+    embedding (a bottleneck channels -> emb_dim first where they differ).
     """
 
     def __init__(
@@ -232,21 +365,39 @@ class TCNDecoder(nn.Module):
         word_dropout: float,
         init_scale: float,
         tie_embeddings: bool,
+        emb_scale: bool,
+        glu: bool,
+        scaled_residual: bool,
+        separable: bool,
+        conv_init: str,
+        attention_blocks: int,
     ):
         super().__init__()
-        self.channels = channels
+        self.channels, self.scaled_residual = channels, scaled_residual
         self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=pad_id)
         nn.init.uniform_(self.embed.weight, -init_scale, init_scale)
-        self.embed_pos = _Embedding(emb_dim, init_scale, dropout, word_dropout)
-        self.blocks = _stack(emb_dim, channels, kernel_size, levels, dropout, causal=True)
+        self.embed_pos = _Embedding(emb_dim, init_scale, dropout, word_dropout, emb_scale)
+        options = dict(
+            glu=glu, scaled_residual=scaled_residual, separable=separable, conv_init=conv_init
+        )
+        self.blocks = _stack(emb_dim, channels, kernel_size, levels, dropout, True, options)
+        # queries[i] and contexts[i] belong to block first_attending + i
+        attending = attention_blocks or levels
+        self.first_attending = levels - attending
         self.key_proj = nn.Linear(memory_dim, channels)
-        self.queries = nn.ModuleList(nn.Linear(channels, channels) for _ in range(levels))
-        self.contexts = nn.ModuleList(nn.Linear(channels, channels) for _ in range(levels))
+        self.queries = nn.ModuleList(nn.Linear(channels, channels) for _ in range(attending))
+        self.contexts = nn.ModuleList(nn.Linear(channels, channels) for _ in range(attending))
+        if conv_init == "convs2s":
+            for linear in (self.key_proj, *self.queries, *self.contexts):
+                _init_normal_(linear, 1.0, 0.0)
         self.dropout = nn.Dropout(dropout)
         # Tying needs the output input width to be the embedding width: project down first.
         needs_bottleneck = tie_embeddings and channels != emb_dim
         self.bottleneck = nn.Linear(channels, emb_dim) if needs_bottleneck else None
         self.out = nn.Linear(emb_dim if needs_bottleneck else channels, vocab_size)
+        # the decoding state's layout: conv 2l + j (j = 0, 1) of block l reads span_l columns
+        self.spans = [block.span for block in self.blocks for _ in range(2)]
+        self.dilations = [block.dilation for block in self.blocks for _ in range(2)]
 
     @classmethod
     def from_config(
@@ -265,6 +416,9 @@ class TCNDecoder(nn.Module):
             word_dropout=m.word_dropout,
             init_scale=m.init_scale,
             tie_embeddings=m.tie_embeddings,
+            emb_scale=m.emb_scale,
+            attention_blocks=m.attention_blocks,
+            **_block_options(m),
         )
 
     def tie_output(self) -> None:
@@ -283,14 +437,16 @@ class TCNDecoder(nn.Module):
         """Project the attention keys once per sentence."""
         return replace(enc, keys=self.key_proj(enc.memory))  # keys (B, S, C)
 
-    def _attend(self, level: int, h: torch.Tensor, enc: EncoderOut):
-        """h (B, T, C) -> (h + context (B, T, C), attn (B, T, S))."""
-        query = self.queries[level](h)  # (B, T, C)
+    def _attend(self, i: int, h: torch.Tensor, enc: EncoderOut):
+        """Attention i: h (B, T, C) -> (h joined with its context (B, T, C), attn (B, T, S))."""
+        query = self.queries[i](h)  # (B, T, C)
         scores = torch.bmm(query, enc.keys.transpose(1, 2)) / math.sqrt(self.channels)  # (B,T,S)
         scores = scores.masked_fill(~enc.src_mask.unsqueeze(1), float("-inf"))
         attn = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (B, T, S)
-        context = torch.bmm(attn, enc.keys)  # (B, T, C)
-        return h + self.contexts[level](context), attn
+        context = self.contexts[i](torch.bmm(attn, enc.keys))  # (B, T, C)
+        if self.scaled_residual:
+            return (h + context) * HALF_SQRT, attn
+        return h + context, attn
 
     def _output(self, h: torch.Tensor) -> torch.Tensor:
         h = self.dropout(h)
@@ -299,45 +455,52 @@ class TCNDecoder(nn.Module):
         return self.out(h)  # (..., V)
 
     def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
-        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the blocks)."""
+        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the attentions)."""
         positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         x = self.embed_pos(self.embed, tgt_in_ids, positions)  # (B, T, E)
         h = x.transpose(1, 2)  # (B, E, T)
         attn_sum = 0.0
         for level, block in enumerate(self.blocks):
             h = block(h)  # (B, C, T)
-            h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, T, C), (B, T, S)
-            attn_sum = attn_sum + attn
-            h = h.transpose(1, 2)  # (B, C, T)
-        return self._output(h.transpose(1, 2)), attn_sum / len(self.blocks)  # (B, T, V)
+            if level >= self.first_attending:
+                i = level - self.first_attending
+                h, attn = self._attend(i, h.transpose(1, 2), enc)  # (B, T, C), (B, T, S)
+                attn_sum = attn_sum + attn
+                h = h.transpose(1, 2)  # (B, C, T)
+        attn = attn_sum / len(self.queries)  # (B, T, S)
+        return self._output(h.transpose(1, 2)), attn  # (B, T, V)
 
     def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
         return self.forward_with_attention(tgt_in_ids, enc)[0]  # (B, T, V)
 
     def init_state(self, enc: EncoderOut) -> dict:
-        """{"pos": (B,) next position, "caches": [per conv (B, C_in, (k-1)d)]} (zeros = padding)."""
-        batch = enc.memory.size(0)
-        caches = []
+        """{"pos": (B,) next position, "rows": (B, W) row table, "cols": per conv its last
+        span inputs (B, C_in), oldest first} (see `_History`); zeros stand for the padding."""
+        batch, like = enc.memory.size(0), enc.memory
+        cols = []
         for block in self.blocks:
-            caches.extend(block.init_cache(batch, enc.memory))
-        pos = torch.zeros(batch, dtype=torch.long, device=enc.memory.device)
-        return {"pos": pos, "caches": caches}
+            for width in (block.in_channels, block.out_channels):
+                cols.append([like.new_zeros(batch, width)] * block.span)  # never written to
+        width = max(self.spans, default=0)
+        rows = torch.arange(batch, device=like.device)[:, None].expand(-1, width)  # (B, W)
+        pos = torch.zeros(batch, dtype=torch.long, device=like.device)
+        return {"pos": pos, "rows": rows.contiguous(), "cols": cols}
 
     def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
         """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S))."""
-        x = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
-        h = x.unsqueeze(2)  # (B, E, 1)
-        caches = []
+        h = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
+        history = _History(state, self.spans, self.dilations)
+        new_cols = []
         attn_sum = 0.0
         for level, block in enumerate(self.blocks):
-            h, cache = block.step(h, state["caches"][2 * level : 2 * level + 2])  # (B, C, 1)
-            caches.extend(cache)
-            h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, 1, C), (B, 1, S)
-            attn_sum = attn_sum + attn
-            h = h.transpose(1, 2)  # (B, C, 1)
-        logits = self._output(h.squeeze(2))  # (B, V)
-        attn = (attn_sum / len(self.blocks)).squeeze(1)  # (B, S)
-        return logits, {"pos": state["pos"] + 1, "caches": caches}, attn
+            h, inputs = block.step(h, history, (2 * level, 2 * level + 1))  # (B, C)
+            new_cols.extend(inputs)
+            if level >= self.first_attending:
+                h, attn = self._attend(level - self.first_attending, h.unsqueeze(1), enc)
+                attn_sum = attn_sum + attn.squeeze(1)  # (B, S)
+                h = h.squeeze(1)  # (B, C)
+        logits = self._output(h)  # (B, V)
+        return logits, _History.advance(state, new_cols), attn_sum / len(self.queries)
 
     def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
-        return select_rows(state, index)
+        return _History.reorder(state, index)
