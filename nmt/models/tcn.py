@@ -88,6 +88,43 @@ def _init_normal_(module: nn.Module, gain: float, dropout: float) -> None:
         nn.init.zeros_(module.bias)
 
 
+class _DilatedDepthwise(torch.autograd.Function):
+    """y[:, c, t] = sum_i w[c, i] * x[:, c, t + i*d]: a dilated depthwise convolution over an
+    already padded x (B, C, T + (k-1)d) with weight w (C, k), as k shifted multiply-adds.
+
+    PyTorch's grouped conv1d does the same sums, but its CPU backward with a dilation ran 4-7
+    times slower than these multiply-adds (benchmarks/README.md, Models); the results are equal
+    and the gradients equal up to the order of the sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, dilation: int) -> torch.Tensor:
+        k = w.size(1)
+        steps = x.size(2) - (k - 1) * dilation  # T
+        y = x[:, :, :steps] * w[:, :1]  # (B, C, T)
+        for i in range(1, k):
+            y.addcmul_(x[:, :, i * dilation : i * dilation + steps], w[:, i : i + 1])
+        ctx.save_for_backward(x, w)
+        ctx.dilation = dilation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, w = ctx.saved_tensors
+        d, steps = ctx.dilation, grad_y.size(2)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x)  # (B, C, T + (k-1)d)
+            for i in range(w.size(1)):
+                grad_x[:, :, i * d : i * d + steps].addcmul_(grad_y, w[:, i : i + 1])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.stack(
+                [(grad_y * x[:, :, i * d : i * d + steps]).sum((0, 2)) for i in range(w.size(1))],
+                dim=1,
+            )  # (C, k)
+        return grad_x, grad_w, None
+
+
 class _SeparableConv(nn.Module):
     """A dilated depthwise convolution (k weights per channel) then a 1x1 convolution, both
     weight-normalised: about k times fewer products than a dense (C_out, C_in, k) one."""
@@ -100,7 +137,11 @@ class _SeparableConv(nn.Module):
         self.pointwise = nn.Conv1d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(x))  # (B, C_out, T)
+        """x (B, C_in, T + (k-1)d), padded -> (B, C_out, T)."""
+        depthwise = self.depthwise
+        w = depthwise.weight.squeeze(1)  # (C_in, k)
+        h = _DilatedDepthwise.apply(x, w, depthwise.dilation[0])  # (B, C_in, T)
+        return self.pointwise(h + depthwise.bias[:, None])  # (B, C_out, T)
 
 
 def _make_conv(c_in, c_out, kernel_size, dilation, separable, init, gain, dropout) -> nn.Module:
@@ -121,17 +162,22 @@ def _make_conv(c_in, c_out, kernel_size, dilation, separable, init, gain, dropou
 
 
 def _last_column(conv: nn.Module, taps: torch.Tensor) -> torch.Tensor:
-    """The one output of `conv` whose k dilated inputs are taps (B, C_in, k) -> (B, C_out).
+    """The one output of `conv` whose k dilated inputs are taps (B, k * C_in), oldest first,
+    -> (B, C_out).
 
-    One matrix product (a depthwise weighted sum first for a separable conv): several times
-    faster on CPU than a dilated conv call over the window, and the same sum up to rounding.
+    One matrix product over the k columns side by side (a depthwise weighted sum first for a
+    separable conv): several times faster on CPU than a dilated conv call over the window, and
+    the same sum up to rounding. Columns side by side (not interleaved, as the conv weight's
+    (C_out, C_in, k) layout would want) make gathering them one contiguous copy per row.
     """
+    batch = taps.size(0)
     if isinstance(conv, _SeparableConv):
-        depthwise = conv.depthwise.weight.squeeze(1)  # (C_in, k)
-        mixed = (taps * depthwise).sum(2) + conv.depthwise.bias  # (B, C_in)
+        depthwise = conv.depthwise.weight.squeeze(1).t()  # (k, C_in)
+        mixed = (taps.view(batch, depthwise.size(0), -1) * depthwise).sum(1)  # (B, C_in)
+        mixed = mixed + conv.depthwise.bias
         return F.linear(mixed, conv.pointwise.weight.squeeze(2), conv.pointwise.bias)
-    weight = conv.weight  # (C_out, C_in, k); weight norm recomputes it here
-    return F.linear(taps.reshape(taps.size(0), -1), weight.reshape(weight.size(0), -1), conv.bias)
+    weight = conv.weight.transpose(1, 2)  # (C_out, k, C_in); weight norm recomputes it here
+    return F.linear(taps, weight.reshape(weight.size(0), -1), conv.bias)  # (B, C_out)
 
 
 class TemporalBlock(nn.Module):
@@ -221,13 +267,13 @@ class _History:
         self.spans, self.dilations = spans, dilations
 
     def taps(self, conv: int, x_t: torch.Tensor) -> torch.Tensor:
-        """The k inputs conv `conv` reads at this step, x_t last: (B, C_in, k)."""
+        """The k inputs conv `conv` reads at this step, oldest first: (B, k * C_in)."""
         span, d, width = self.spans[conv], self.dilations[conv], self.rows.size(1)
         cols = [
             self.cols[conv][span - m].index_select(0, self.rows[:, width - m])  # (B, C_in)
             for m in range(span, 0, -d)
         ]
-        return torch.stack([*cols, x_t], dim=2)  # (B, C_in, k)
+        return torch.cat([*cols, x_t], dim=1)  # (B, k * C_in)
 
     @staticmethod
     def advance(state: dict, new_cols: list[torch.Tensor]) -> dict:
