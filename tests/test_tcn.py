@@ -21,6 +21,7 @@ from nmt.models.tcn import (
     TCNEncoder,
     TemporalBlock,
     _DilatedDepthwise,
+    _Dropout,
     check_receptive_field,
     receptive_field,
 )
@@ -165,6 +166,18 @@ def test_attention_joins_its_context_as_the_residual_option_says(scaled_residual
         context = decoder.contexts[1](scores.softmax(-1) @ enc.keys)  # (B, T, C)
         expected = (h + context) * 0.5**0.5 if scaled_residual else h + context
         torch.testing.assert_close(decoder._attend(1, h, enc)[0], expected)
+
+
+def test_dropout_zeroes_p_and_scales_the_rest():
+    drop = _Dropout(0.25).train()
+    x = torch.rand(100, 200) + 0.5  # no zero entries of its own
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = y == 0
+    assert 0.23 < dropped.float().mean().item() < 0.27  # 20,000 draws at p = 0.25
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(_Dropout(0.0).train()(x), x)
 
 
 def test_emb_scale_multiplies_the_token_embeddings():

@@ -58,6 +58,24 @@ from nmt.models.base import EncoderOut, WordDropout, sinusoid_positions
 HALF_SQRT = math.sqrt(0.5)
 
 
+class _Dropout(nn.Module):
+    """Dropout (Srivastava et al. 2014) with the mask drawn by `torch.rand`: zero with
+    probability p, scale the rest by 1 / (1 - p), the identity in eval mode; the distribution
+    of nn.Dropout, not its random stream. On a CPU nn.Dropout's bernoulli_ draws element by
+    element, and its ~20 calls took a sixth of a TCN training step; uniform draws are vectorised
+    (benchmarks/README.md, Models)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep.to(x.dtype)
+
+
 class _Embedding(nn.Module):
     """Token embedding (times sqrt(emb_dim) with `emb_scale`) plus scaled sinusoidal positions,
     then dropout. Owns the position scale only: `embed` is assigned by the owner so that
@@ -71,7 +89,7 @@ class _Embedding(nn.Module):
         self.scale = math.sqrt(emb_dim) if emb_scale else 1.0
         # started at the RMS of the (scaled) embedding initialisation
         self.pos_scale = nn.Parameter(torch.tensor(self.scale * init_scale / math.sqrt(3.0)))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _Dropout(dropout)
         self.word_dropout = WordDropout(word_dropout)
 
     def forward(self, embed: nn.Embedding, ids: torch.Tensor, positions: torch.Tensor):
@@ -220,7 +238,7 @@ class TemporalBlock(nn.Module):
             self.residual = nn.Conv1d(in_channels, out_channels, 1)
             if conv_init == "convs2s":
                 _init_normal_(self.residual, 1.0, 0.0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _Dropout(dropout)
 
     def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
         return self.dropout(F.glu(h, dim=dim) if self.glu else F.relu(h))
@@ -436,7 +454,7 @@ class TCNDecoder(nn.Module):
         if conv_init == "convs2s":
             for linear in (self.key_proj, *self.queries, *self.contexts):
                 _init_normal_(linear, 1.0, 0.0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _Dropout(dropout)
         # Tying needs the output input width to be the embedding width: project down first.
         needs_bottleneck = tie_embeddings and channels != emb_dim
         self.bottleneck = nn.Linear(channels, emb_dim) if needs_bottleneck else None
