@@ -134,6 +134,11 @@ class ModelConfig:
         "TCN: depthwise-separable convolutions: a dilated depthwise convolution (kernel_size "
         "weights per channel) then a 1x1 convolution (about kernel_size times fewer FLOPs)",
     )
+    attention_embeddings: bool = opt(
+        False,
+        "TCN decoder: ConvS2S attention: each query adds the target embedding and the values "
+        "add the source embeddings (each sum times sqrt(0.5)); a direct path for word choice",
+    )
     attention_blocks: int = opt(
         0,
         "TCN decoder: attend to the source after the last N blocks only (0 = after every block, "

@@ -48,6 +48,8 @@ TCN_VARIANTS = [
     {"kernel_size": 1, "separable": True, "glu": True},
     # attention after the last block only; embeddings scaled by sqrt(emb_dim)
     {"kernel_size": 2, "levels": 3, "attention_blocks": 1, "emb_scale": True, "glu": True},
+    # ConvS2S attention (embeddings in queries and values), embedding and channel widths apart
+    {"kernel_size": 3, "channels": 24, "attention_embeddings": True, "attention_blocks": 2},
 ]
 VARIANTS = {"gnmt": GNMT_VARIANTS, "tcn": TCN_VARIANTS}
 CASES = [
@@ -64,6 +66,10 @@ CASES += [
     for wide in ({}, {"channels": 24})
     if enc != dec
 ]
+# a GNMT encoder gives no embeddings: the TCN decoder's ConvS2S attention uses its keys as values
+CASES.append(
+    pytest.param("gnmt", {"decoder": "tcn", "attention_embeddings": True}, id="gnmt+tcn-emb")
+)
 
 
 @pytest.mark.parametrize("family, variant", CASES)

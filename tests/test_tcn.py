@@ -36,6 +36,7 @@ OPTIONS = {
     "convs2s": {"glu": True, "scaled_residual": True, "conv_init": "convs2s"},
     "separable": {"separable": True, "glu": True, "conv_init": "convs2s"},
     "last-attention": {"attention_blocks": 1, "emb_scale": True, "scaled_residual": True},
+    "attention-embeddings": {"attention_embeddings": True, "attention_blocks": 2},
 }
 
 
@@ -165,7 +166,26 @@ def test_attention_joins_its_context_as_the_residual_option_says(scaled_residual
         scores = scores.masked_fill(~enc.src_mask[:, None, :], float("-inf"))
         context = decoder.contexts[1](scores.softmax(-1) @ enc.keys)  # (B, T, C)
         expected = (h + context) * 0.5**0.5 if scaled_residual else h + context
-        torch.testing.assert_close(decoder._attend(1, h, enc)[0], expected)
+        torch.testing.assert_close(decoder._attend(1, h, enc, None)[0], expected)
+
+
+def test_convs2s_attention_adds_the_embeddings():
+    """Values (keys + W_v source embedding) * sqrt(0.5), queries (W_q h + W_e target embedding)
+    * sqrt(0.5) (Gehring et al. 2017, Sec. 3.3)."""
+    encoder, decoder = make_pair(attention_embeddings=True)
+    src_ids, src_lens, _ = random_batch([5, 3], [1, 1], V, seed=2)
+    h, tgt_embedded = torch.randn(2, 4, 24), torch.randn(2, 4, 16)  # (B, T, C), (B, T, E)
+    with torch.no_grad():
+        enc = decoder.prepare(encoder(src_ids, src_lens))
+        assert enc.embedded.shape == (2, 5, 16) and (enc.embedded[1, 3:] == 0).all()
+        values = (enc.keys + decoder.value_embed(enc.embedded)) * 0.5**0.5  # (B, S, C)
+        torch.testing.assert_close(enc.values, values)
+        query_embed = decoder.query_embed(tgt_embedded)  # (B, T, C)
+        query = (decoder.queries[0](h) + query_embed) * 0.5**0.5
+        scores = query @ enc.keys.transpose(1, 2) / 24**0.5  # (B, T, S)
+        scores = scores.masked_fill(~enc.src_mask[:, None, :], float("-inf"))
+        expected = h + decoder.contexts[0](scores.softmax(-1) @ values)
+        torch.testing.assert_close(decoder._attend(0, h, enc, query_embed)[0], expected)
 
 
 def test_dropout_zeroes_p_and_scales_the_rest():

@@ -61,6 +61,8 @@ class EncoderOut:
     src_mask: torch.Tensor  # (B, S) bool, True = real token
     keys: torch.Tensor | None = None  # (B, S, A) attention keys projected once, if the model does
     src_lens: torch.Tensor | None = None  # (B,)
+    embedded: torch.Tensor | None = None  # (B, S, E) the encoder's input embeddings (TCN)
+    values: torch.Tensor | None = None  # (B, S, A) attention values, where they are not `keys`
 
     def index_select(self, index: torch.Tensor) -> EncoderOut:
         changes = {}

@@ -403,7 +403,8 @@ class TCNEncoder(nn.Module):
         for block in self.blocks:
             h = block(h, mask)  # (B, C, S)
         memory = (h * mask).transpose(1, 2)  # (B, S, C)
-        return EncoderOut(memory=memory, src_mask=src_mask, src_lens=src_lens)
+        embedded = x * mask.transpose(1, 2)  # (B, S, E)
+        return EncoderOut(memory=memory, src_mask=src_mask, src_lens=src_lens, embedded=embedded)
 
 
 class TCNDecoder(nn.Module):
@@ -435,6 +436,7 @@ class TCNDecoder(nn.Module):
         separable: bool,
         conv_init: str,
         attention_blocks: int,
+        attention_embeddings: bool,
     ):
         super().__init__()
         self.channels, self.scaled_residual = channels, scaled_residual
@@ -451,6 +453,10 @@ class TCNDecoder(nn.Module):
         self.key_proj = nn.Linear(memory_dim, channels)
         self.queries = nn.ModuleList(nn.Linear(channels, channels) for _ in range(attending))
         self.contexts = nn.ModuleList(nn.Linear(channels, channels) for _ in range(attending))
+        # ConvS2S attention: the target embedding joins each query, the source embedding each
+        # value, both projected to `channels` once per token
+        self.query_embed = nn.Linear(emb_dim, channels) if attention_embeddings else None
+        self.value_embed = nn.Linear(emb_dim, channels) if attention_embeddings else None
         if conv_init == "convs2s":
             for linear in (self.key_proj, *self.queries, *self.contexts):
                 _init_normal_(linear, 1.0, 0.0)
@@ -482,6 +488,7 @@ class TCNDecoder(nn.Module):
             tie_embeddings=m.tie_embeddings,
             emb_scale=m.emb_scale,
             attention_blocks=m.attention_blocks,
+            attention_embeddings=m.attention_embeddings,
             **_block_options(m),
         )
 
@@ -498,16 +505,25 @@ class TCNDecoder(nn.Module):
         self.out.weight = self.embed.weight
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:
-        """Project the attention keys once per sentence."""
-        return replace(enc, keys=self.key_proj(enc.memory))  # keys (B, S, C)
+        """Project the attention keys (and values) once per sentence. The values add the
+        source embeddings where the encoder gives them (a TCN encoder), else they are the keys."""
+        keys = self.key_proj(enc.memory)  # (B, S, C)
+        values = None
+        if self.value_embed is not None and enc.embedded is not None:
+            values = (keys + self.value_embed(enc.embedded)) * HALF_SQRT  # (B, S, C)
+        return replace(enc, keys=keys, values=values)
 
-    def _attend(self, i: int, h: torch.Tensor, enc: EncoderOut):
-        """Attention i: h (B, T, C) -> (h joined with its context (B, T, C), attn (B, T, S))."""
+    def _attend(self, i: int, h: torch.Tensor, enc: EncoderOut, query_embed):
+        """Attention i: h (B, T, C), query_embed (B, T, C) or None -> (h joined with its context
+        (B, T, C), attn (B, T, S))."""
         query = self.queries[i](h)  # (B, T, C)
+        if query_embed is not None:
+            query = (query + query_embed) * HALF_SQRT
         scores = torch.bmm(query, enc.keys.transpose(1, 2)) / math.sqrt(self.channels)  # (B,T,S)
         scores = scores.masked_fill(~enc.src_mask.unsqueeze(1), float("-inf"))
         attn = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (B, T, S)
-        context = self.contexts[i](torch.bmm(attn, enc.keys))  # (B, T, C)
+        values = enc.keys if enc.values is None else enc.values
+        context = self.contexts[i](torch.bmm(attn, values))  # (B, T, C)
         if self.scaled_residual:
             return (h + context) * HALF_SQRT, attn
         return h + context, attn
@@ -522,13 +538,14 @@ class TCNDecoder(nn.Module):
         """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the attentions)."""
         positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         x = self.embed_pos(self.embed, tgt_in_ids, positions)  # (B, T, E)
+        query_embed = None if self.query_embed is None else self.query_embed(x)  # (B, T, C)
         h = x.transpose(1, 2)  # (B, E, T)
         attn_sum = 0.0
         for level, block in enumerate(self.blocks):
             h = block(h)  # (B, C, T)
             if level >= self.first_attending:
                 i = level - self.first_attending
-                h, attn = self._attend(i, h.transpose(1, 2), enc)  # (B, T, C), (B, T, S)
+                h, attn = self._attend(i, h.transpose(1, 2), enc, query_embed)  # (B,T,C), (B,T,S)
                 attn_sum = attn_sum + attn
                 h = h.transpose(1, 2)  # (B, C, T)
         attn = attn_sum / len(self.queries)  # (B, T, S)
@@ -553,6 +570,7 @@ class TCNDecoder(nn.Module):
     def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
         """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S))."""
         h = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
+        query_embed = None if self.query_embed is None else self.query_embed(h).unsqueeze(1)
         history = _History(state, self.spans, self.dilations)
         new_cols = []
         attn_sum = 0.0
@@ -560,7 +578,8 @@ class TCNDecoder(nn.Module):
             h, inputs = block.step(h, history, (2 * level, 2 * level + 1))  # (B, C)
             new_cols.extend(inputs)
             if level >= self.first_attending:
-                h, attn = self._attend(level - self.first_attending, h.unsqueeze(1), enc)
+                i = level - self.first_attending
+                h, attn = self._attend(i, h.unsqueeze(1), enc, query_embed)  # (B, 1, C)
                 attn_sum = attn_sum + attn.squeeze(1)  # (B, S)
                 h = h.squeeze(1)  # (B, C)
         logits = self._output(h)  # (B, V)
