@@ -168,7 +168,7 @@ def _top_candidates_per_sentence(scores, n, k):
     """nmt.search._top_candidates, (n, 2K) (score, beam, token), by one top-k over each
     sentence's K*V scores instead of one per hypothesis then one over the survivors: the same
     2k best (the same order: by score, ties by the lower beam * V + token), and on a GPU one
-    top-k kernel over n slices is faster than two over n*K (H200, GNMT v2: about 8% of a step)."""
+    top-k kernel over n slices is faster than two over n*K (measured: benchmarks/README.md)."""
     vocab = scores.size(1)
     top_scores, flat = scores.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
     flat, order = flat.sort(dim=1)  # ties: the lower (beam, token) first, as nmt.search

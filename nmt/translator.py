@@ -115,7 +115,7 @@ class Translator:
         if dev.type == "cuda" and dtype != torch.float32:
             # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
             # under autocast so that softmaxes run in float32: no per-step weight casts or
-            # cuDNN repacking (H200, GNMT v2 beam 5: 11% faster; Multi30k BLEU within 0.2)
+            # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
             model = model.to(dtype)
         return cls(model, tokenizer, cfg, dev, dtype)
 
