@@ -261,6 +261,14 @@ def test_coverage_penalty_counts_real_source_positions_only():
     # Greedy (A .6 > EOS .4, then B, EOS) reports the penalised score of its choice too.
     greedy = _greedy(model, src_ids, src_lens, beta=1.0)
     assert _summary(greedy[1]) == [([A, B], pytest.approx(ab + cov1[3], abs=1e-5))]
+    # A source word never attended costs beta * ln 1e-10 = -23.03 (the floor), not -inf: all
+    # attention on column 0 of sentence (9, 2), so every hypothesis pays it once; [] wins.
+    model = ScriptedModel(LATE_EOS, attn_weights=[1.0, 0.0])
+    (results,) = _beam(model, *_src((9, 2)), beam_size=2, n_best=2, alpha=0.0, beta=1.0)
+    assert _summary(results) == [
+        ([], pytest.approx(ln(0.4) + ln(1e-10), abs=1e-4)),
+        ([A, B], pytest.approx(ab + ln(1e-10), abs=1e-4)),
+    ]
 
 
 def test_nbest_is_sorted_and_of_size_n_best():
@@ -276,6 +284,42 @@ def test_nbest_is_sorted_and_of_size_n_best():
         _beam(ScriptedModel(tables), src_ids, src_lens, beam_size=2, n_best=3)
     with pytest.raises(UsageError, match="beam_size"):
         _beam(ScriptedModel(tables), src_ids, src_lens, beam_size=0)
+
+
+# Table 11: EOS among the k best at step 0, a finite candidate behind it.
+#   ()   : A .5, EOS .3, B .2
+#   (A,) : C .9, EOS .1
+#   (B,), (A,C): EOS 1 (default)
+REFILL = {11: {(): {A: 0.5, EOS: 0.3, B: 0.2}, (A,): {C: 0.9, EOS: 0.1}}}
+
+
+def test_finished_hypotheses_never_starve_the_beam():
+    # Beam 2, alpha 0. Step 0: A ln .5 and EOS ln .3 are the 2 best: [] finishes (-1.204), and
+    # the live beam is refilled with A and B (ranked 3rd, ln .2 = -1.609), not left one short.
+    # Step 1: [A,C] ln .45 = -0.799, [B]+EOS -1.609, [A]+EOS ln .05 = -2.996: [B] finishes, two
+    # finished: done. Had B been lost at step 0, [A] (-2.996) would be the second.
+    src_ids, src_lens = _src((11, 2))
+    (beam,) = _beam(ScriptedModel(REFILL), src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0)
+    assert _summary(beam) == [
+        ([], pytest.approx(ln(0.3), abs=1e-6)),
+        ([B], pytest.approx(ln(0.2), abs=1e-6)),
+    ]
+
+
+# Table 12: one way to finish. ()  : A 1;  (A,): EOS 1.
+ONE_WAY = {12: {(): {A: 1.0}, (A,): {EOS: 1.0}}}
+
+
+def test_impossible_hypotheses_are_never_kept_and_a_sentence_without_live_ones_ends():
+    # Beam 4. Step 0: A (ln 1 = 0), then candidates of probability 0 (-inf): PAD, BOS, EOS of
+    # beam 0 (ties: the lower (beam, token) first), so an EOS scored -inf is among the 4 best;
+    # it is not a finished hypothesis. Step 1 finishes [A] (0); nothing finite is left alive,
+    # so the sentence ends there, one hypothesis short of n_best, after 2 steps.
+    model = ScriptedModel(ONE_WAY)
+    src_ids, src_lens = _src((12, 2))
+    (beam,) = _beam(model, src_ids, src_lens, beam_size=4, n_best=4)
+    assert _summary(beam) == [([A], 0.0)]
+    assert model.rows_per_step == [4, 4]
 
 
 def test_ties_go_to_the_lower_token_id_and_bos_pad_are_never_generated():

@@ -20,7 +20,9 @@ from test_search import (
     GREEDY_VS_BEAM,
     LATE_EOS,
     LONG_VS_SHORT,
+    ONE_WAY,
     PAD,
+    REFILL,
     SEARCH,
     A,
     B,
@@ -93,8 +95,10 @@ def test_static_search_equals_search_on_random_models(name, beam_size, n_best, a
 
 
 @pytest.mark.parametrize(
-    "tables, spec", [(GREEDY_VS_BEAM, (7, 3)), (LONG_VS_SHORT, (3, 3)), (LATE_EOS, (9, 3))]
-)
+    "tables, spec",
+    [(GREEDY_VS_BEAM, (7, 3)), (LONG_VS_SHORT, (3, 3)), (LATE_EOS, (9, 3)), (REFILL, (11, 2)),
+     (ONE_WAY, (12, 2))],
+)  # fmt: skip
 @pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (2, 0.0), (2, 1.0), (3, 0.6)])
 @pytest.mark.parametrize("exact_stop", [False, True])
 def test_static_search_equals_search_on_scripted_tables(tables, spec, beam_size, alpha,
