@@ -226,21 +226,16 @@ def decode_throughput(
     model = RunToLimit(model)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    settings = search.SearchSettings(
+        bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=5, alpha=s.alpha, beta=s.beta,
+        max_len_a=s.max_len_a, max_len_b=s.max_len_b,
+    )  # fmt: skip
+    run = search_graph.runner(device, cuda_graph)
+
     def decode(src_ids, src_lens):
         with torch.inference_mode(), autocast:
             return search.beam_search(
-                model,
-                src_ids.to(device),
-                src_lens.to(device),
-                bos_id=BOS,
-                eos_id=EOS,
-                beam_size=5,
-                alpha=s.alpha,
-                beta=s.beta,
-                max_len_a=s.max_len_a,
-                max_len_b=s.max_len_b,
-                pad_id=PAD,
-                run=search_graph.runner(device, cuda_graph),
+                model, src_ids.to(device), src_lens.to(device), settings, run=run
             )
 
     decode(*_decode_batches(1, batch_size, vocab, seed=7)[0])  # warm-up

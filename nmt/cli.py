@@ -8,6 +8,7 @@ exits 1; an interrupt exits 130 (SIGTERM: 143). Results go to stdout, logs to st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -78,19 +79,40 @@ def cmd_train(args) -> int:
     return 128 + signal.Signals[stop].value if stop in ("SIGINT", "SIGTERM") else 0
 
 
+_CALL_OWN = ("n_best",)  # search keys with a flag of their own (`nmt translate --n-best`)
+
+
+def _search_keys() -> list:
+    """The search settings that get a generated flag: every nmt.config.SearchConfig field."""
+    from nmt import config
+
+    return [f for f in dataclasses.fields(config.SearchConfig) if f.name not in _CALL_OWN]
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=int, help="beam size (1 = greedy; default from checkpoint)")
-    p.add_argument("--alpha", type=float, help="length penalty ((5+|Y|)/6)^alpha")
-    p.add_argument("--beta", type=float, help="coverage penalty weight")
-    p.add_argument("--batch-size", type=int, help="sentences per decoding batch")
-    p.add_argument("--max-len-a", type=float, help="max output length = a * source length + b")
-    p.add_argument("--max-len-b", type=int, help="max output length = a * source length + b")
+    """A flag per search setting, generated from its config field as `nmt config --defaults` is:
+    --beam-size for beam_size, the field's type (bool: --x/--no-x), help and choices; unset
+    (None) keeps the checkpoint's value."""
+    from nmt import config
+
+    for f in _search_keys():
+        kind = config.field_type(config.SearchConfig, f)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: the checkpoint's search.{f.name})"
+        kw = {"default": None, "help": help_text.replace("%", "%%")}
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind in (int, float, str):
+            p.add_argument(flag, type=kind, choices=f.metadata["choices"], **kw)
+        else:  # a new field of a type the command line cannot take: fail at once, not later
+            raise TypeError(f"search.{f.name}: no command-line flag for type {kind}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _search_kwargs(args) -> dict:
-    keys = ("beam_size", "alpha", "beta", "batch_size", "max_len_a", "max_len_b")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    """The search settings given on the command line, {key: value}."""
+    values = {f.name: getattr(args, f.name) for f in _search_keys()}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def cmd_translate(args) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -191,9 +192,15 @@ class TrainConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
-    """Decoding: used by validation, `translate` and `evaluate`."""
+    """Decoding: used by validation, `translate` and `evaluate`.
+
+    Frozen: a search gets it (or nmt.search.SearchSettings, these fields plus the special ids)
+    whole; a change is `dataclasses.replace` then `check_section`, as `override_section` does.
+    Every field is also a flag of `nmt translate` and `nmt evaluate` (nmt.cli) and a keyword of
+    the Translator's calls: adding a field here is all a new search option needs outside search.
+    """
 
     beam_size: int = opt(5, "beam size (1 = greedy)", min=1)
     n_best: int = opt(1, "hypotheses returned per sentence (<= beam_size)", min=1)
@@ -208,6 +215,12 @@ class SearchConfig:
     )
     batch_size: int = opt(128, "sentences per decoding batch", min=1)
     max_src_len: int = opt(250, "longer inputs are truncated with a warning", min=1)
+    exact_stop: bool = opt(
+        False,
+        "a sentence is done only when no live hypothesis can still beat its worst finished one "
+        "(exact with length penalties; most sentences then run to their maximum length); "
+        "false: as soon as beam_size hypotheses have finished (fairseq, OpenNMT)",
+    )
 
 
 @dataclass
@@ -241,19 +254,25 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _resolve_type(cls, f: dataclasses.Field):
-    hints = typing.get_type_hints(cls)
-    return hints[f.name]
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls, f: dataclasses.Field):
+    """The type of field `f` of `cls`, `X | None` read as X."""
+    tp = _hints(cls)[f.name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
-    """Return (value, problem). Ints are accepted where floats are expected; nothing else."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+def _coerce(value: Any, tp, path: str, strict: bool = False) -> tuple[Any, str | None]:
+    """Return (value, problem). Ints are accepted where floats are expected; nothing else, but
+    for YAML input (not `strict`) a float written with an exponent and no dot."""
     if tp is bool:
         if isinstance(value, bool):
             return value, None
@@ -263,7 +282,7 @@ def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        if not strict and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value), None  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
     elif tp is str:
         if isinstance(value, str):
@@ -322,13 +341,14 @@ def check_receptive_field(cfg: dict, max_len: int) -> str | None:
     )
 
 
-def _cross_checks(cfg: Config) -> list[str]:
+def _data_checks(d: DataConfig) -> list[str]:
+    if d.min_len > d.max_len:
+        return [f"data.min_len: must be <= data.max_len ({d.max_len}), found {d.min_len}"]
+    return []
+
+
+def _model_checks(m: ModelConfig) -> list[str]:
     problems = []
-    m, s = cfg.model, cfg.search
-    if s.n_best > s.beam_size:
-        problems.append(
-            f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"
-        )
     if m.tie_embeddings and m.emb_dim != m.hidden and "gnmt" in (m.decoder or m.arch):
         problems.append(
             f"model.tie_embeddings: needs model.emb_dim == model.hidden, "
@@ -339,22 +359,96 @@ def _cross_checks(cfg: Config) -> list[str]:
             "model.dec_layers: the GNMT decoder needs >= 2 layers (attention feeds layers 2 "
             f"and up), found {m.dec_layers}"
         )
-    rf_problem = check_receptive_field(dataclasses.asdict(m), cfg.data.max_len + 1)
-    if rf_problem:
-        problems.append(rf_problem + " (data.max_len + 1 positions: pieces plus bos/eos)")
-    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
-        problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
-    t = cfg.train
+    return problems
+
+
+def _train_checks(t: TrainConfig) -> list[str]:
+    problems = []
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) for b in t.betas):
+        problems.append(f"train.betas: expected two numbers, found {t.betas!r}")
     if t.average_last and (not t.save_every or t.average_last > t.keep_last):
         problems.append(
             f"train.average_last: needs train.save_every > 0 and average_last <= train.keep_last "
             f"({t.keep_last}), found average_last {t.average_last}, save_every {t.save_every}"
         )
-    if cfg.data.min_len > cfg.data.max_len:
-        problems.append(
-            f"data.min_len: must be <= data.max_len ({cfg.data.max_len}), found {cfg.data.min_len}"
-        )
     return problems
+
+
+def _search_checks(s: SearchConfig) -> list[str]:
+    if s.n_best > s.beam_size:
+        return [f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"]
+    return []
+
+
+_SECTION_CHECKS = {
+    "data": _data_checks,
+    "tokenizer": lambda _: [],
+    "model": _model_checks,
+    "train": _train_checks,
+    "search": _search_checks,
+}
+
+
+def check_section(section, name: str) -> list[str]:
+    """Every problem of `section`, an instance of the section `name` (e.g. "search"), one message
+    each: every field's type, choices and range (its `opt()` metadata), then, if those hold, the
+    section's own cross checks (e.g. search.n_best <= search.beam_size). The one checker:
+    `from_dict`, `override_section` and nmt.search.SearchSettings all use it. Fields a subclass
+    adds (SearchSettings' special ids) are the subclass's to check."""
+    cls = _SECTION_TYPES[name]
+    if not isinstance(section, cls):
+        raise TypeError(f"check_section: expected a {cls.__name__}, found {type(section).__name__}")
+    problems = []
+    for f in dataclasses.fields(cls):
+        path = f"{name}.{f.name}"
+        value, problem = _coerce(getattr(section, f.name), field_type(cls, f), path, strict=True)
+        problem = problem or _check_field(f, value, path)
+        if problem:
+            problems.append(problem)
+    return problems or _SECTION_CHECKS[name](section)
+
+
+def override_section(section, name: str, changes: dict, source: str | None = None):
+    """`section` (of the section `name`) with `changes` ({key: value}) applied and checked: one
+    ConfigError listing every problem, unknown keys included. Per-call settings come from here
+    (the Translator's search overrides)."""
+    keys = [f.name for f in dataclasses.fields(_SECTION_TYPES[name])]
+    problems = [
+        f"{name}.{key}: unknown key{_did_you_mean(str(key), keys)}; the keys are {', '.join(keys)}"
+        for key in changes
+        if key not in keys
+    ]
+    section = dataclasses.replace(section, **{k: v for k, v in changes.items() if k in keys})
+    problems += check_section(section, name)
+    if problems:
+        raise ConfigError(problems, source)
+    return section
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """The checks that read more than one section."""
+    rf_problem = check_receptive_field(dataclasses.asdict(cfg.model), cfg.data.max_len + 1)
+    if rf_problem:
+        return [rf_problem + " (data.max_len + 1 positions: pieces plus bos/eos)"]
+    return []
+
+
+def _read_section(name: str, values: dict) -> tuple[dict, list[str]]:
+    """The known keys of one section as read from YAML, as their fields' types; the problems."""
+    cls = _SECTION_TYPES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    changes, problems = {}, []
+    for key, value in values.items():
+        path = f"{name}.{key}"
+        if key not in fields:
+            problems.append(f"{path}: unknown key{_did_you_mean(str(key), fields)}")
+            continue
+        value, problem = _coerce(value, field_type(cls, fields[key]), path)
+        if problem:
+            problems.append(problem)
+        else:
+            changes[key] = value
+    return changes, problems
 
 
 def from_dict(raw: dict, source: str | None = None, extra_problems=()) -> Config:
@@ -379,23 +473,13 @@ def from_dict(raw: dict, source: str | None = None, extra_problems=()) -> Config
         if not isinstance(values, dict):
             problems.append(f"{section}: expected a mapping, found {type(values).__name__}")
             continue
-        cls = _SECTION_TYPES[section]
-        obj = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            path = f"{section}.{key}"
-            if key not in fields:
-                problems.append(f"{path}: unknown key{_did_you_mean(str(key), fields)}")
-                continue
-            f = fields[key]
-            value, problem = _coerce(value, _resolve_type(cls, f), path)
-            problem = problem or _check_field(f, value, path)
-            if problem:
-                problems.append(problem)
-            else:
-                setattr(obj, key, value)
+        changes, read_problems = _read_section(section, values)
+        problems += read_problems
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **changes))
+    for section in _SECTION_TYPES:
+        problems += check_section(getattr(cfg, section), section)
     if not problems:
-        problems.extend(_cross_checks(cfg))
+        problems += _cross_checks(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg

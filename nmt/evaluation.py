@@ -9,11 +9,13 @@ downloads (nmt.corpora).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from nmt import corpora, metrics
+from nmt.config import SearchConfig
 from nmt.errors import UsageError
-from nmt.translator import SEARCH_KEYS, Translator, open_output, read_lines, warn_truncated
+from nmt.translator import Translator, open_output, read_lines, warn_truncated
 
 
 def score(
@@ -84,11 +86,43 @@ def evaluate(
     """Translate a source file (or a named test set) with a checkpoint and score it.
 
     Either `src` with `refs` (files), or `testset` (e.g. "multi30k:test_2016_flickr", resolved
-    with the checkpoint's data.src_lang and data.tgt_lang). `search_kwargs`: any of SEARCH_KEYS.
-    `hyp_out`: also write the translations there (atomically). Returns the result dict: checkpoint,
-    testset, src, refs, n, bleu, chrf, lowercase, tokenize, search, seconds, sents_per_s, hyp_out.
+    with the checkpoint's data.src_lang and data.tgt_lang). `search_kwargs`: search settings, as
+    for `Translator.translate`. `hyp_out`: also write the translations there (atomically).
+    Returns the result dict: checkpoint, testset, src, refs, n, bleu, chrf, lowercase, tokenize,
+    search (every search setting used), seconds, sents_per_s, hyp_out.
     """
     refs = [str(r) for r in (refs or [])]
+    _check_sources(src, refs, testset)
+    translator = Translator.from_checkpoint(checkpoint_path, device=device)
+    settings = translator.search_settings(1, **search_kwargs)  # checked before any download
+    if testset:
+        src, refs = _testset_files(testset, translator.cfg.data)
+    src_lines = read_lines(str(src))
+    if not src_lines:
+        raise UsageError(f"{src}: empty, nothing to translate")
+    ref_lines = _read_refs(refs, len(src_lines), str(src))
+
+    hyps, seconds = _translate_timed(translator, src_lines, settings, str(src))
+    if hyp_out:
+        with open_output(hyp_out) as write:
+            write("".join(h + "\n" for h in hyps).encode("utf-8"))
+    result = {"checkpoint": str(checkpoint_path), "testset": testset, "src": str(src), "refs": refs}
+    result.update(score(hyps, ref_lines, lowercase=lowercase, tokenize=tokenize))
+    result.update(
+        {
+            "lowercase": lowercase,
+            "tokenize": tokenize,
+            "search": {f.name: getattr(settings, f.name) for f in dataclasses.fields(SearchConfig)},
+            "seconds": round(seconds, 3),
+            "sents_per_s": round(len(src_lines) / max(seconds, 1e-9), 2),
+            "hyp_out": str(hyp_out) if hyp_out else None,
+        }
+    )
+    return result
+
+
+def _check_sources(src: str | None, refs: list[str], testset: str | None) -> None:
+    """Either a test set name, or a source file with at least one reference file."""
     if testset and (src or refs):
         raise UsageError(
             "evaluate: give either a test set name, or a source and reference files, not both"
@@ -97,39 +131,22 @@ def evaluate(
         raise UsageError(
             "evaluate: give a test set name, or a source file and at least one reference file"
         )
-    translator = Translator.from_checkpoint(checkpoint_path, device=device)
-    settings = translator.search_settings(1, **search_kwargs)  # checked before any download
-    if testset:
-        data_cfg = translator.cfg.data
-        src_path, ref_path = corpora.resolve_testset(testset, data_cfg.src_lang, data_cfg.tgt_lang)
-        src, refs = str(src_path), [str(ref_path)]
-    src_lines = read_lines(str(src))
-    if not src_lines:
-        raise UsageError(f"{src}: empty, nothing to translate")
-    ref_lines = _read_refs(refs, len(src_lines), str(src))
 
+
+def _testset_files(testset: str, data_cfg) -> tuple[str, list[str]]:
+    """The source file and the reference files of a named test set, in the languages of the
+    checkpoint's data section."""
+    src_path, ref_path = corpora.resolve_testset(testset, data_cfg.src_lang, data_cfg.tgt_lang)
+    return str(src_path), [str(ref_path)]
+
+
+def _translate_timed(translator, src_lines: list[str], settings, where: str):
+    """The best translation of each line, and the seconds that translating them took."""
     start = time.perf_counter()
     results, truncated = translator.run(src_lines, settings)
-    warn_truncated(truncated, str(src), settings.max_src_len)
+    warn_truncated(truncated, where, settings.max_src_len)
     hyps = [r[0][0] for r in results]
-    seconds = time.perf_counter() - start
-    if hyp_out:
-        with open_output(hyp_out) as write:
-            write("".join(h + "\n" for h in hyps).encode("utf-8"))
-
-    result = {"checkpoint": str(checkpoint_path), "testset": testset, "src": str(src), "refs": refs}
-    result.update(score(hyps, ref_lines, lowercase=lowercase, tokenize=tokenize))
-    result.update(
-        {
-            "lowercase": lowercase,
-            "tokenize": tokenize,
-            "search": {k: getattr(settings, k) for k in SEARCH_KEYS},
-            "seconds": round(seconds, 3),
-            "sents_per_s": round(len(src_lines) / max(seconds, 1e-9), 2),
-            "hyp_out": str(hyp_out) if hyp_out else None,
-        }
-    )
-    return result
+    return hyps, time.perf_counter() - start
 
 
 def format_report(result: dict) -> str:

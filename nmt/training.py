@@ -551,6 +551,7 @@ class Trainer:
         n_tokens = 0
         hyps: dict[int, str] = {}
         refs: dict[int, str] = {}
+        greedy = search.SearchSettings.from_config(self.cfg.search, tok)  # greedy_search: beam 1
         for batch in data.make_batches(
             self.valid_set, self.valid_sampler, tok.pad_id, tok.bos_id, tok.eos_id
         ):
@@ -563,15 +564,7 @@ class Trainer:
             nll_sum += float(nll)
             n_tokens += batch.num_tgt_tokens
             if self.cfg.train.valid_bleu:
-                results = search.greedy_search(
-                    self.model,
-                    batch.src_ids,
-                    batch.src_lens,
-                    bos_id=tok.bos_id,
-                    eos_id=tok.eos_id,
-                    max_len_a=self.cfg.search.max_len_a,
-                    max_len_b=self.cfg.search.max_len_b,
-                )
+                results = search.greedy_search(self.model, batch.src_ids, batch.src_lens, greedy)
                 texts = tok.decode_tgt([r[0].tokens for r in results])
                 out = batch.tgt_out_ids.tolist()
                 ref_ids = [row[: int(n) - 1] for row, n in zip(out, batch.tgt_lens.tolist())]

@@ -21,7 +21,6 @@ an empty input line gives one entry with an empty hypothesis and score 0.0000.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import tempfile
@@ -31,13 +30,12 @@ from pathlib import Path
 import torch
 
 from nmt import checkpoint, search, search_graph
-from nmt.config import Config, SearchConfig, from_dict
+from nmt.config import Config, from_dict, override_section
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
 from nmt.models import build_model_for
 from nmt.tokenizer import Tokenizer
 
-SEARCH_KEYS = ("beam_size", "alpha", "beta", "batch_size", "max_len_a", "max_len_b")
 MAX_WARNINGS = 10  # truncation warnings printed per call before they are only counted
 _NEWLINES = str.maketrans({"\n": " ", "\r": " "})
 
@@ -61,7 +59,9 @@ class Translator:
 
     `translate(lines)` returns one string per line, in input order; `translate_nbest` returns the
     `n_best` best (text, score) pairs per line. Search settings default to the checkpoint's
-    `search` section; any of them can be overridden per call.
+    `search` section; any of its keys (nmt.config.SearchConfig: beam_size, alpha, ...) can be
+    overridden per call as a keyword, None keeping the checkpoint's value. `n_best` is the
+    exception: it is the call's own (1 unless asked), whatever the checkpoint says.
     """
 
     def __init__(
@@ -115,80 +115,33 @@ class Translator:
         if dev.type == "cuda" and dtype != torch.float32:
             # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
             # under autocast so that softmaxes run in float32: no per-step weight casts or
-            # cuDNN repacking (H200, GNMT v2 beam 5: 11% faster; Multi30k BLEU within 0.2)
+            # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
             model = model.to(dtype)
         return cls(model, tokenizer, cfg, dev, dtype)
 
     # ------------------------------------------------------------------ settings
-    def search_settings(self, n_best: int = 1, **overrides) -> SearchConfig:
-        """The checkpoint's search settings with `overrides` (None = keep) applied, checked."""
-        unknown = sorted(set(overrides) - set(SEARCH_KEYS))
-        if unknown:
-            raise UsageError(
-                f"unknown search setting(s) {', '.join(unknown)}; expected {', '.join(SEARCH_KEYS)}"
-            )
+    def search_settings(self, n_best: int | None = 1, **overrides) -> search.SearchSettings:
+        """The checkpoint's search settings with `overrides` (search keys; None = keep) and
+        `n_best` (None = 1) applied, checked by nmt.config: one UsageError listing every
+        problem."""
         changes = {k: v for k, v in overrides.items() if v is not None}
-        s = dataclasses.replace(self.cfg.search, n_best=n_best, **changes)
-        problems = []
-        for key in ("beam_size", "n_best", "batch_size", "max_len_b"):
-            value = getattr(s, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{key} must be an integer >= 1, found {value!r}")
-        for key in ("alpha", "beta", "max_len_a"):
-            value = getattr(s, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                problems.append(f"{key} must be a number >= 0, found {value!r}")
-        if not problems and s.n_best > s.beam_size:
-            problems.append(f"n_best ({s.n_best}) must be <= beam_size ({s.beam_size})")
-        if problems:
-            raise UsageError("; ".join(problems))
-        return s
+        changes["n_best"] = 1 if n_best is None else n_best
+        cfg = override_section(self.cfg.search, "search", changes)
+        return search.SearchSettings.from_config(cfg, self.tokenizer)
 
     # ------------------------------------------------------------------ public API
-    def translate(
-        self,
-        lines: list[str],
-        beam_size: int | None = None,
-        alpha: float | None = None,
-        beta: float | None = None,
-        batch_size: int | None = None,
-        max_len_a: float | None = None,
-        max_len_b: int | None = None,
-    ) -> list[str]:
-        """One translation per line, in input order; an empty line gives ""."""
-        results = self.translate_nbest(
-            lines,
-            1,
-            beam_size=beam_size,
-            alpha=alpha,
-            beta=beta,
-            batch_size=batch_size,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-        )
-        return [r[0][0] for r in results]
+    def translate(self, lines: list[str], **overrides) -> list[str]:
+        """One translation per line, in input order; an empty line gives "".
+
+        `overrides`: search settings for this call (see the class docstring)."""
+        n_best = overrides.pop("n_best", None)  # accepted as every search key is; the best is kept
+        return [r[0][0] for r in self.translate_nbest(lines, n_best, **overrides)]
 
     def translate_nbest(
-        self,
-        lines: list[str],
-        n_best: int,
-        beam_size: int | None = None,
-        alpha: float | None = None,
-        beta: float | None = None,
-        batch_size: int | None = None,
-        max_len_a: float | None = None,
-        max_len_b: int | None = None,
+        self, lines: list[str], n_best: int, **overrides
     ) -> list[list[tuple[str, float]]]:
         """The `n_best` best (text, score) pairs per line, best first, in input order."""
-        settings = self.search_settings(
-            n_best,
-            beam_size=beam_size,
-            alpha=alpha,
-            beta=beta,
-            batch_size=batch_size,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-        )
+        settings = self.search_settings(n_best, **overrides)
         results, truncated = self.run(lines, settings)
         warn_truncated(truncated, "line", settings.max_src_len)
         return results
@@ -211,7 +164,7 @@ class Translator:
         return pieces, truncated
 
     @torch.no_grad()
-    def run(self, lines: list[str], settings: SearchConfig):
+    def run(self, lines: list[str], settings: search.SearchSettings):
         """Translate `lines` with checked `settings`.
 
         Returns (results, truncated): per line, the (text, score) pairs best first; and the
@@ -233,7 +186,7 @@ class Translator:
                 ] or [("", 0.0)]
         return results, truncated
 
-    def _search_batch(self, batch_pieces: list[list[int]], s: SearchConfig):
+    def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings):
         tok = self.tokenizer
         seqs = [p + [tok.eos_id] for p in batch_pieces]
         src_lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)  # (B,)
@@ -244,22 +197,9 @@ class Translator:
         autocast = torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         )
-        with autocast:  # beam_size 1 is routed to greedy search by nmt.search itself
-            return search.beam_search(
-                self.model,
-                src_ids,
-                src_lens,
-                bos_id=tok.bos_id,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                beam_size=s.beam_size,
-                n_best=s.n_best,
-                alpha=s.alpha,
-                beta=s.beta,
-                max_len_a=s.max_len_a,
-                max_len_b=s.max_len_b,
-                run=search_graph.runner(self.device, s.cuda_graph),
-            )
+        run = search_graph.runner(self.device, s.cuda_graph)
+        with autocast:  # beam_size 1 is greedy search
+            return search.beam_search(self.model, src_ids, src_lens, s, run=run)
 
 
 def warn_truncated(
@@ -411,7 +351,8 @@ def translate_stream(
 
     Reads `chunk_lines` lines at a time (one from a terminal), so memory does not grow with the
     input; each chunk is sorted by length inside and written in input order. One output line per
-    input line (n-best format: see the module docstring). `search_kwargs`: any of SEARCH_KEYS.
+    input line (n-best format: see the module docstring). `search_kwargs`: search settings, as
+    for `Translator.translate`.
     An output file is written atomically (see `open_output`). Returns the number of input lines.
     """
     if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:

@@ -7,6 +7,7 @@ so tests using it assert alignment, order and format invariants, never translati
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -49,10 +50,8 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     m.emb_dim, m.hidden, m.bi_hidden, m.enc_layers, m.dec_layers = 16, 32, 16, 1, 2
     m.init_scale = 1.0  # large random weights: outputs that differ from line to line
     # Short outputs keep the tests fast: random weights rarely choose eos early.
-    s = cfg.search
-    s.beam_size, s.batch_size, s.max_src_len, s.max_len_a, s.max_len_b = 2, 64, 40, 0.5, 4
-    for key, value in search.items():
-        setattr(s, key, value)
+    short = dict(beam_size=2, batch_size=64, max_src_len=40, max_len_a=0.5, max_len_b=4)
+    cfg.search = dataclasses.replace(cfg.search, **{**short, **search})  # frozen: replaced whole
     torch.manual_seed(seed)
     model = build_model_for(cfg.model, tok)
     path = folder / "tiny.pt"

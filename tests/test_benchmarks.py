@@ -8,7 +8,7 @@ import torch
 from helpers_models import BOS, EOS, PAD, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from nmt.search import beam_search
+from nmt.search import SearchSettings, beam_search
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -60,17 +60,10 @@ def test_tcn_decode_count_equals_torch_flop_counter_over_a_search(beam_size):
     src = torch.randint(4, 23, (1, 7))
     counter = FlopCounterMode(display=False)
     with counter:
-        beam_search(
-            counted,
-            src,
-            torch.tensor([7]),
-            bos_id=BOS,
-            eos_id=EOS,
-            pad_id=PAD,
-            beam_size=beam_size,
-            max_len_a=0.0,
-            max_len_b=6,
+        s = SearchSettings(
+            bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, max_len_a=0.0, max_len_b=6
         )
+        beam_search(counted, src, torch.tensor([7]), s)
     assert counted.src_tokens == 7
     assert counted.row_steps >= beam_size * 2  # the beam ran a few steps
     work = (counted.src_tokens, counted.row_steps, counted.row_src_pairs)

@@ -147,13 +147,13 @@ def test_cuda_graph_search_equals_the_eager_searches(
     torch.manual_seed(0)
     model = tiny_model(family, **variant).cuda().eval()
     src_ids, src_lens = (t.cuda() for t in random_batch([7, 4, 9, 1, 6], [1] * 5, VOCAB)[:2])
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, alpha=0.6, beta=beta)
-    kw.update(max_len_a=1.5, max_len_b=5)
+    s = search.SearchSettings(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, beta=beta,
+                              alpha=0.6, max_len_a=1.5, max_len_b=5)  # fmt: skip
     # the Translator's way on CUDA: search_graph.runner, graphs (beam_size 1: greedy search)
-    graphed = search.beam_search(model, src_ids, src_lens, run=search_graph.runner("cuda"), **kw)
+    graphed = search.beam_search(model, src_ids, src_lens, s, run=search_graph.runner("cuda"))
     in_place = functools.partial(search_graph.search, mode="in_place")
-    eager = search.beam_search(model, src_ids, src_lens, run=in_place, **kw)
+    eager = search.beam_search(model, src_ids, src_lens, s, run=in_place)
     assert [[(h.tokens, h.score) for h in r] for r in graphed] == [
         [(h.tokens, h.score) for h in r] for r in eager
     ]
-    assert_same_results(graphed, search.beam_search(model, src_ids, src_lens, **kw))
+    assert_same_results(graphed, search.beam_search(model, src_ids, src_lens, s))

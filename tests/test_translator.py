@@ -196,13 +196,18 @@ def test_overlong_lines_warn_once_each_then_summarise(translator, capsys):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"beam_size": 0}, "beam_size must be an integer >= 1"),
-        ({"n_best": 3, "beam_size": 2}, r"n_best \(3\) must be <= beam_size \(2\)"),
-        ({"n_best": 0}, "n_best must be an integer >= 1"),
+        ({"beam_size": 0}, "search.beam_size: must be >= 1, found 0"),
+        (
+            {"n_best": 3, "beam_size": 2},
+            r"search.n_best: must be <= search.beam_size \(2\), found 3",
+        ),
+        ({"n_best": 0}, "search.n_best: must be >= 1, found 0"),
         ({"batch_size": 0}, "batch_size"),
-        ({"alpha": -1.0}, "alpha must be a number >= 0"),
+        ({"alpha": -1.0}, "search.alpha: must be >= 0.0, found -1.0"),
+        ({"beam_size": "5"}, "search.beam_size: expected int, found str '5'"),
         ({"beam_size": 2, "chunk_lines": 0}, "chunk_lines"),
-        ({"bogus": 1}, "unknown search setting"),
+        ({"bogus": 1}, "search.bogus: unknown key; the keys are beam_size, n_best"),
+        ({"bogus": 1, "alpha": -1.0}, "(?s)2 config problems.*search.bogus.*search.alpha"),
     ],
 )
 def test_bad_search_settings_are_usage_errors(translator, tmp_path, kwargs, message):
