@@ -136,6 +136,7 @@ class Recipe:
 
     def score(self):
         from nmt.evaluation import score_files
+        from nmt.textio import atomic_write_text
 
         tests = self.download_test_sets()
         rows = []
@@ -151,7 +152,7 @@ class Recipe:
                     row["signature" + key.removeprefix("bleu")] = result["bleu"]["signature"]
                 row["chrf"] = result["chrf"]["score"]
                 rows.append(row)
-        (self.run_dir / "scores.json").write_text(json.dumps(rows, indent=1))
+        atomic_write_text(self.run_dir / "scores.json", json.dumps(rows, indent=1))
         self._print_table(rows)
 
     def _print_table(self, rows):
@@ -282,6 +283,7 @@ class HubRecipe(Recipe):
     def _export(self, split: str, name: str):
         """raw/<name>.<lang> from the hub split, kept if an earlier export of it completed."""
         from nmt import data
+        from nmt.textio import atomic_write_text
 
         paths = [self.raw / f"{name}.{lang}" for lang in self.langs]
         stamp = self.raw / f".{name}.export.json"
@@ -292,7 +294,7 @@ class HubRecipe(Recipe):
             return
         stamp.unlink(missing_ok=True)
         data.export_hub_split(self.hub.name, split, *self.langs, *paths)
-        stamp.write_text(json.dumps({"what": what, "sizes": _sizes(paths)}))
+        atomic_write_text(stamp, json.dumps({"what": what, "sizes": _sizes(paths)}))
 
     def _valid_from_test_corpus(self):
         from nmt import corpora
@@ -317,13 +319,13 @@ def _read_stamp(path: Path):
 
 
 def _concat(parts, out: Path) -> None:
-    """`parts` one after the other into `out`, renamed into place when complete."""
-    tmp = out.with_name(f".{out.name}.part")
-    with open(tmp, "wb") as f:
+    """`parts` one after the other into `out`, written atomically."""
+    from nmt.textio import atomic_write
+
+    with atomic_write(out) as f:
         for part in parts:
             text = Path(part).read_bytes()
             f.write(text if not text or text.endswith(b"\n") else text + b"\n")
-    os.replace(tmp, out)
 
 
 def hub_recipe(setup: HubSetup, doc: str, argv=None) -> HubRecipe:

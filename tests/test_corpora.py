@@ -68,7 +68,7 @@ def test_download_verifies_unpacks_and_is_idempotent(tmp_path, monkeypatch):
             assert files[split][lang] == out / f"{split}.{lang}"
             assert files[split][lang].read_text(encoding="utf-8") == text
         assert len(requests) == 4
-        assert not [p for p in _looks_complete(out) if p.endswith(".part")]
+        assert not [p for p in _looks_complete(out) if Path(p).name.startswith(".")]
 
         again = corpora.download("tiny", ["en", "de"], out, splits=["train", "test"], quiet=True)
         assert again == files
@@ -83,7 +83,6 @@ def test_download_verifies_unpacks_and_is_idempotent(tmp_path, monkeypatch):
 def test_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     srv = tmp_path / "srv"
     srv.mkdir()
-    wrong = FileSpec("data/train.en.gz", "0" * 64, len(gzip.compress(b"x")))
     with serve_folder(srv) as (url, _):
         corpus = _tiny(srv, url, monkeypatch)
         good = corpus.files["train"]["en"]
@@ -95,9 +94,23 @@ def test_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
         assert "checksum mismatch" in msg and "train.en.gz" in msg
         assert "0" * 64 in msg and good.sha256 in msg  # expected and found
         assert _looks_complete(out) == []
-        corpus.files["train"]["en"] = wrong  # a wrong size is caught the same way
-        with pytest.raises(DataError, match="checksum mismatch"):
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_wrong_size_alone_is_caught(tmp_path, monkeypatch, extra):
+    # the right sha256 with a size one byte off: only the size check can refuse the file
+    # (+1: the server's file is shorter than promised; -1: longer, read no further than that)
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with serve_folder(srv) as (url, _):
+        corpus = _tiny(srv, url, monkeypatch)
+        good = corpus.files["train"]["en"]
+        corpus.files["train"]["en"] = FileSpec(good.path, good.sha256, good.size + extra)
+        out = tmp_path / "out"
+        with pytest.raises(DataError) as err:
             corpora.download("tiny", ["en"], out, splits=["train"], quiet=True)
+        got = f"({good.size} bytes)" if extra > 0 else f"(more than {good.size - 1} bytes)"
+        assert f"({good.size + extra} bytes), found " in str(err.value) and got in str(err.value)
         assert _looks_complete(out) == []
 
 
@@ -139,7 +152,7 @@ def test_truncated_gzip_is_a_clear_error(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=r"train\.en\.gz: truncated or corrupt gzip"):
             corpora.download("tiny", ["en"], out, quiet=True)
         assert not (out / "train.en").exists()
-        assert not [p for p in _looks_complete(out) if p.endswith(".part")]
+        assert not [p for p in _looks_complete(out) if Path(p).name.startswith(".")]
 
 
 @pytest.mark.parametrize("form", ["path", "file_url", "http_url"])

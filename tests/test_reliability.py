@@ -63,7 +63,7 @@ def _empty_corpus(tmp, ckpt):
 def _not_utf8(tmp, ckpt):
     (tmp / "u.en").write_bytes(b"fine\nalso fine\nbad \xff\xfe byte\n")
     (tmp / "u.de").write_text("gut\nauch gut\nschlecht\n")
-    return ["prepare", *_data(tmp, "u.en", "u.de")], r"u.en, line 3: not UTF-8"
+    return ["prepare", *_data(tmp, "u.en", "u.de")], r"u.en: line 3: not valid UTF-8"
 
 
 def _truncated_gzip(tmp, ckpt):
