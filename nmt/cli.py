@@ -13,7 +13,7 @@ import signal
 import sys
 
 from nmt import __version__
-from nmt.errors import NmtError, UsageError
+from nmt.errors import UsageError, exit_code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,16 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `nmt translate ... | head`
-        return 0
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,9 @@ fetching them with retries and a timeout, checking size and sha256, unpacking gz
 `NMT_MIRROR` setting that swaps the public base address for a local (or other) mirror folder while
 keeping the path below it. Every file is written atomically (nmt.textio.atomic_write), renamed
 only once it is complete and verified, so nothing that looks finished is left behind by a
-failure. Does not own: reading the text (nmt.textio, nmt.data) or tokenization (nmt.tokenizer).
+failure; a failed download (missing at its source, a checksum mismatch, a corrupt archive) is a
+DownloadError, a runtime failure (exit 1), not a user mistake. Does not own: reading the text
+(nmt.textio, nmt.data) or tokenization (nmt.tokenizer).
 
 Output layout of `download(name, langs, out_dir)`: `<out_dir>/<split>.<lang>` (plain UTF-8 text),
 beside it the verified download (`<split>.<lang>.gz` for gzip files). Directional corpora (test
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from nmt.errors import DataError, NmtError, UsageError
+from nmt.errors import DownloadError, NmtError, UsageError
 from nmt.textio import atomic_write
 
 MIRROR_ENV = "NMT_MIRROR"
@@ -363,7 +365,7 @@ def _open(url: str, label: str, timeout: float):
             if e.code >= 500 or e.code == 429:
                 raise _Retryable(f"HTTP {e.code} {e.reason}") from None
             what = "not found" if e.code == 404 else f"HTTP {e.code} {e.reason}"
-            raise DataError(f"{label}: {what} at {_where(url)}") from None
+            raise DownloadError(f"{label}: {what} at {_where(url)}") from None
         except urllib.error.URLError as e:
             reason = e.reason
             text = getattr(reason, "strerror", None) or str(reason)
@@ -379,7 +381,7 @@ def _open(url: str, label: str, timeout: float):
     try:
         return open(path, "rb")  # noqa: SIM115 (closed by the caller)
     except FileNotFoundError:
-        raise DataError(f"{label}: not found at {_where(path)}") from None
+        raise DownloadError(f"{label}: not found at {_where(path)}") from None
     except OSError as e:
         raise NmtError(f"{label}: cannot read {path}: {e.strerror}") from None
 
@@ -427,7 +429,7 @@ def _fetch_once(url: str, spec: FileSpec, dest: Path, label: str, timeout: float
         found = digest.hexdigest()
         if size != spec.size or found != spec.sha256:
             got = f"more than {spec.size}" if size > spec.size else str(size)
-            raise DataError(
+            raise DownloadError(
                 f"{label}: checksum mismatch for {_where(url)}: expected sha256 {spec.sha256} "
                 f"({spec.size} bytes), found {found if size <= spec.size else '?'} ({got} bytes)"
             )
@@ -450,12 +452,12 @@ def _fetch(url, spec, dest, label, retries: int, timeout: float, backoff: float)
 
 
 def _gunzip(src: Path, dest: Path) -> None:
-    """Unpack `src` into `dest` atomically; a bad gzip is a DataError naming `src`."""
+    """Unpack `src` into `dest` atomically; a bad gzip is a DownloadError naming `src`."""
     try:
         with gzip.open(src, "rb") as f, atomic_write(dest) as out:
             shutil.copyfileobj(f, out, _CHUNK)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{src}: truncated or corrupt gzip file ({e})") from None
+        raise DownloadError(f"{src}: truncated or corrupt gzip file ({e})") from None
 
 
 def _check_request(corpus: Corpus, langs: list[str], splits: list[str] | None) -> list[str]:

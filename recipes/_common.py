@@ -342,14 +342,8 @@ def hub_main(setup: HubSetup, doc: str, argv=None) -> int:
 
 def run_recipe(build) -> int:
     """Build the recipe (`build()`) and run it; errors become one line and an exit code."""
-    from nmt.errors import NmtError
+    from nmt.errors import exit_code
 
-    try:
-        build().run()
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(
+        lambda: build().run(), interrupted="interrupted: rerun the same command to continue"
+    )
