@@ -139,6 +139,11 @@ def _missing_input(tmp, ckpt):
     return ["translate", str(ckpt), "-i", str(tmp / "nope.txt")], "nope.txt.*(not found|exist)"
 
 
+def _yaml_key_twice(tmp, ckpt):
+    (tmp / "twice.yaml").write_text("model:\n  hidden: 256\n  hidden: 512\n")
+    return ["config", str(tmp / "twice.yaml")], r"twice.yaml: line 3, .*duplicate key model.hidden"
+
+
 def _data(tmp, src, tgt):
     return [
         f"data.train_src={tmp / src}",
@@ -169,6 +174,7 @@ BAD_INPUTS = [
     _nbest_over_beam,
     _no_such_device,
     _missing_input,
+    _yaml_key_twice,
 ]
 
 
