@@ -9,22 +9,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 
 from nmt import __version__
 from nmt.errors import UsageError, exit_code
 
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors: exit 2, as ours
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors exiting 2 as ours do, and, in a parser given
+    `add_overrides`, `section.key=value` arguments taken in any position: they are pulled out
+    before parsing, so that an option taking a value or a list (`--beam-sizes 1 5`) does not
+    swallow them and one standing after an option is not refused."""
+
+    takes_overrides = False
+
+    def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(2, f"error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.takes_overrides:
+            return super().parse_known_args(args, namespace)
+        args = sys.argv[1:] if args is None else list(args)
+        overrides = [a for a in args if _OVERRIDE.match(a)]
+        rest = [a for a in args if not _OVERRIDE.match(a)]
+        parsed, extra = super().parse_known_args(rest, namespace)
+        parsed.overrides = [*overrides, *parsed.overrides]  # malformed ones too: config names them
+        return parsed, extra
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+
+def add_overrides(p: Parser) -> None:
+    """The `section.key=value` config overrides, in any position (see `Parser`)."""
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.takes_overrides = True
+
+
+def _config_args(p: Parser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    add_overrides(p)
 
 
 def _load_config(args):
@@ -169,9 +195,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nmt", description="Neural machine translation: GNMT and TCN models.")
+    parser = Parser(prog="nmt", description="Neural machine translation: GNMT and TCN models.")
     parser.add_argument("--version", action="version", version=f"nmt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     p = sub.add_parser("download", help="download a public corpus (NMT_MIRROR for a local copy)")

@@ -32,8 +32,11 @@ BLEU_LABELS = {"bleu": "BLEU", "bleu_lc_intl": "BLEU lc intl"}
 
 
 def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.ArgumentParser:
-    """The arguments every recipe takes; `doc` is the recipe's module docstring."""
-    p = argparse.ArgumentParser(
+    """The arguments every recipe takes; `doc` is the recipe's module docstring. Config overrides
+    (`section.key=value`) may stand anywhere, as in `nmt train`."""
+    from nmt.cli import Parser, add_overrides
+
+    p = Parser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--src", default=src, help=f"source language (default {src})")
@@ -54,7 +57,7 @@ def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.Argumen
         default=None,
         help=f"beam sizes to translate with (default: {beams})",
     )
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_overrides(p)
     return p
 
 

@@ -96,3 +96,20 @@ def test_one_rule_turns_errors_into_exit_codes(capsys, run, code, err):
     captured = capsys.readouterr()
     assert captured.err.startswith(err) and bool(captured.err) == bool(err)
     assert captured.out == ""
+
+
+def test_overrides_work_in_any_position(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n")
+    assert main(["config", "train.seed=9", str(path), "model.hidden=32"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.1" in out and "seed: 9" in out and "hidden: 32" in out
+    from nmt.cli import build_parser
+
+    argv = ["train", str(path), "--resume", "train.lr=1", "--reset-optimizer", "train.seed=2"]
+    args = build_parser().parse_args(argv)
+    assert args.resume and args.reset_optimizer and args.config == str(path)
+    assert args.overrides == ["train.lr=1", "train.seed=2"]  # in their order: the last one wins
+    # a command without overrides reads every argument as it is
+    args = build_parser().parse_args(["translate", "m.pt", "-i", "a.b=c.txt"])
+    assert args.input == "a.b=c.txt"
