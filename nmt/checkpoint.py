@@ -18,6 +18,7 @@ import torch
 
 from nmt.errors import NmtError, UsageError
 from nmt.textio import atomic_write
+from nmt.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "config", "model", "tokenizer")
@@ -197,3 +198,13 @@ def numbered(folder: str | Path) -> list[Path]:
 
 def tokenizer_bytes(ckpt: dict) -> dict[str, bytes]:
     return {k: tensor_to_bytes(v) for k, v in ckpt["tokenizer"].items()}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The sentencepiece model(s) of the checkpoint file `path`; a missing or unreadable file,
+    or a tokenizer that does not load, is one UsageError naming it."""
+    ckpt = load(path)
+    try:
+        return Tokenizer.from_bytes(tokenizer_bytes(ckpt), name=f"{path} (tokenizer)")
+    except (RuntimeError, OSError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None

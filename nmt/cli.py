@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import sys
+from pathlib import Path
 
 from nmt import __version__
 from nmt.errors import UsageError, exit_code
@@ -88,7 +89,14 @@ def cmd_prepare(args) -> int:
     from nmt import data
 
     cfg = _load_config(args)
-    print(data.prepare(cfg))
+    if not args.tokenizer_from:
+        print(data.prepare(cfg))
+        return 0
+    from nmt import checkpoint
+
+    tokenizer = checkpoint.load_tokenizer(args.tokenizer_from)
+    origin = str(Path(args.tokenizer_from).resolve())
+    print(data.prepare(cfg, tokenizer, tokenizer_origin=origin))
     return 0
 
 
@@ -214,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="learn sentencepiece and encode train/valid into datasets")
     _config_args(p)
+    p.add_argument(
+        "--tokenizer-from",
+        metavar="CKPT",
+        help="encode with this checkpoint's sentencepiece model, written into data.dir byte for "
+        "byte (nothing learned): data to fine-tune that checkpoint on",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")

@@ -1,17 +1,19 @@
 """Parallel text to prepared datasets (layer 2): learn the tokenizer, encode, cache.
 
-Owns: `prepare` (or `prepare_tokenizer`, then `prepare`), which learns the tokenizer and
-encodes the train and valid splits into memory-mapped Arrow datasets in `cfg.data.dir`, skipping
-work whose inputs and settings have not changed, in memory bounded by chunk and sample sizes, not
-by the corpus; reading a prepared split back (`load_split`, `lengths`); writing the
-`translation` column of a hub dataset (nmt.corpora.HUB_CORPORA) as line-aligned text
-(`export_hub_split`, `write_translation_text`).
+Owns: `prepare` (or `prepare_tokenizer`, then `prepare`), which learns the tokenizer (or takes
+a given one: `nmt prepare --tokenizer-from CKPT`) and encodes the train and valid splits into
+memory-mapped Arrow datasets in `cfg.data.dir`, skipping work whose inputs and settings have not
+changed, in memory bounded by chunk and sample sizes, not by the corpus; reading a prepared split
+back (`load_split`, `lengths`); writing the `translation` column of a hub dataset
+(nmt.corpora.HUB_CORPORA) as line-aligned text (`export_hub_split`, `write_translation_text`).
 Does not own: reading text files (nmt.textio), batching (nmt.batching), the model or training.
 
 A prepared split holds, per example: `line` (0-based line in the raw files), `src_ids`
 (pieces + [eos]), `tgt_ids` (pieces only; bos/eos are added by `collate`), `src_lens`
 (= len(src_ids)) and `tgt_lens` (= len(tgt_ids)); with data.sampling_alpha set, the train
-split also keeps the text, `src` and `tgt`.
+split also keeps the text, `src` and `tgt`. `tokenizer.json` records how the folder's
+tokenizer was made (the settings it was learned with, or the checkpoint it was taken from),
+`SPLIT/nmt_split.json` what each split was encoded from.
 """
 
 from __future__ import annotations
@@ -219,9 +221,63 @@ def _learned_tokenizer(cfg: Config, data_dir: Path, recorded: dict | None) -> To
     return tok
 
 
-def _ensure_tokenizer(cfg: Config, data_dir: Path) -> Tokenizer:
-    """Load the tokenizer in `data_dir` if it was learned with these settings, else learn it."""
-    return _learned_tokenizer(cfg, data_dir, _read_json(data_dir / TOKENIZER_SETTINGS))
+def _tokenizer_with_sha256(data_dir: Path, sha256: str | None) -> Tokenizer | None:
+    """The tokenizer in `data_dir` if its model bytes have this sha256, else None."""
+    try:
+        tok = Tokenizer.load(data_dir)
+    except UsageError:
+        return None
+    return tok if _models_sha256(tok) == sha256 else None
+
+
+def _given_tokenizer(tokenizer: Tokenizer, origin: str, data_dir: Path) -> Tokenizer:
+    """Write a given tokenizer (a checkpoint's, `nmt prepare --tokenizer-from`) into `data_dir`
+    byte for byte, and record where it came from, so that a later prepare keeps it."""
+    settings = {"format": FORMAT_VERSION, "checkpoint": origin, "sha256": _models_sha256(tokenizer)}
+    if _read_json(data_dir / TOKENIZER_SETTINGS) == settings:
+        kept = _tokenizer_with_sha256(data_dir, settings["sha256"])
+        if kept is not None:
+            _log(f"tokenizer: kept {data_dir} ({kept}), the model of the checkpoint {origin}")
+            return kept
+    (data_dir / TOKENIZER_SETTINGS).unlink(missing_ok=True)
+    tokenizer.save(data_dir)
+    _write_json(data_dir / TOKENIZER_SETTINGS, settings)
+    _log(
+        f"tokenizer: the model of the checkpoint {origin} ({tokenizer}) -> {data_dir}; nothing "
+        f"learned, the tokenizer.* settings are not used"
+    )
+    return Tokenizer.load(data_dir)
+
+
+def _kept_given_tokenizer(recorded: dict, data_dir: Path) -> Tokenizer:
+    """The checkpoint's tokenizer an earlier `--tokenizer-from` wrote into `data_dir`: kept, never
+    relearned over; files that are no longer those bytes are refused."""
+    origin = recorded["checkpoint"]
+    tok = _tokenizer_with_sha256(data_dir, recorded.get("sha256"))
+    if tok is None:
+        raise UsageError(
+            f"{data_dir}: its sentencepiece files are not the model of the checkpoint {origin} "
+            f"that {TOKENIZER_SETTINGS} records: run `nmt prepare CONFIG --tokenizer-from "
+            f"{origin}` again, or use another data.dir"
+        )
+    _log(
+        f"tokenizer: kept {data_dir} ({tok}), the model of the checkpoint {origin} "
+        f"(--tokenizer-from); the tokenizer.* settings are not used"
+    )
+    return tok
+
+
+def _ensure_tokenizer(
+    cfg: Config, data_dir: Path, given: Tokenizer | None = None, origin: str = ""
+) -> Tokenizer:
+    """The tokenizer of `data_dir`: `given` (written there), the checkpoint's an earlier
+    prepare wrote there, or one learned from the training text (kept if still current)."""
+    if given is not None:
+        return _given_tokenizer(given, origin, data_dir)
+    recorded = _read_json(data_dir / TOKENIZER_SETTINGS)
+    if isinstance(recorded, dict) and "checkpoint" in recorded:
+        return _kept_given_tokenizer(recorded, data_dir)
+    return _learned_tokenizer(cfg, data_dir, recorded)
 
 
 def _encode_batch(batch: dict, tokenizer: Tokenizer) -> dict:
@@ -392,11 +448,15 @@ def prepare_tokenizer(cfg: Config) -> Tokenizer:
     return _ensure_tokenizer(cfg, _checked_data_dir(cfg))
 
 
-def prepare(cfg: Config) -> Path:
+def prepare(cfg: Config, tokenizer: Tokenizer | None = None, tokenizer_origin: str = "") -> Path:
     """Learn the tokenizer and encode train (and valid, if set) into `cfg.data.dir`.
 
     Both splits get the same length filter (data.min_len, data.max_len; empty pairs always go);
     the `line` column maps each kept example back to its line in the raw files.
+
+    With `tokenizer` (a checkpoint's, named by `tokenizer_origin`: `nmt prepare
+    --tokenizer-from`), nothing is learned: its model files are written into data.dir byte for
+    byte and the tokenizer.* settings are not used; a later prepare of the folder keeps it.
 
     Idempotent: a tokenizer learned from the same files with the same settings, and splits
     encoded from the same files with the same tokenizer and length limits, are kept. Returns
@@ -404,7 +464,7 @@ def prepare(cfg: Config) -> Path:
     """
     d = cfg.data
     data_dir = _checked_data_dir(cfg)
-    tokenizer = _ensure_tokenizer(cfg, data_dir)
+    tokenizer = _ensure_tokenizer(cfg, data_dir, tokenizer, tokenizer_origin)
     keep_text = d.sampling_alpha > 0  # batches of the train split are then re-segmented
     _encode_split("train", d.train_src, d.train_tgt, tokenizer, cfg, data_dir, keep_text)
     if d.valid_src:

@@ -198,6 +198,15 @@ class Tokenizer:
         _install(out_dir, files)
         return cls.load(out_dir)
 
+    def save(self, out_dir: str | Path) -> None:
+        """Write the model bytes, unchanged, into `out_dir` (`spm.model`, or `spm.src.model` and
+        `spm.tgt.model`), where `load` finds them; files of the other kind, and `.vocab` files
+        that would no longer describe the models, are removed."""
+        if self.joint:
+            _install(Path(out_dir), {JOINT_FILE: self._src_bytes})
+        else:
+            _install(Path(out_dir), {SRC_FILE: self._src_bytes, TGT_FILE: self._tgt_bytes})
+
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """From a folder holding `spm.model` or `spm.src.model` + `spm.tgt.model` (or a

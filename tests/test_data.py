@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nmt import batching, data
+from nmt import batching, checkpoint, data
 from nmt.batching import TokenBatchSampler
+from nmt.cli import main
 from nmt.config import Config
 from nmt.data import load_split, prepare
 from nmt.errors import DataError, UsageError
@@ -162,3 +164,106 @@ def test_prepare_real_multi30k(tmp_path, monkeypatch):
         len(b) for b in batching.make_batches(valid, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
     )
     assert n == 1014
+
+
+# -- prepare --tokenizer-from CKPT -------------------------------------------------------------
+
+
+def _spm_files(data_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(data_dir.glob("spm*"))}
+
+
+def _ckpt_models(path) -> dict[str, bytes]:
+    return checkpoint.tokenizer_bytes(checkpoint.load(path))
+
+
+def test_prepare_with_a_checkpoints_tokenizer(tiny_checkpoint, parallel_text, tmp_path, capsys):
+    src, tgt = parallel_text(120, seed=5)
+    data_dir = tmp_path / "data"
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"data:\n  train_src: {src}\n  train_tgt: {tgt}\n")
+    more = [f"data.dir={data_dir}", "tokenizer.vocab_size=40", "tokenizer.joint=false"]
+    # the order: CONFIG --tokenizer-from CKPT, then overrides
+    assert main(["prepare", str(config), "--tokenizer-from", str(tiny_checkpoint), *more]) == 0
+    err = capsys.readouterr().err
+    assert "nothing learned" in err and "learned Tokenizer" not in err
+    models = _ckpt_models(tiny_checkpoint)
+    assert _spm_files(data_dir) == {"spm.model": models["joint"]}  # byte for byte, nothing else
+    tok = Tokenizer.load(data_dir)
+    assert tok.to_bytes() == models  # what training and --init-from will compare
+    settings = json.loads((data_dir / data.TOKENIZER_SETTINGS).read_text())
+    assert settings["checkpoint"] == str(tiny_checkpoint.resolve())
+
+    # the split is encoded with the checkpoint's model (joint, ~100 pieces, not 40 separate)
+    rows = load_split(data_dir, "train")[:]
+    src_lines = src.read_text().splitlines()
+    assert rows["src_ids"] == [
+        tok.encode_src([src_lines[i]])[0] + [tok.eos_id] for i in rows["line"]
+    ]
+
+    # a later prepare without the flag keeps that tokenizer: it never relearns over it
+    spm_time = (data_dir / "spm.model").stat().st_mtime_ns
+    assert main(["prepare", str(config), *more, "data.max_len=30"]) == 0
+    err = capsys.readouterr().err
+    assert f"the model of the checkpoint {tiny_checkpoint.resolve()}" in err
+    assert "train: kept" not in err  # the new length limit re-encodes, with the same tokenizer
+    assert _spm_files(data_dir) == {"spm.model": models["joint"]}
+    assert (data_dir / "spm.model").stat().st_mtime_ns == spm_time
+    assert main(["prepare", str(config), "--tokenizer-from", str(tiny_checkpoint), *more]) == 0
+    assert (data_dir / "spm.model").stat().st_mtime_ns == spm_time  # the same: kept as it is
+
+
+def test_prepare_refuses_a_tokenizer_that_is_no_longer_the_checkpoints(
+    tiny_checkpoint, parallel_text, tmp_path, capsys
+):
+    src, tgt = parallel_text(120, seed=5)
+    data_dir = tmp_path / "data"
+    argv = ["prepare", f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.dir={data_dir}"]
+    assert main([*argv, "--tokenizer-from", str(tiny_checkpoint)]) == 0
+    other = Tokenizer.train([src], [tgt], tmp_path / "other", vocab_size=60)
+    other.save(data_dir)  # someone copied another model in
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "not the model of the checkpoint" in err
+    assert f"--tokenizer-from {tiny_checkpoint.resolve()}" in err  # how to repair it
+    assert main([*argv, "--tokenizer-from", str(tiny_checkpoint)]) == 0
+    assert Tokenizer.load(data_dir).to_bytes() == _ckpt_models(tiny_checkpoint)
+
+
+def test_prepare_tokenizer_from_replaces_a_learned_one_of_either_kind(
+    tiny_checkpoint, parallel_text, tmp_path
+):
+    src, tgt = parallel_text(120, seed=5)
+    data_dir = tmp_path / "data"
+    argv = ["prepare", f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.dir={data_dir}"]
+    assert main([*argv, "tokenizer.vocab_size=60"]) == 0  # a learned joint model, with .vocab
+    assert set(_spm_files(data_dir)) == {"spm.model", "spm.vocab"}
+    separate = Tokenizer.train([src], [tgt], tmp_path / "sep", vocab_size=50, joint=False)
+    ckpt = checkpoint.load(tiny_checkpoint)
+    path = tmp_path / "separate.pt"
+    checkpoint.save(
+        path,
+        config=ckpt["config"],
+        model_state=ckpt["model"],
+        tokenizer_bytes=separate.to_bytes(),
+    )
+    assert main([*argv, "--tokenizer-from", str(path)]) == 0
+    assert _spm_files(data_dir) == {
+        "spm.src.model": separate.to_bytes()["src"],
+        "spm.tgt.model": separate.to_bytes()["tgt"],
+    }
+    assert len(load_split(data_dir, "train")) > 0
+
+
+@pytest.mark.parametrize("bad", ["missing.pt", "notes.txt", "folder"])
+def test_prepare_tokenizer_from_a_bad_checkpoint_is_one_error(parallel_text, tmp_path, bad, capsys):
+    src, tgt = parallel_text(20, seed=5)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "folder").mkdir()
+    data_dir = tmp_path / "data"
+    argv = ["prepare", f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.dir={data_dir}"]
+    assert main([*argv, "--tokenizer-from", str(tmp_path / bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{tmp_path / bad}:" in err and "Traceback" not in err
+    assert not data_dir.exists()  # refused before anything was written
