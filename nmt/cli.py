@@ -85,6 +85,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _prepare_args(p: Parser) -> None:
+    _config_args(p)
+    p.add_argument(
+        "--tokenizer-from",
+        metavar="CKPT",
+        help="encode with this checkpoint's sentencepiece model, written into data.dir byte for "
+        "byte (nothing learned): data to fine-tune that checkpoint on",
+    )
+
+
 def cmd_prepare(args) -> int:
     from nmt import data
 
@@ -221,13 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("prepare", help="learn sentencepiece and encode train/valid into datasets")
-    _config_args(p)
-    p.add_argument(
-        "--tokenizer-from",
-        metavar="CKPT",
-        help="encode with this checkpoint's sentencepiece model, written into data.dir byte for "
-        "byte (nothing learned): data to fine-tune that checkpoint on",
-    )
+    _prepare_args(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")

@@ -144,6 +144,13 @@ def _yaml_key_twice(tmp, ckpt):
     return ["config", str(tmp / "twice.yaml")], r"twice.yaml: line 3, .*duplicate key model.hidden"
 
 
+def _tokenizer_from_missing_checkpoint(tmp, ckpt):
+    (tmp / "f.en").write_text("one\ntwo\n")
+    (tmp / "f.de").write_text("eins\nzwei\n")
+    argv = ["prepare", "--tokenizer-from", str(tmp / "gone.pt"), *_data(tmp, "f.en", "f.de")]
+    return argv, "gone.pt: checkpoint not found"
+
+
 def _data(tmp, src, tgt):
     return [
         f"data.train_src={tmp / src}",
@@ -175,6 +182,7 @@ BAD_INPUTS = [
     _no_such_device,
     _missing_input,
     _yaml_key_twice,
+    _tokenizer_from_missing_checkpoint,
 ]
 
 
