@@ -4,6 +4,7 @@ The tiny checkpoint has random weights: tests compare outputs with each other (o
 size, chunking, file vs list API), never with expected translations.
 """
 
+import gzip
 import io
 import random
 import re
@@ -142,6 +143,14 @@ def test_a_crlf_file_translates_as_its_lf_copy(translator, tmp_path):
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes("".join(line + "\r\n" for line in lines).encode("utf-8"))
     translate_stream(translator, str(crlf), str(tmp_path / "out.txt"))
+    assert _read_out(tmp_path / "out.txt") == translator.translate(lines)
+
+
+def test_a_gzip_input_is_read_through_gzip(translator, tmp_path):
+    lines = ["the cat sat", "", "w1 w2"]
+    src = tmp_path / "in.txt.gz"
+    src.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode("utf-8")))
+    assert translate_stream(translator, str(src), str(tmp_path / "out.txt")) == 3
     assert _read_out(tmp_path / "out.txt") == translator.translate(lines)
 
 
