@@ -65,6 +65,13 @@ def _load_config(args):
     return config.load_config(path, overrides)
 
 
+def _download_args(p: Parser) -> None:
+    p.add_argument("name", help="corpus name, e.g. multi30k or wmt")
+    p.add_argument("--langs", nargs="+", required=True, help="languages, e.g. en de")
+    p.add_argument("--out", required=True, help="output folder for the plain-text files")
+    p.add_argument("--splits", nargs="+", help="splits to fetch (default: all)")
+
+
 def cmd_download(args) -> int:
     from nmt import corpora
 
@@ -219,10 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("download", help="download a public corpus (NMT_MIRROR for a local copy)")
-    p.add_argument("name", help="corpus name, e.g. multi30k or wmt")
-    p.add_argument("--langs", nargs="+", required=True, help="languages, e.g. en de")
-    p.add_argument("--out", required=True, help="output folder for the plain-text files")
-    p.add_argument("--splits", nargs="+", help="splits to fetch (default: all)")
+    _download_args(p)
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("config", help="validate and print a resolved config")
