@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.flops import decode_flops, matmul_peak  # noqa: E402
-from nmt.translator import Translator, read_lines  # noqa: E402
+from nmt.textio import read_lines  # noqa: E402
+from nmt.translator import Translator  # noqa: E402
 
 
 def machine() -> dict:

@@ -77,14 +77,14 @@ def wmt_like_lengths(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_batch(src_lens, tgt_lens, vocab: int, rng: np.random.Generator):
-    """A collated batch (nmt.data.Batch) of random ids with these lengths (the real `collate`)."""
-    from nmt import data  # pyarrow: imported by the stages that train, not by decode
+    """A collated batch (nmt.batching.Batch) of random ids with these lengths (real `collate`)."""
+    from nmt import batching  # pyarrow: imported by the stages that train, not by decode
 
     examples = {
         "src_ids": [np.append(rng.integers(4, vocab, n - 1), EOS) for n in src_lens],
         "tgt_ids": [rng.integers(4, vocab, n) for n in tgt_lens],
     }
-    return data.collate(examples, list(range(len(src_lens))), PAD, BOS, EOS)
+    return batching.collate(examples, list(range(len(src_lens))), PAD, BOS, EOS)
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +127,7 @@ def run_tests(out_dir: Path, timeout: float) -> dict:
 
 def train_throughput(cfg, device: torch.device, steps: int, warmup: int) -> tuple[dict, object]:
     """The figures, and the model (reused by the decode stage)."""
-    from nmt import data
+    from nmt import batching
     from nmt.distributed import Distributed
     from nmt.optimization import Updater
 
@@ -137,7 +137,7 @@ def train_throughput(cfg, device: torch.device, steps: int, warmup: int) -> tupl
     dtype = resolve_dtype(cfg.train.precision, device)
     updater = Updater(cfg, model, Distributed.single(device), dtype, PAD, total_steps=10**6)
     src_lens, tgt_lens = wmt_like_lengths(60_000, seed=1)
-    sampler = data.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
+    sampler = batching.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
     rng = np.random.default_rng(2)
     pin = device.type == "cuda"
     batches = []  # built ahead, pinned: in training, loader workers overlap this with the GPU

@@ -11,14 +11,14 @@ Does not own: what goes into `train_state` (nmt.training does).
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nmt.errors import NmtError, UsageError
+from nmt.textio import atomic_write
+from nmt.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "config", "model", "tokenizer")
@@ -33,18 +33,14 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def _atomic_write(path: str | Path, write, what: str) -> None:
-    """Call `write(f)` on a temporary file next to `path`, fsync, then rename onto `path`."""
+    """Call `write(f)` on a file written with nmt.textio.atomic_write; a failed write (a full
+    disk) is an NmtError that says the previous file is unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
         os_error = _os_error(e)
         if os_error is not None:
             raise NmtError(
@@ -202,3 +198,13 @@ def numbered(folder: str | Path) -> list[Path]:
 
 def tokenizer_bytes(ckpt: dict) -> dict[str, bytes]:
     return {k: tensor_to_bytes(v) for k, v in ckpt["tokenizer"].items()}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The sentencepiece model(s) of the checkpoint file `path`; a missing or unreadable file,
+    or a tokenizer that does not load, is one UsageError naming it."""
+    ckpt = load(path)
+    try:
+        return Tokenizer.from_bytes(tokenizer_bytes(ckpt), name=f"{path} (tokenizer)")
+    except (RuntimeError, OSError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None

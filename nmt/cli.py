@@ -10,22 +10,49 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import signal
 import sys
+from pathlib import Path
 
 from nmt import __version__
-from nmt.errors import NmtError, UsageError
+from nmt.errors import UsageError, exit_code
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors: exit 2, as ours
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors exiting 2 as ours do, and, in a parser given
+    `add_overrides`, `section.key=value` arguments taken in any position: they are pulled out
+    before parsing, so that an option taking a value or a list (`--beam-sizes 1 5`) does not
+    swallow them and one standing after an option is not refused."""
+
+    takes_overrides = False
+
+    def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(2, f"error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.takes_overrides:
+            return super().parse_known_args(args, namespace)
+        args = sys.argv[1:] if args is None else list(args)
+        overrides = [a for a in args if _OVERRIDE.match(a)]
+        rest = [a for a in args if not _OVERRIDE.match(a)]
+        parsed, extra = super().parse_known_args(rest, namespace)
+        parsed.overrides = [*overrides, *parsed.overrides]  # malformed ones too: config names them
+        return parsed, extra
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+
+def add_overrides(p: Parser) -> None:
+    """The `section.key=value` config overrides, in any position (see `Parser`)."""
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.takes_overrides = True
+
+
+def _config_args(p: Parser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    add_overrides(p)
 
 
 def _load_config(args):
@@ -37,6 +64,13 @@ def _load_config(args):
         overrides.insert(0, path)
         path = None
     return config.load_config(path, overrides)
+
+
+def _download_args(p: Parser) -> None:
+    p.add_argument("name", help="corpus name, e.g. multi30k or wmt")
+    p.add_argument("--langs", nargs="+", required=True, help="languages, e.g. en de")
+    p.add_argument("--out", required=True, help="output folder for the plain-text files")
+    p.add_argument("--splits", nargs="+", help="splits to fetch (default: all)")
 
 
 def cmd_download(args) -> int:
@@ -59,11 +93,28 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _prepare_args(p: Parser) -> None:
+    _config_args(p)
+    p.add_argument(
+        "--tokenizer-from",
+        metavar="CKPT",
+        help="encode with this checkpoint's sentencepiece model, written into data.dir byte for "
+        "byte (nothing learned): data to fine-tune that checkpoint on",
+    )
+
+
 def cmd_prepare(args) -> int:
     from nmt import data
 
     cfg = _load_config(args)
-    print(data.prepare(cfg))
+    if not args.tokenizer_from:
+        print(data.prepare(cfg))
+        return 0
+    from nmt import checkpoint
+
+    tokenizer = checkpoint.load_tokenizer(args.tokenizer_from)
+    origin = str(Path(args.tokenizer_from).resolve())
+    print(data.prepare(cfg, tokenizer, tokenizer_origin=origin))
     return 0
 
 
@@ -191,16 +242,13 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nmt", description="Neural machine translation: GNMT and TCN models.")
+    parser = Parser(prog="nmt", description="Neural machine translation: GNMT and TCN models.")
     parser.add_argument("--version", action="version", version=f"nmt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     p = sub.add_parser("download", help="download a public corpus (NMT_MIRROR for a local copy)")
-    p.add_argument("name", help="corpus name, e.g. multi30k or wmt")
-    p.add_argument("--langs", nargs="+", required=True, help="languages, e.g. en de")
-    p.add_argument("--out", required=True, help="output folder for the plain-text files")
-    p.add_argument("--splits", nargs="+", help="splits to fetch (default: all)")
+    _download_args(p)
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("config", help="validate and print a resolved config")
@@ -209,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("prepare", help="learn sentencepiece and encode train/valid into datasets")
-    _config_args(p)
+    _prepare_args(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")
@@ -256,16 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `nmt translate ... | head`
-        return 0
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -513,8 +513,46 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _check_unique_keys(node: yaml.Node, path: str, seen_nodes: set) -> None:
+    """Refuse a mapping that gives a key twice, naming the key and both lines (PyYAML would keep
+    the last value silently). Merge keys (`<<`) are left to YAML: overriding them is their use."""
+    if id(node) in seen_nodes:  # an alias: checked where its anchor stands
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]", seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        dotted = f"{path}.{key}" if path else str(key)
+        if key is not None and key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {dotted} (first given on line {first_line[key] + 1}; "
+                f"YAML would keep only one value)",
+                key_node.start_mark,
+            )
+        if key is not None:
+            first_line[key] = key_node.start_mark.line
+        _check_unique_keys(value_node, dotted, seen_nodes)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (`_check_unique_keys`)."""
+
+    def construct_document(self, node):
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML file; a syntax error names the file, line and column."""
+    """Read a YAML file; a syntax error or a key given twice names the file, line and column."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -525,7 +563,7 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise UsageError(f"{path}: cannot read config: {e.strerror}") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

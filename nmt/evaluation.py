@@ -1,7 +1,7 @@
 """Scoring translations: `nmt evaluate` (translate, then score) and `nmt score` (score a file).
 
-Owns: reading hypothesis and reference files (the line rules of nmt.translator: only "\\n" ends a
-line, strict UTF-8 with errors naming file and line), checking that they align, the result dict
+Owns: reading hypothesis and reference files (by the line rule of nmt.textio, errors naming file
+and line), checking that they align, the result dict
 (BLEU and chrF with their sacreBLEU signatures, speed) and its human-readable report.
 Does not own the metrics (nmt.metrics wraps sacreBLEU), translation (nmt.translator) or test-set
 downloads (nmt.corpora).
@@ -15,7 +15,8 @@ import time
 from nmt import corpora, metrics
 from nmt.config import SearchConfig
 from nmt.errors import UsageError
-from nmt.translator import Translator, open_output, read_lines, warn_truncated
+from nmt.textio import open_output, read_lines
+from nmt.translator import Translator, warn_truncated
 
 
 def score(

@@ -21,6 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from nmt.errors import DataError, UsageError
+from nmt.textio import atomic_write_bytes
 
 JOINT_FILE = "spm.model"
 SRC_FILE = "spm.src.model"
@@ -115,6 +116,21 @@ def _train_one(
         ) from None
 
 
+def _vocab_file(model_file: str) -> str:
+    return model_file.replace(".model", ".vocab")
+
+
+def _install(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name: bytes) into `out_dir`, each atomically, after removing the model and
+    vocab files not among them: a folder never holds two tokenizers."""
+    for model in (JOINT_FILE, SRC_FILE, TGT_FILE):
+        for name in (model, _vocab_file(model)):
+            if name not in files:
+                (out_dir / name).unlink(missing_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(out_dir / name, data)
+
+
 class Tokenizer:
     """One joint sentencepiece model, or a source and a target model."""
 
@@ -175,14 +191,21 @@ class Tokenizer:
                 _train_one(_plain_inputs(src_files, tmp), tmp / "spm.src", **opts)
                 _train_one(_plain_inputs(tgt_files, tmp), tmp / "spm.tgt", **opts)
                 built = {SRC_FILE: "spm.src", TGT_FILE: "spm.tgt"}
-            for stale in (JOINT_FILE, SRC_FILE, TGT_FILE):  # never leave both kinds around
-                if stale not in built:
-                    (out_dir / stale).unlink(missing_ok=True)
-                    (out_dir / stale.replace(".model", ".vocab")).unlink(missing_ok=True)
+            files = {}
             for final, prefix in built.items():
-                os.replace(tmp / f"{prefix}.vocab", out_dir / final.replace(".model", ".vocab"))
-                os.replace(tmp / f"{prefix}.model", out_dir / final)
+                files[final] = (tmp / f"{prefix}.model").read_bytes()
+                files[_vocab_file(final)] = (tmp / f"{prefix}.vocab").read_bytes()
+        _install(out_dir, files)
         return cls.load(out_dir)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write the model bytes, unchanged, into `out_dir` (`spm.model`, or `spm.src.model` and
+        `spm.tgt.model`), where `load` finds them; files of the other kind, and `.vocab` files
+        that would no longer describe the models, are removed."""
+        if self.joint:
+            _install(Path(out_dir), {JOINT_FILE: self._src_bytes})
+        else:
+            _install(Path(out_dir), {SRC_FILE: self._src_bytes, TGT_FILE: self._tgt_bytes})
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

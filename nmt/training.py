@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from nmt import checkpoint, data, metrics, search
+from nmt import batching, checkpoint, data, metrics, search
 from nmt.config import Config, from_dict, to_yaml
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.distributed import Distributed, launch
@@ -199,13 +199,13 @@ class Trainer:
             data.load_split(data_dir, "valid") if (data_dir / "valid").exists() else None
         )
         self.valid_sampler = (  # one fixed, length-sorted order, reused at every validation
-            data.TokenBatchSampler(*data.lengths(self.valid_set), t.max_tokens, shuffle=False)
+            batching.TokenBatchSampler(*data.lengths(self.valid_set), t.max_tokens, shuffle=False)
             if self.valid_set is not None
             else None
         )
         if len(self.train_set) == 0:
             raise UsageError(f"{data_dir}/train: no training pairs left after filtering")
-        self.sampler = data.TokenBatchSampler(
+        self.sampler = batching.TokenBatchSampler(
             *data.lengths(self.train_set),
             t.max_tokens,
             shuffle=True,
@@ -216,7 +216,7 @@ class Trainer:
         self.sampler.set_epoch(0)
         cuda = self.device.type == "cuda"
         alpha = self.cfg.data.sampling_alpha
-        self.loader = data.batch_loader(
+        self.loader = batching.batch_loader(
             self.train_set,
             self.sampler,
             tok.pad_id,
@@ -224,7 +224,7 @@ class Trainer:
             tok.eos_id,
             workers=t.num_workers if cuda else 0,
             pin_memory=cuda,
-            sampling=data.SubwordSampling(tok, alpha, t.seed) if alpha > 0 else None,
+            sampling=batching.SubwordSampling(tok, alpha, t.seed) if alpha > 0 else None,
         )
 
     def _total_steps(self) -> int:
@@ -552,7 +552,7 @@ class Trainer:
         hyps: dict[int, str] = {}
         refs: dict[int, str] = {}
         greedy = search.SearchSettings.from_config(self.cfg.search, tok)  # greedy_search: beam 1
-        for batch in data.make_batches(
+        for batch in batching.make_batches(
             self.valid_set, self.valid_sampler, tok.pad_id, tok.bos_id, tok.eos_id
         ):
             batch = batch.to(self.device)

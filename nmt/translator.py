@@ -6,9 +6,8 @@ the model); greedy or beam search through `nmt.search`; restoring input order; s
 stdin to a file or stdout, one line out per line in, whatever the bytes inside a line are.
 Does not own the search (nmt.search), the model (nmt.models) or the file format (nmt.checkpoint).
 
-Line semantics, shared with nmt.evaluation: a line ends at b"\\n" and nowhere else ("\\r",
-"\\x0b", "\\x1c", "\\x85", "\\u2028" stay inside their line); input is strict UTF-8 (a leading
-BOM is dropped); an output line never contains "\\n" or "\\r".
+Lines are read by the rule of nmt.textio (a line ends at "\\n" or "\\r\\n"; a lone "\\r" stays
+inside its line; strict UTF-8); an output line never contains "\\n" or "\\r".
 
 n-best output (`translate_stream(..., n_best=K)` with K > 1, `nmt translate --n-best K`), as in
 fairseq and Moses: one line per hypothesis, best first,
@@ -20,11 +19,7 @@ an empty input line gives one entry with an empty hypothesis and score 0.0000.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +29,7 @@ from nmt.config import Config, from_dict, override_section
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
 from nmt.models import build_model_for
+from nmt.textio import chunks, open_input, open_output
 from nmt.tokenizer import Tokenizer
 
 MAX_WARNINGS = 10  # truncation warnings printed per call before they are only counted
@@ -223,110 +219,6 @@ def warn_truncated(
     return already
 
 
-# ---------------------------------------------------------------------- line I/O
-def iter_lines(f, name: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each b"\\n"-terminated line of binary file `f`.
-
-    Only b"\\n" ends a line; invalid UTF-8 is a UsageError naming `name` and the line.
-    """
-    for lineno, raw in enumerate(f, start=1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            yield lineno, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad = raw[e.start : e.end]
-            raise UsageError(
-                f"{name}: line {lineno}: not valid UTF-8 (byte {e.start + 1} of the line: "
-                f"{bad!r}); convert the file to UTF-8, e.g. with iconv"
-            ) from None
-
-
-@contextlib.contextmanager
-def open_input(path: str | None):
-    """A binary file for `path`, or stdin's bytes for None or "-"; yields (file, display name)."""
-    if path is None or str(path) == "-":
-        yield getattr(sys.stdin, "buffer", sys.stdin), "<stdin>"
-        return
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: input file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, expected a text file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
-    with f:
-        yield f, str(path)
-
-
-def read_lines(path: str) -> list[str]:
-    """Every line of a UTF-8 text file (see `iter_lines`)."""
-    with open_input(path) as (f, name):
-        return [text for _, text in iter_lines(f, name)]
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def open_output(path: str | None):
-    """Yield a write(bytes) function for `path` (stdout for None or "-").
-
-    A file is written under a temporary name in its folder and renamed when the block ends
-    without error; on any error (or an interrupt) the temporary file is removed, so a file under
-    the final name is always complete.
-    """
-    if path is None or str(path) == "-":
-        sys.stdout.flush()  # text written before must come first
-        out = getattr(sys.stdout, "buffer", None)
-        if out is None:  # a text-only stream (some test harnesses)
-            yield lambda data: sys.stdout.write(data.decode("utf-8"))
-        else:
-            yield out.write
-        sys.stdout.flush()
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"{path}: is a folder, expected an output file name")
-    if not target.parent.is_dir():
-        raise UsageError(f"{path}: the folder {target.parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write there ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f.write
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _chunks(f, name: str, chunk_lines: int) -> Iterator[tuple[int, list[str]]]:
-    """(1-based number of the chunk's first line, its lines), `chunk_lines` at a time."""
-    chunk: list[str] = []
-    first = 1
-    for lineno, text in iter_lines(f, name):
-        if not chunk:
-            first = lineno
-        chunk.append(text)
-        if len(chunk) == chunk_lines:
-            yield first, chunk
-            chunk = []
-    if chunk:
-        yield first, chunk
-
-
 def _format(results: list[list[tuple[str, float]]], first_index: int, n_best: int) -> bytes:
     if n_best == 1:
         return "".join(r[0][0] + "\n" for r in results).encode("utf-8")
@@ -362,7 +254,7 @@ def translate_stream(
     with open_input(in_path) as (fin, name), open_output(out_path) as write:
         if fin.isatty():  # someone typing: answer each line as it comes
             chunk_lines = 1
-        for first, lines in _chunks(fin, name, chunk_lines):
+        for first, lines in chunks(fin, name, chunk_lines):
             results, truncated = translator.run(lines, settings)
             n_warned = warn_truncated(truncated, name, settings.max_src_len, first, n_warned)
             write(_format(results, first - 1, n_best))

@@ -32,8 +32,11 @@ BLEU_LABELS = {"bleu": "BLEU", "bleu_lc_intl": "BLEU lc intl"}
 
 
 def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.ArgumentParser:
-    """The arguments every recipe takes; `doc` is the recipe's module docstring."""
-    p = argparse.ArgumentParser(
+    """The arguments every recipe takes; `doc` is the recipe's module docstring. Config overrides
+    (`section.key=value`) may stand anywhere, as in `nmt train`."""
+    from nmt.cli import Parser, add_overrides
+
+    p = Parser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--src", default=src, help=f"source language (default {src})")
@@ -54,7 +57,7 @@ def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.Argumen
         default=None,
         help=f"beam sizes to translate with (default: {beams})",
     )
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_overrides(p)
     return p
 
 
@@ -136,6 +139,7 @@ class Recipe:
 
     def score(self):
         from nmt.evaluation import score_files
+        from nmt.textio import atomic_write_text
 
         tests = self.download_test_sets()
         rows = []
@@ -151,7 +155,7 @@ class Recipe:
                     row["signature" + key.removeprefix("bleu")] = result["bleu"]["signature"]
                 row["chrf"] = result["chrf"]["score"]
                 rows.append(row)
-        (self.run_dir / "scores.json").write_text(json.dumps(rows, indent=1))
+        atomic_write_text(self.run_dir / "scores.json", json.dumps(rows, indent=1))
         self._print_table(rows)
 
     def _print_table(self, rows):
@@ -282,6 +286,7 @@ class HubRecipe(Recipe):
     def _export(self, split: str, name: str):
         """raw/<name>.<lang> from the hub split, kept if an earlier export of it completed."""
         from nmt import data
+        from nmt.textio import atomic_write_text
 
         paths = [self.raw / f"{name}.{lang}" for lang in self.langs]
         stamp = self.raw / f".{name}.export.json"
@@ -292,7 +297,7 @@ class HubRecipe(Recipe):
             return
         stamp.unlink(missing_ok=True)
         data.export_hub_split(self.hub.name, split, *self.langs, *paths)
-        stamp.write_text(json.dumps({"what": what, "sizes": _sizes(paths)}))
+        atomic_write_text(stamp, json.dumps({"what": what, "sizes": _sizes(paths)}))
 
     def _valid_from_test_corpus(self):
         from nmt import corpora
@@ -317,13 +322,13 @@ def _read_stamp(path: Path):
 
 
 def _concat(parts, out: Path) -> None:
-    """`parts` one after the other into `out`, renamed into place when complete."""
-    tmp = out.with_name(f".{out.name}.part")
-    with open(tmp, "wb") as f:
+    """`parts` one after the other into `out`, written atomically."""
+    from nmt.textio import atomic_write
+
+    with atomic_write(out) as f:
         for part in parts:
             text = Path(part).read_bytes()
             f.write(text if not text or text.endswith(b"\n") else text + b"\n")
-    os.replace(tmp, out)
 
 
 def hub_recipe(setup: HubSetup, doc: str, argv=None) -> HubRecipe:
@@ -340,14 +345,8 @@ def hub_main(setup: HubSetup, doc: str, argv=None) -> int:
 
 def run_recipe(build) -> int:
     """Build the recipe (`build()`) and run it; errors become one line and an exit code."""
-    from nmt.errors import NmtError
+    from nmt.errors import exit_code
 
-    try:
-        build().run()
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(
+        lambda: build().run(), interrupted="interrupted: rerun the same command to continue"
+    )

@@ -9,7 +9,7 @@
 Each stage writes a completion marker (`RUN/.done/STAGE`) only after its outputs are complete,
 and is skipped when the marker is there, so an interrupted stage is redone (training resumes
 from its `last` checkpoint). Offline: `NMT_MIRROR=../shared/corpora` reads the local mirror.
-Extra `section.key=value` arguments override the config.
+Extra `section.key=value` arguments, anywhere on the line, override the config.
 """
 
 from __future__ import annotations

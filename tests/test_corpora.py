@@ -11,8 +11,9 @@ import pytest
 from helpers_http import closed_port, serve_folder
 
 from nmt import corpora
+from nmt.cli import main
 from nmt.corpora import Corpus, FileSpec
-from nmt.errors import DataError, NmtError, UsageError
+from nmt.errors import DownloadError, NmtError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
@@ -68,7 +69,7 @@ def test_download_verifies_unpacks_and_is_idempotent(tmp_path, monkeypatch):
             assert files[split][lang] == out / f"{split}.{lang}"
             assert files[split][lang].read_text(encoding="utf-8") == text
         assert len(requests) == 4
-        assert not [p for p in _looks_complete(out) if p.endswith(".part")]
+        assert not [p for p in _looks_complete(out) if Path(p).name.startswith(".")]
 
         again = corpora.download("tiny", ["en", "de"], out, splits=["train", "test"], quiet=True)
         assert again == files
@@ -83,22 +84,53 @@ def test_download_verifies_unpacks_and_is_idempotent(tmp_path, monkeypatch):
 def test_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     srv = tmp_path / "srv"
     srv.mkdir()
-    wrong = FileSpec("data/train.en.gz", "0" * 64, len(gzip.compress(b"x")))
     with serve_folder(srv) as (url, _):
         corpus = _tiny(srv, url, monkeypatch)
         good = corpus.files["train"]["en"]
         corpus.files["train"]["en"] = FileSpec(good.path, "0" * 64, good.size)
         out = tmp_path / "out"
-        with pytest.raises(DataError) as err:
+        with pytest.raises(DownloadError) as err:
             corpora.download("tiny", ["en"], out, splits=["train"], quiet=True)
         msg = str(err.value)
         assert "checksum mismatch" in msg and "train.en.gz" in msg
         assert "0" * 64 in msg and good.sha256 in msg  # expected and found
         assert _looks_complete(out) == []
-        corpus.files["train"]["en"] = wrong  # a wrong size is caught the same way
-        with pytest.raises(DataError, match="checksum mismatch"):
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_wrong_size_alone_is_caught(tmp_path, monkeypatch, extra):
+    # the right sha256 with a size one byte off: only the size check can refuse the file
+    # (+1: the server's file is shorter than promised; -1: longer, read no further than that)
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with serve_folder(srv) as (url, _):
+        corpus = _tiny(srv, url, monkeypatch)
+        good = corpus.files["train"]["en"]
+        corpus.files["train"]["en"] = FileSpec(good.path, good.sha256, good.size + extra)
+        out = tmp_path / "out"
+        with pytest.raises(DownloadError) as err:
             corpora.download("tiny", ["en"], out, splits=["train"], quiet=True)
+        got = f"({good.size} bytes)" if extra > 0 else f"(more than {good.size - 1} bytes)"
+        assert f"({good.size + extra} bytes), found " in str(err.value) and got in str(err.value)
         assert _looks_complete(out) == []
+
+
+def test_failed_downloads_exit_1_and_user_mistakes_exit_2(tmp_path, monkeypatch, capsys):
+    # a server's missing or bad file is no mistake of the user's: a runtime failure
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with serve_folder(srv) as (url, _):
+        corpus = _tiny(srv, url, monkeypatch)
+        args = ["download", "tiny", "--langs", "en", "de", "--out", str(tmp_path / "out")]
+        (srv / "data" / "test.de.gz").unlink()
+        assert main([*args, "--splits", "test"]) == 1
+        assert "test.de.gz: not found at http" in capsys.readouterr().err
+        good = corpus.files["train"]["en"]
+        corpus.files["train"]["en"] = FileSpec(good.path, "0" * 64, good.size)
+        assert main([*args, "--splits", "train"]) == 1
+        assert "checksum mismatch" in capsys.readouterr().err
+        assert main([*args, "--splits", "valid"]) == 2  # the user's mistake
+        assert "unknown split 'valid'" in capsys.readouterr().err
 
 
 def test_connection_refused_is_clear(tmp_path, monkeypatch):
@@ -120,7 +152,7 @@ def test_missing_file_names_file_and_url(tmp_path, monkeypatch):
         _tiny(srv, url, monkeypatch)
         (srv / "data" / "test.de.gz").unlink()
         out = tmp_path / "out"
-        with pytest.raises(DataError) as err:
+        with pytest.raises(DownloadError) as err:
             corpora.download("tiny", ["en", "de"], out, splits=["test"], quiet=True)
         msg = str(err.value)
         assert "test.de.gz" in msg and "not found" in msg and f"{url}data/test.de.gz" in msg
@@ -136,10 +168,10 @@ def test_truncated_gzip_is_a_clear_error(tmp_path, monkeypatch):
         (srv / "data" / "train.en.gz").write_bytes(data)
         corpus.files["train"]["en"] = _spec(data, "data/train.en.gz")
         out = tmp_path / "out"
-        with pytest.raises(DataError, match=r"train\.en\.gz: truncated or corrupt gzip"):
+        with pytest.raises(DownloadError, match=r"train\.en\.gz: truncated or corrupt gzip"):
             corpora.download("tiny", ["en"], out, quiet=True)
         assert not (out / "train.en").exists()
-        assert not [p for p in _looks_complete(out) if p.endswith(".part")]
+        assert not [p for p in _looks_complete(out) if Path(p).name.startswith(".")]
 
 
 @pytest.mark.parametrize("form", ["path", "file_url", "http_url"])
@@ -164,7 +196,7 @@ def test_file_missing_in_mirror_names_file_and_mirror(tmp_path, monkeypatch):
     _tiny(mirror / "tinymirror", "https://example.invalid/", monkeypatch)
     (mirror / "tinymirror" / "data" / "test.en.gz").unlink()
     monkeypatch.setenv(corpora.MIRROR_ENV, str(mirror))
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DownloadError) as err:
         corpora.download("tiny", ["en"], tmp_path / "out", splits=["test"], quiet=True)
     assert str(mirror / "tinymirror" / "data" / "test.en.gz") in str(err.value)
     assert "test.en.gz: not found" in str(err.value)
@@ -272,7 +304,7 @@ def test_real_multi30k_and_wmt_from_the_mirror(tmp_path, monkeypatch):
     src, ref = corpora.resolve_testset("wmt:newstest2014", "en", "de", tmp_path / "cache")
     assert len(src.read_text(encoding="utf-8").splitlines()) == 3003
     assert len(ref.read_text(encoding="utf-8").splitlines()) == 3003
-    with pytest.raises(DataError, match="test_2018_flickr.en.gz: not found"):
+    with pytest.raises(DownloadError, match="test_2018_flickr.en.gz: not found"):
         corpora.download("multi30k", ["en", "de"], tmp_path / "m30k", splits=["test_2018_flickr"])
 
 

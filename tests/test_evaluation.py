@@ -76,6 +76,13 @@ def test_only_newline_ends_a_line(tmp_path):
     assert result["n"] == 3
 
 
+def test_crlf_references_score_as_their_lf_copy(tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_bytes("".join(line + "\r\n" for line in REFS).encode("utf-8"))
+    result = score_files(_write(tmp_path / "hyp.txt", REFS), [str(ref)])
+    assert result["n"] == 3 and result["bleu"]["score"] == pytest.approx(100.0)
+
+
 def test_invalid_utf8_and_empty_files(tmp_path):
     ref = tmp_path / "ref.txt"
     ref.write_bytes(b"fine\nalso fine\nbroken \xe2\x28 here\n")

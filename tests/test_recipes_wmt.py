@@ -31,13 +31,20 @@ search: {beam_size: 1, max_len_a: 0.5, max_len_b: 3, batch_size: 128}
 
 
 @pytest.fixture(autouse=True)
-def _offline_with_mirror(monkeypatch, tmp_path):
-    if not (SHARED_CORPORA / "opus-mt-testsets").is_dir():
-        pytest.skip(f"{SHARED_CORPORA} not present")
+def _offline(monkeypatch, tmp_path):
+    # every test: no hub, no internet (the mirror, present or not, stands for the network)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv(corpora.MIRROR_ENV, str(SHARED_CORPORA))
     monkeypatch.setenv(corpora.CACHE_ENV, str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def mirror():
+    """Skips a test that reads corpus files when the shared mirror is absent."""
+    for folder in ("opus-mt-testsets", "multi30k", "iwslt14_de_en"):
+        if not (SHARED_CORPORA / folder).is_dir():
+            pytest.skip(f"{SHARED_CORPORA / folder} not present")
 
 
 def recipe(name: str):
@@ -72,7 +79,7 @@ def _markers(run: Path) -> list[str]:
 
 
 def test_stages_skip_what_is_done_and_redo_from_the_start_stage(
-    tmp_path, monkeypatch, capsys, tiny_config
+    mirror, tmp_path, monkeypatch, capsys, tiny_config
 ):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
     use_local_hub(monkeypatch, "iwslt14", hub)
@@ -105,7 +112,9 @@ def test_stages_skip_what_is_done_and_redo_from_the_start_stage(
     assert "iwslt14 validation: kept" in err
 
 
-def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
+def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(
+    mirror, tmp_path, monkeypatch, capsys
+):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(50, 1)})  # no validation split
     use_local_hub(monkeypatch, "iwslt14", hub)
     run = tmp_path / "run"
@@ -127,7 +136,9 @@ def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(tmp_path, monkey
     ("name", "valid_sets"),
     [("wmt16_en_de", ["newstest2013"]), ("wmt14_en_de", ["newstest2012", "newstest2013"])],
 )
-def test_wmt_recipes_validate_on_newstest_and_test_on_2014(tmp_path, monkeypatch, name, valid_sets):
+def test_wmt_recipes_validate_on_newstest_and_test_on_2014(
+    mirror, tmp_path, monkeypatch, name, valid_sets
+):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(20, 1)})
     use_local_hub(monkeypatch, name[:5], hub)
     run = tmp_path / "run"
@@ -142,7 +153,7 @@ def test_wmt_recipes_validate_on_newstest_and_test_on_2014(tmp_path, monkeypatch
     assert _markers(run) == ["download"]
 
 
-def test_the_language_pair_is_a_parameter(tmp_path, monkeypatch):
+def test_the_language_pair_is_a_parameter(mirror, tmp_path, monkeypatch):
     use_local_hub(monkeypatch, "wmt16", make_hub_folder(tmp_path / "hub", {"train": pairs(5, 1)}))
     run = tmp_path / "run"
     argv = ["--src", "de", "--tgt", "en", "--run-dir", str(run), "--end-stage", "download"]
@@ -183,7 +194,7 @@ def _mark_done(run: Path, stages) -> None:
         (run / ".done" / stage).write_text("0\n")
 
 
-def test_score_gives_cased_and_lowercased_intl_bleu(tmp_path):
+def test_score_gives_cased_and_lowercased_intl_bleu(mirror, tmp_path):
     run = tmp_path / "run"
     _mark_done(run, ["download", "tokenizer", "encode", "train", "translate"])
     refs = corpora.download("iwslt14", ["de", "en"], run / "raw", splits=["tst2011"])
@@ -208,7 +219,7 @@ def test_score_gives_cased_and_lowercased_intl_bleu(tmp_path):
     assert row["bleu_lc_intl"] == pytest.approx(100) and row["bleu"] < 20  # only case differs
 
 
-def test_multi30k_recipe_keeps_its_layout(tmp_path):
+def test_multi30k_recipe_keeps_its_layout(mirror, tmp_path):
     run = tmp_path / "run"
     m30k = recipe("multi30k")
     assert m30k.main(["--run-dir", str(run), "--end-stage", "download"]) == 0
@@ -238,7 +249,7 @@ def test_the_closing_hint_is_one_line_that_runs_from_the_current_folder(
 
 
 @pytest.mark.slow
-def test_iwslt14_recipe_end_to_end(tmp_path, monkeypatch, tiny_config):
+def test_iwslt14_recipe_end_to_end(mirror, tmp_path, monkeypatch, tiny_config):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
     use_local_hub(monkeypatch, "iwslt14", hub)
     run = tmp_path / "run"
@@ -250,3 +261,25 @@ def test_iwslt14_recipe_end_to_end(tmp_path, monkeypatch, tiny_config):
     for beam in (1, 2):
         assert len(_lines(run / f"hyps/dev2010.beam{beam}.en")) == 887
     assert all(0 <= r["bleu"] <= 100 and 0 <= r["bleu_lc_intl"] <= 100 for r in rows)
+
+
+def test_overrides_work_in_any_position_with_the_real_recipe_parsers(tmp_path, capsys):
+    # after a list option they used to be read as its values: "invalid int value: 'train...'"
+    m30k = recipe("multi30k")
+    argv = ["--beam-sizes", "1", "5", "train.max_minutes=5", "--preset", "demo", "model.hidden=32"]
+    args = m30k._parse(["--run-dir", str(tmp_path / "run"), *argv])
+    assert args.beam_sizes == [1, 5] and args.preset == "demo"
+    cfg = m30k.Multi30k(args).config()
+    assert (cfg.train.max_minutes, cfg.model.hidden) == (5, 32)
+
+    wmt16 = recipe("wmt16_en_de")
+    argv = ["--test-sets", "newstest2014", "train.lr=0.5", "--beam-sizes", "2", "model.hidden=64"]
+    built = sys.modules["_common"].hub_recipe(wmt16.SETUP, wmt16.__doc__, argv)
+    assert built.test_sets == ["newstest2014"] and built.beams == [2]
+    assert (built.config().train.lr, built.config().model.hidden) == (0.5, 64)
+
+    # through main: a bad value given after a list option is the config's one clear error
+    run = tmp_path / "run2"
+    assert m30k.main(["--run-dir", str(run), "--beam-sizes", "1", "5", "train.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: expected float, found str 'fast'" in err and "--beam-sizes" not in err

@@ -63,7 +63,7 @@ def _empty_corpus(tmp, ckpt):
 def _not_utf8(tmp, ckpt):
     (tmp / "u.en").write_bytes(b"fine\nalso fine\nbad \xff\xfe byte\n")
     (tmp / "u.de").write_text("gut\nauch gut\nschlecht\n")
-    return ["prepare", *_data(tmp, "u.en", "u.de")], r"u.en, line 3: not UTF-8"
+    return ["prepare", *_data(tmp, "u.en", "u.de")], r"u.en: line 3: not valid UTF-8"
 
 
 def _truncated_gzip(tmp, ckpt):
@@ -139,6 +139,18 @@ def _missing_input(tmp, ckpt):
     return ["translate", str(ckpt), "-i", str(tmp / "nope.txt")], "nope.txt.*(not found|exist)"
 
 
+def _yaml_key_twice(tmp, ckpt):
+    (tmp / "twice.yaml").write_text("model:\n  hidden: 256\n  hidden: 512\n")
+    return ["config", str(tmp / "twice.yaml")], r"twice.yaml: line 3, .*duplicate key model.hidden"
+
+
+def _tokenizer_from_missing_checkpoint(tmp, ckpt):
+    (tmp / "f.en").write_text("one\ntwo\n")
+    (tmp / "f.de").write_text("eins\nzwei\n")
+    argv = ["prepare", "--tokenizer-from", str(tmp / "gone.pt"), *_data(tmp, "f.en", "f.de")]
+    return argv, "gone.pt: checkpoint not found"
+
+
 def _data(tmp, src, tgt):
     return [
         f"data.train_src={tmp / src}",
@@ -169,6 +181,8 @@ BAD_INPUTS = [
     _nbest_over_beam,
     _no_such_device,
     _missing_input,
+    _yaml_key_twice,
+    _tokenizer_from_missing_checkpoint,
 ]
 
 

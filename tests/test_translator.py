@@ -4,6 +4,7 @@ The tiny checkpoint has random weights: tests compare outputs with each other (o
 size, chunking, file vs list API), never with expected translations.
 """
 
+import gzip
 import io
 import random
 import re
@@ -135,6 +136,24 @@ def test_leading_bom_is_dropped(translator, tmp_path):
     assert _read_out(out) == translator.translate(["the cat", "w1 w2"])
 
 
+def test_a_crlf_file_translates_as_its_lf_copy(translator, tmp_path):
+    # the line rule of nmt.textio, the one training text is read by: "\r\n" ends a line, a
+    # lone "\r" stays inside it (one line in, one line out)
+    lines = ["the cat sat", "", "w1\rw2", "w3 w4 w5"]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes("".join(line + "\r\n" for line in lines).encode("utf-8"))
+    translate_stream(translator, str(crlf), str(tmp_path / "out.txt"))
+    assert _read_out(tmp_path / "out.txt") == translator.translate(lines)
+
+
+def test_a_gzip_input_is_read_through_gzip(translator, tmp_path):
+    lines = ["the cat sat", "", "w1 w2"]
+    src = tmp_path / "in.txt.gz"
+    src.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode("utf-8")))
+    assert translate_stream(translator, str(src), str(tmp_path / "out.txt")) == 3
+    assert _read_out(tmp_path / "out.txt") == translator.translate(lines)
+
+
 def test_invalid_utf8_names_file_and_line(translator, tmp_path, monkeypatch):
     src = tmp_path / "bad.txt"
     src.write_bytes(b"the cat\nw1 w2\nw3 \xff\xfe w4\nw5\n")
@@ -231,7 +250,7 @@ def test_bad_device_and_missing_files(tiny_checkpoint, translator, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             Translator.from_checkpoint(tiny_checkpoint, device="cuda")
-    with pytest.raises(UsageError, match="input file not found"):
+    with pytest.raises(UsageError, match="nope.txt: file not found"):
         translate_stream(translator, str(tmp_path / "nope.txt"), None)
     src = _write(tmp_path / "in.txt", ["w1"])
     with pytest.raises(UsageError, match="does not exist"):
