@@ -31,6 +31,7 @@ LAYERS = {
     "nmt.translator": 6,
     "nmt.evaluation": 6.5,
     "nmt.cli": 7,
+    "nmt.serve": 7,
     "nmt.__main__": 8,
 }
 
