@@ -157,11 +157,14 @@ def cmd_average(args) -> int:
     return 0
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
+def _add_serve(sub) -> None:
     import dataclasses
 
     from nmt.config import ServeConfig
 
+    help_text = "translation server: JSON over HTTP, concurrent requests batched"
+    p = sub.add_parser("serve", help=help_text)
+    p.set_defaults(func=cmd_serve)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file(s)")
     for f in dataclasses.fields(ServeConfig):  # the defaults and help live in the config field
         flag = "--" + f.name.replace("_", "-")
@@ -263,11 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _score_args(p)
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser(
-        "serve", help="translation server: JSON over HTTP, concurrent requests batched"
-    )
-    _serve_args(p)
-    p.set_defaults(func=cmd_serve)
+    _add_serve(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import importlib.util
 import json
 import queue
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -385,3 +387,23 @@ def test_missing_server_library_names_the_extra(tiny_checkpoint, monkeypatch, ca
     assert main(["serve", str(tiny_checkpoint)]) == 2
     err = capsys.readouterr().err
     assert "pip install 'nmt[serve]'" in err and "Traceback" not in err
+
+
+def test_benchmark_script_runs_and_checks_its_answers(tiny_checkpoint, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    )
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    src = tmp_path / "src.txt"
+    src.write_text("".join(s + "\n" for s in LINES), encoding="utf-8")
+    out = tmp_path / "load.json"
+    args = [str(tiny_checkpoint), "--src", str(src), "--clients", "1", "3", "--requests", "12"]
+    serve_load.main([*args, "--threads", "1", "--beam-size", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [level["clients"] for level in result["levels"]] == [1, 3]
+    sentences = result["translate"]["sentences"]
+    for level in result["levels"]:
+        assert (level["requests"], level["failed"], level["sentences"]) == (12, 0, sentences)
+    assert result["translate"]["equal_lines"] == sentences and result["server_exit"] == 0
+    assert "requests_per_s" in capsys.readouterr().out
