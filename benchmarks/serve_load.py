@@ -55,8 +55,9 @@ def make_requests(lines: list[str], n: int, sizes: tuple[int, int], seed: int) -
     return out
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
-    """`nmt serve` on a free port; returns (process, base URL, its stderr lines as they come)."""
+def start_server(args) -> tuple[subprocess.Popen, str, list[str], threading.Thread]:
+    """`nmt serve` on a free port: (process, base URL, its stderr lines as they come, and the
+    thread that reads them)."""
     cmd = [sys.executable, "-m", "nmt", "serve", str(args.checkpoint), "--port", "0"]
     cmd += ["--max-batch-sentences", str(args.max_batch_sentences)]
     cmd += ["--max-wait-ms", str(args.max_wait_ms)]
@@ -68,8 +69,9 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
         log.append(line)
         found = re.search(r"listening on (http://\S+)", line)
         if found:
-            threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-            return proc, found.group(1), log
+            reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+            reader.start()
+            return proc, found.group(1), log, reader
     proc.wait()
     sys.exit(f"nmt serve did not start (exit {proc.returncode}):\n{''.join(log)}")
 
@@ -192,7 +194,7 @@ def main(argv=None) -> dict:
     settings = {"beam_size": args.beam_size} if args.beam_size else {}
     proc, url = None, args.url
     if url is None:
-        proc, url, log = start_server(args)
+        proc, url, log, reader = start_server(args)
     try:
         asyncio.run(run_level(url, requests[:4], 2, settings))  # warm-up
         levels = [asyncio.run(run_level(url, requests, c, settings)) for c in args.clients]
@@ -200,6 +202,8 @@ def main(argv=None) -> dict:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
+            reader.join(120)
+            proc.stderr.close()
     sent = [s for r in requests for s in r]
     sents_per_s, expected = translate_speed(args, sent, settings)
     equal = min(count_equal(requests, level["answers"], expected) for level in levels)

@@ -9,8 +9,9 @@ API (every answer is JSON, errors included: `{"error": "..."}` with the status):
   `{"translations": [...], "model": "...", "ms": 12.3, "truncated": [...]}`: one entry per input
   line, in order, an empty line giving "" (N lines in, N lines out). With `n_best` > 1 each
   entry is a list of `{"text", "score"}`, best first. `truncated` lists the 0-based lines cut to
-  `search.max_src_len` pieces. Search settings a request may set: REQUEST_SETTINGS; the rest come
-  from the checkpoint, and `n_best` defaults to 1 as in `nmt translate`.
+  `search.max_src_len` pieces; a string holding a line break is still one line. Search settings
+  a request may set: REQUEST_SETTINGS; the rest come from the checkpoint, and `n_best` defaults
+  to 1 as in `nmt translate`.
 - `GET /health`: 200 `{"status": "ok", ...}` with counters; the port opens only once the model
   is loaded. `GET /info`: the model and tokenizer config, precision, search defaults, limits.
 - 400: invalid JSON, `text` missing or not a list of strings, an unknown key, invalid search

@@ -308,51 +308,67 @@ def test_load_large(engine, translator):
 
 
 # ---------------------------------------------------------------------- the process
-def _start_server(tiny_checkpoint, *flags):
-    """`python -m nmt serve` on a free port.
+class ServerProcess:
+    """`python -m nmt serve` on a free port, its stderr collected as it comes."""
 
-    Returns (process, "host:port", the stderr lines so far, a queue of the lines to come).
-    """
-    cmd = [sys.executable, "-m", "nmt", "serve", str(tiny_checkpoint), "--port", "0"]
-    proc = subprocess.Popen([*cmd, "--threads", "1", *flags], stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(s) for s in proc.stderr], daemon=True).start()
-    log = []
-    while True:
-        line = lines.get(timeout=TIMEOUT)
-        log.append(line)
-        found = re.search(r"listening on http://([\d.]+:\d+)", line)
-        if found:
-            return proc, found.group(1), log, lines
+    def __init__(self, checkpoint, *flags):
+        cmd = [sys.executable, "-m", "nmt", "serve", str(checkpoint), "--port", "0"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--threads", "1", *flags], stderr=subprocess.PIPE, text=True
+        )
+        self.log: list[str] = []
+        lines: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, args=(lines,), daemon=True)
+        self._reader.start()
+        while True:
+            line = lines.get(timeout=TIMEOUT)
+            assert line is not None, f"nmt serve did not start: {''.join(self.log)}"
+            found = re.search(r"listening on http://([\d.]+:\d+)", line)
+            if found:
+                self.address = found.group(1)
+                return
+
+    def _read(self, lines: queue.Queue) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    def stop(self) -> str:
+        """Kill the server if it still runs; returns its whole stderr."""
+        self.proc.kill()
+        self.proc.wait()
+        self._reader.join(TIMEOUT)
+        self.proc.stderr.close()
+        return "".join(self.log)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_finishes_requests_in_flight_then_exits_0(tiny_checkpoint, translator, sig):
     # requests wait for batch-mates up to a minute: all 8 are in flight when the signal comes,
     # and the shutdown must run them at once, answer every one, and exit 0
-    proc, address, log, more = _start_server(
+    server = ServerProcess(
         tiny_checkpoint, "--max-batch-sentences", "1000", "--max-wait-ms", str(TIMEOUT * 1000)
     )
+    address = server.address
     try:
         jobs = [LINES[k % len(LINES) : k % len(LINES) + 1 + k % 3] for k in range(8)]
         with ThreadPoolExecutor(8) as pool:
-            answers = [pool.submit(translate, address, lines) for lines in jobs]
+            answers = [pool.submit(translate, address, job) for job in jobs]
             for _ in range(TIMEOUT * 50):  # poll until the server holds all 8
                 if request(address, "GET", "/health")[1]["in_flight"] == 8:
                     break
                 threading.Event().wait(0.02)
             assert request(address, "GET", "/health")[1]["in_flight"] == 8
-            proc.send_signal(sig)
-            for lines, answer in zip(jobs, answers):
-                assert answer.result(TIMEOUT)["translations"] == translator.translate(lines)
-        assert proc.wait(TIMEOUT) == 0
+            server.proc.send_signal(sig)
+            for job, answer in zip(jobs, answers):
+                expected = translator.translate(job)
+                assert answer.result(TIMEOUT)["translations"] == expected
+        assert server.proc.wait(TIMEOUT) == 0
     finally:
-        proc.kill()
-        proc.wait()
-    while not more.empty():
-        log.append(more.get())
-    assert any(f"{sig.name}: closing the port" in s for s in log), log
-    assert any("finishing 8 request(s) in flight" in s for s in log), log
+        log = server.stop()
+    assert f"{sig.name}: closing the port" in log, log
+    assert "finishing 8 request(s) in flight" in log, log
 
 
 # ---------------------------------------------------------------------- the command line
