@@ -30,11 +30,11 @@ When a batch fails, each of its requests is run again alone, so only the faulty 
 Library: aiohttp (an optional extra, `pip install 'nmt[serve]'`), chosen over Starlette on
 uvicorn for the two things that matter most here. Request-size limits: aiohttp enforces the body
 limit itself (`client_max_size`, chunked bodies too) and, answering 413 early, lingers to drain
-the unread body so the client reads the answer instead of a reset connection; Starlette has no
-body limit. Shutdown: aiohttp's runner closes the listening socket, then waits (up to
-`shutdown_timeout`) for handlers in flight, and leaves the exit code to us (0); uvicorn re-raises
-the signal after its graceful shutdown (exit 143 for SIGTERM). One package also brings the
-asyncio client that benchmarks/serve_load.py uses for many concurrent clients.
+the unread body so the client reads the answer instead of a reset connection; with Starlette the
+limit would be a middleware of our own. Shutdown: aiohttp's runner closes the listening socket,
+then waits (up to `shutdown_timeout`) for the handlers in flight, and leaves the exit code to us
+(0); uvicorn by default re-raises the signal after its graceful shutdown (exit 143 for SIGTERM).
+The one package also brings the asyncio client that benchmarks/serve_load.py uses.
 """
 
 from __future__ import annotations
