@@ -230,6 +230,42 @@ def cmd_average(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    import dataclasses
+
+    from nmt.config import ServeConfig
+
+    help_text = "translation server: JSON over HTTP, concurrent requests batched"
+    p = sub.add_parser("serve", help=help_text)
+    p.set_defaults(func=cmd_serve)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file(s)")
+    for f in dataclasses.fields(ServeConfig):  # the defaults and help live in the config field
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        p.add_argument(flag, type=kind, default=f.default, help=help_text)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        help="inference precision (default: float32)",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
+def cmd_serve(args) -> int:
+    import dataclasses
+
+    from nmt import serve
+    from nmt.config import ServeConfig, check_fields
+
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    problems = check_fields(cfg, name=lambda key: "--" + key.replace("_", "-"))
+    if problems:
+        raise UsageError("; ".join(problems))
+    return serve.serve(args.checkpoints, cfg, args.device, args.dtype, args.threads)
+
+
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (-lc)")
     p.add_argument(
@@ -299,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", action="append", required=True, help="reference file (repeatable)")
     _score_args(p)
     p.set_defaults(func=cmd_score)
+
+    _add_serve(sub)
     return parser
 
 

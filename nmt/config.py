@@ -605,3 +605,42 @@ def defaults_yaml() -> str:
                 )
             lines.append(f"  {f.name}: {value}  # {help_text}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- the server
+# Not a section of Config: a server's settings are not part of a model's config or checkpoint.
+@dataclass
+class ServeConfig:
+    """`nmt serve`: where it listens, how it batches requests, what a request may ask for."""
+
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every IPv4 interface)")
+    port: int = opt(
+        5000, "TCP port (0: any free port; the address is printed at start-up)", min=0, max=65535
+    )
+    max_batch_sentences: int = opt(
+        64, "sentences gathered from concurrent requests into one search call", min=1
+    )
+    max_wait_ms: float = opt(
+        10.0,
+        "longest a request waits for others to share its search call when the model is idle",
+        min=0.0,
+    )
+    max_request_bytes: int = opt(1_048_576, "largest request body (bytes); larger: 413", min=1)
+    max_request_sentences: int = opt(1000, "most sentences in one request; more: 413", min=1)
+    max_beam_size: int = opt(64, "largest beam_size a request may ask for; larger: 400", min=1)
+    shutdown_timeout: float = opt(
+        60.0,
+        "on SIGTERM/SIGINT: seconds the requests in flight have to finish before they are "
+        "cancelled",
+        min=0.0,
+    )
+
+
+def check_fields(obj, name=lambda key: key) -> list[str]:
+    """Every range or choice problem of dataclass `obj`'s fields; `name(key)` labels a field."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        problem = _check_field(f, getattr(obj, f.name), name(f.name))
+        if problem:
+            problems.append(problem)
+    return problems

@@ -32,6 +32,7 @@ LAYERS = {
     "nmt.training": 6,
     "nmt.translator": 6,
     "nmt.evaluation": 6.5,
+    "nmt.serve": 6.75,  # DESIGN.md's layer 7 (beside cli), below cli here: `nmt serve` calls it
     "nmt.cli": 7,
     "nmt.__main__": 8,
 }
