@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_speed import machine  # noqa: E402
-from nmt.translator import Translator, read_lines, translate_stream  # noqa: E402
+from nmt.textio import read_lines  # noqa: E402
+from nmt.translator import Translator, translate_stream  # noqa: E402
 
 DEFAULT_SRC = ROOT / "runs/multi30k_en_de_small/raw/test_2016_flickr.en"
 

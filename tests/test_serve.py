@@ -181,7 +181,7 @@ BAD_REQUESTS = [
     ("beam-float", "POST", "/translate", {"text": ["a"], "beam_size": 2.5}, 400, "beam_size"),
     ("beam-bool", "POST", "/translate", {"text": ["a"], "beam_size": True}, 400, "beam_size"),
     ("beam-over", "POST", "/translate", {"text": ["a"], "beam_size": 9}, 400, "<= 8"),
-    ("nbest-over", "POST", "/translate", {"text": ["a"], "n_best": 3}, 400, "n_best (3)"),
+    ("nbest-over", "POST", "/translate", {"text": ["a"], "n_best": 3}, 400, "search.n_best"),
     ("alpha", "POST", "/translate", {"text": ["a"], "alpha": -1}, 400, "alpha"),
     ("max-len-b", "POST", "/translate", {"text": ["a"], "max_len_b": 0}, 400, "max_len_b"),
     ("sentences", "POST", "/translate", _lines(51), 413, "51 lines"),
