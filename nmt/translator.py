@@ -221,9 +221,8 @@ class Translator:
         todo.sort(key=lambda i: len(pieces[i]), reverse=True)
         for start in range(0, len(todo), settings.batch_size):
             index = todo[start : start + settings.batch_size]
-            for i, sent_hyps in zip(
-                index, self._search_batch([pieces[i] for i in index], settings)
-            ):
+            batch_hyps = self._search_batch([pieces[i] for i in index], settings)
+            for i, sent_hyps in zip(index, batch_hyps):
                 hyps[i] = sent_hyps
         return pieces, hyps, truncated
 
