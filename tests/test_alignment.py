@@ -40,19 +40,20 @@ def test_source_pieces_belong_to_the_word_their_last_word_start_opened():
 
 def test_target_pieces_follow_the_text_as_written_out(byte_fallback_sp):
     sp = byte_fallback_sp
-    ids = sp.encode("the €cat  sat x")
+    ids = sp.encode("the €cat  sat € x")
     pieces = [sp.id_to_piece(i) for i in ids]
     words = target_words(ids, sp.decode)
     text = sp.decode(ids)
-    assert text.split() == ["the", "€cat", "sat", "x"]
+    assert text.split() == ["the", "€cat", "sat", "€", "x"]
     by_word = {}
     for piece, word in zip(pieces, words):
         by_word.setdefault(word, []).append(piece)
     # "€" is three byte pieces: the first two decode to no complete character, yet all three
-    # belong to the word "€cat"; the lone "▁" pieces add only a space: no word
-    assert by_word[1][:3] == ["<0xE2>", "<0x82>", "<0xAC>"]
-    assert "".join(by_word[1][3:]) == "cat"
-    assert by_word[0] == ["▁the"] and by_word[2] == ["▁sat"]
+    # belong to the word "€cat" (and to the word "€", whose text a space follows); the lone
+    # "▁" pieces add only a space: no word
+    euro = ["<0xE2>", "<0x82>", "<0xAC>"]
+    assert by_word[1][:3] == euro and "".join(by_word[1][3:]) == "cat"
+    assert by_word[0] == ["▁the"] and by_word[2] == ["▁sat"] and by_word[3] == euro
     assert all(piece == "▁" for piece in by_word[None])
     assert max(w for w in words if w is not None) == len(text.split()) - 1
     assert target_words([], sp.decode) == []
