@@ -16,7 +16,7 @@ def assert_picture(path: Path, min_width: int = 300, min_height: int = 200, min_
     image = imread(path)  # (H, W, 3 or 4) floats in [0, 1]
     height, width = image.shape[:2]
     assert width >= min_width and height >= min_height, f"{path}: {width} x {height} pixels"
-    rgb = (image[..., :3] * 255).round().astype(np.int32).reshape(-1, 3)  # (H*W, 3)
-    colors = len(np.unique(rgb, axis=0))
+    rgb = (image[..., :3] * 255).round().astype(np.int64).reshape(-1, 3)  # (H*W, 3)
+    colors = len(np.unique(rgb @ np.array([1 << 16, 1 << 8, 1])))  # one integer per colour
     assert colors >= min_colors, f"{path}: only {colors} distinct colours"
     return image

@@ -307,11 +307,19 @@ def test_iwslt14_recipe_end_to_end(mirror, tmp_path, monkeypatch, tiny_config):
 def test_overrides_work_in_any_position_with_the_real_recipe_parsers(tmp_path, capsys):
     # after a list option they used to be read as its values: "invalid int value: 'train...'"
     m30k = recipe("multi30k")
-    argv = ["--beam-sizes", "1", "5", "train.max_minutes=5", "--preset", "demo", "model.hidden=32"]
+    argv = [
+        "--beam-sizes",
+        "1",
+        "5",
+        "train.max_minutes=5",
+        "--preset",
+        "demo",
+        "model.dropout=0.3",
+    ]
     args = m30k._parse(["--run-dir", str(tmp_path / "run"), *argv])
     assert args.beam_sizes == [1, 5] and args.preset == "demo"
     cfg = m30k.Multi30k(args).config()
-    assert (cfg.train.max_minutes, cfg.model.hidden) == (5, 32)
+    assert (cfg.train.max_minutes, cfg.model.dropout) == (5, 0.3)
 
     wmt16 = recipe("wmt16_en_de")
     argv = ["--test-sets", "newstest2014", "train.lr=0.5", "--beam-sizes", "2", "model.hidden=64"]
