@@ -188,6 +188,7 @@ def _curves_figure(runs: list[Run]):
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     if not any(_xy(run.valid, "step", "bleu")[0] for run in runs):
         bleu.text(0.5, 0.5, "no validation BLEU in the log", ha="center", transform=bleu.transAxes)
+        bleu.set(xticks=[], yticks=[])
     for ax in (loss_steps, loss_time, bleu, lr):
         ax.grid(alpha=0.3)
     loss_steps.legend(fontsize="small")
