@@ -171,8 +171,48 @@ def cmd_translate(args) -> int:
 
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     translate_stream(
-        translator, args.input, args.output, n_best=args.n_best, **_search_kwargs(args)
+        translator,
+        args.input,
+        args.output,
+        n_best=args.n_best,
+        alignments=args.alignments,
+        alignments_out=args.alignments_out,
+        **_search_kwargs(args),
     )
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="pictures: learning curves, attention")
+    plots = p.add_subparsers(dest="picture", metavar="PICTURE", parser_class=Parser)
+    plots.required = True
+    q = plots.add_parser("curves", help="learning curves of a run (or of several) from log.jsonl")
+    q.add_argument("run_dir", help="training folder (log.jsonl), recipe run folder, or parent")
+    q.add_argument("-o", "--output", help="PNG file (default: RUN_DIR/curves.png)")
+    q.set_defaults(func=cmd_plot_curves)
+    q = plots.add_parser("attention", help="attention of a translation over its pieces")
+    q.add_argument("checkpoint", help="checkpoint file")
+    q.add_argument("sentence", nargs="?", help="the sentence to translate (or -i and --line)")
+    q.add_argument("-i", "--input", help="a file to take the sentence from (with --line)")
+    q.add_argument("--line", type=int, help="1-based line number of the sentence in --input")
+    q.add_argument("-o", "--output", default="attention.png", help="PNG file (%(default)s)")
+    _search_args(q)
+    q.set_defaults(func=cmd_plot_attention)
+
+
+def cmd_plot_curves(args) -> int:
+    from nmt import plots
+
+    print(plots.curves(args.run_dir, args.output))
+    return 0
+
+
+def cmd_plot_attention(args) -> int:
+    from nmt import plots
+
+    text = plots.attention_line(args.sentence, args.input, args.line)
+    kwargs = _search_kwargs(args)
+    print(plots.attention(args.checkpoint, text, args.output, device=args.device, **kwargs))
     return 0
 
 
@@ -311,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", help="input file (default: stdin)")
     p.add_argument("-o", "--output", help="output file, written atomically (default: stdout)")
     p.add_argument("--n-best", type=int, default=1, help="hypotheses per line (<= beam size)")
+    p.add_argument(
+        "--alignments",
+        action="store_true",
+        help="write 'TRANSLATION ||| ALIGNMENT' lines: word alignments, Pharaoh i-j pairs",
+    )
+    p.add_argument(
+        "--alignments-out",
+        metavar="FILE",
+        help="write the alignments to FILE, line for line, and the translations as usual",
+    )
     _search_args(p)
     p.set_defaults(func=cmd_translate)
 
@@ -337,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     _add_serve(sub)
+    _add_plot(sub)
     return parser
 
 

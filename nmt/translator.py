@@ -15,16 +15,28 @@ fairseq and Moses: one line per hypothesis, best first,
 where INDEX is the 0-based input line number and SCORE is the search score (log-probability with
 the GNMT length and coverage penalties) with 4 decimals. Every input line appears at least once;
 an empty input line gives one entry with an empty hypothesis and score 0.0000.
+
+Word alignments (`translate_stream(..., alignments=True)`, `nmt translate --alignments`), with
+the best translation only: each output line is
+    `TRANSLATION ||| ALIGNMENT`
+where ALIGNMENT is the hard word alignment in the Pharaoh format that fast_align and Moses
+write, `i-j` pairs of 0-based (source word, target word) indices separated by spaces, e.g.
+`0-0 1-1 3-2` (words, the merging rule and the order: nmt.alignment). The separator is the last
+" ||| " of the line (ALIGNMENT never holds one); an empty input line gives " ||| ". With
+`alignments_out=FILE` (`--alignments-out FILE`) the translations are written as usual and FILE
+gets the ALIGNMENT of each line, line for line (an empty line for an empty input line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nmt import checkpoint, search, search_graph
+from nmt import alignment, checkpoint, search, search_graph
 from nmt.config import Config, from_dict, override_section
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
@@ -48,6 +60,21 @@ def _resolve_inference_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype in ("auto", "fp32", "bf16", "fp16"):
         return resolve_dtype(dtype, device)
     raise UsageError(f"dtype {dtype!r}: expected auto, fp32, bf16 or fp16")
+
+
+@dataclass
+class Translation:
+    """One line's best translation and the attention behind it (`Translator.translate(lines,
+    return_attention=True)`). The weights are the model's `inspect_attention` over the
+    hypothesis (teacher forcing: what search attended with; for a TCN decoder, its last
+    block's). An empty line gives "", no pieces, a (0, 0) matrix and no links."""
+
+    text: str
+    score: float  # the search score, as `translate_nbest` gives it
+    src_pieces: list[str]  # the source pieces the model read (truncated lines: those kept), "</s>"
+    tgt_pieces: list[str]  # the pieces of `text`, then "</s>"
+    attention: torch.Tensor  # (len(tgt_pieces), len(src_pieces)) float32 on the CPU
+    alignment: list[tuple[int, int]]  # (source word, target word) links: nmt.alignment
 
 
 class Translator:
@@ -126,11 +153,18 @@ class Translator:
         return search.SearchSettings.from_config(cfg, self.tokenizer)
 
     # ------------------------------------------------------------------ public API
-    def translate(self, lines: list[str], **overrides) -> list[str]:
+    def translate(self, lines: list[str], return_attention: bool = False, **overrides) -> list:
         """One translation per line, in input order; an empty line gives "".
 
+        `return_attention`: a `Translation` per line instead of its text (the attention
+        matrix over source and target pieces, and the word alignment).
         `overrides`: search settings for this call (see the class docstring)."""
         n_best = overrides.pop("n_best", None)  # accepted as every search key is; the best is kept
+        if return_attention:
+            settings = self.search_settings(1, **overrides)
+            translations, truncated = self.run_attention(lines, settings)
+            warn_truncated(truncated, "line", settings.max_src_len)
+            return translations
         return [r[0][0] for r in self.translate_nbest(lines, n_best, **overrides)]
 
     def translate_nbest(
@@ -166,36 +200,102 @@ class Translator:
         Returns (results, truncated): per line, the (text, score) pairs best first; and the
         (0-based index, piece count) of every line cut to `settings.max_src_len` pieces.
         """
-        pieces, truncated = self.encode(lines, settings.max_src_len)
+        _, hyps, truncated = self.search_lines(lines, settings)
         results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+        found = [i for i, sent_hyps in enumerate(hyps) if sent_hyps]
+        texts = iter(self.tokenizer.decode_tgt([h.tokens for i in found for h in hyps[i]]))
+        for i in found:
+            results[i] = [(next(texts).translate(_NEWLINES), float(h.score)) for h in hyps[i]]
+        return results, truncated
+
+    @torch.no_grad()
+    def search_lines(self, lines: list[str], settings: search.SearchSettings):
+        """Search `lines` with checked `settings`: (pieces, hyps, truncated), where pieces[i] are
+        line i's source piece ids and hyps[i] its hypotheses, best first (both None for a line
+        with nothing to translate), and truncated is as `run` gives it."""
+        pieces, truncated = self.encode(lines, settings.max_src_len)
+        hyps: list[list[search.Hypothesis] | None] = [None] * len(lines)
         todo = [i for i, p in enumerate(pieces) if p is not None]
         # Longest first: batches of similar lengths waste little padding, and an out-of-memory
         # error (if any) comes at once. Results are placed back by index.
         todo.sort(key=lambda i: len(pieces[i]), reverse=True)
         for start in range(0, len(todo), settings.batch_size):
             index = todo[start : start + settings.batch_size]
-            hyps = self._search_batch([pieces[i] for i in index], settings)
-            texts = iter(self.tokenizer.decode_tgt([h.tokens for sent in hyps for h in sent]))
-            for i, sent_hyps in zip(index, hyps):
-                results[i] = [
-                    (next(texts).translate(_NEWLINES), float(h.score)) for h in sent_hyps
-                ] or [("", 0.0)]
-        return results, truncated
+            batch_hyps = self._search_batch([pieces[i] for i in index], settings)
+            for i, sent_hyps in zip(index, batch_hyps):
+                hyps[i] = sent_hyps
+        return pieces, hyps, truncated
 
     def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings):
-        tok = self.tokenizer
-        seqs = [p + [tok.eos_id] for p in batch_pieces]
-        src_lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)  # (B,)
-        src_ids = torch.full((len(seqs), int(src_lens.max())), tok.pad_id, dtype=torch.long)
+        src_ids, src_lens = self._padded([p + [self.tokenizer.eos_id] for p in batch_pieces])
+        run = search_graph.runner(self.device, s.cuda_graph)
+        with self._autocast():  # beam_size 1 is greedy search
+            return search.beam_search(self.model, src_ids, src_lens, s, run=run)
+
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, L) right-padded with pad_id, lens (B,)) on the model's device."""
+        lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)  # (B,)
+        ids = torch.full((len(seqs), int(lens.max())), self.tokenizer.pad_id, dtype=torch.long)
         for row, q in enumerate(seqs):
-            src_ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)  # (B, S)
-        src_ids, src_lens = src_ids.to(self.device), src_lens.to(self.device)
-        autocast = torch.autocast(
+            ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)  # (B, L)
+        return ids.to(self.device), lens.to(self.device)
+
+    def _autocast(self):
+        return torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         )
-        run = search_graph.runner(self.device, s.cuda_graph)
-        with autocast:  # beam_size 1 is greedy search
-            return search.beam_search(self.model, src_ids, src_lens, s, run=run)
+
+    # ------------------------------------------------------------------ attention
+    @torch.no_grad()
+    def run_attention(self, lines: list[str], settings: search.SearchSettings):
+        """`run`'s search, then a `Translation` of each line's best hypothesis.
+
+        Returns (translations, truncated), truncated as `run` gives it."""
+        pieces, hyps, truncated = self.search_lines(lines, settings)
+        empty = torch.zeros(0, 0)
+        out = [Translation("", 0.0, [], [], empty, []) for _ in lines]
+        todo = sorted((i for i, h in enumerate(hyps) if h), key=lambda i: -len(pieces[i]))
+        for start in range(0, len(todo), settings.batch_size):
+            index = todo[start : start + settings.batch_size]
+            best = [hyps[i][0] for i in index]
+            weights = self._attention_batch([pieces[i] for i in index], [h.tokens for h in best])
+            for i, hyp, w in zip(index, best, weights):
+                out[i] = self._translation(pieces[i], hyp, w)
+        return out, truncated
+
+    def _attention_batch(self, batch_pieces, batch_tokens) -> list[torch.Tensor]:
+        """The model's `inspect_attention` of each (source, hypothesis) pair: (T_i + 1, S_i + 1)
+        float32 CPU matrices, eos row and column included."""
+        tok = self.tokenizer
+        src_ids, src_lens = self._padded([p + [tok.eos_id] for p in batch_pieces])
+        tgt_in_ids, tgt_lens = self._padded([[tok.bos_id, *t] for t in batch_tokens])
+        try:
+            with self._autocast():
+                attn = self.model.inspect_attention(src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+        except NotImplementedError as e:
+            raise UsageError(f"attention and alignments: {e}") from None
+        attn = attn.float().cpu()
+        return [a[:t, :s] for a, t, s in zip(attn, tgt_lens.tolist(), src_lens.tolist())]
+
+    def _translation(self, src_ids: list[int], hyp: search.Hypothesis, weights) -> Translation:
+        tok = self.tokenizer
+
+        def decode_tgt(seqs):  # as `run` writes the text out
+            return [text.translate(_NEWLINES) for text in tok.decode_tgt(seqs)]
+
+        src_pieces = tok.src_sp.id_to_piece(src_ids)
+        src_words = alignment.source_words(src_pieces)
+        tgt_words = alignment.target_words(hyp.tokens, decode_tgt)
+        links = alignment.hard_alignment(weights, [*src_words, None], [*tgt_words, None])
+        eos = tok.tgt_sp.id_to_piece(tok.eos_id)
+        return Translation(
+            text=decode_tgt([hyp.tokens])[0],
+            score=float(hyp.score),
+            src_pieces=[*src_pieces, eos],
+            tgt_pieces=[*tok.tgt_sp.id_to_piece(hyp.tokens), eos],
+            attention=weights,
+            alignment=links,
+        )
 
 
 def warn_truncated(
@@ -219,7 +319,11 @@ def warn_truncated(
     return already
 
 
-def _format(results: list[list[tuple[str, float]]], first_index: int, n_best: int) -> bytes:
+def _format(
+    results: list[list[tuple[str, float]]], first_index: int, n_best: int, links=None
+) -> bytes:
+    if links is not None:  # n_best is 1
+        return "".join(f"{r[0][0]} ||| {a}\n" for r, a in zip(results, links)).encode("utf-8")
     if n_best == 1:
         return "".join(r[0][0] + "\n" for r in results).encode("utf-8")
     lines = [
@@ -237,6 +341,8 @@ def translate_stream(
     *,
     n_best: int = 1,
     chunk_lines: int = 2000,
+    alignments: bool = False,
+    alignments_out: str | None = None,
     **search_kwargs,
 ) -> int:
     """Translate a file (stdin for None or "-") into a file (stdout for None or "-").
@@ -244,21 +350,51 @@ def translate_stream(
     Reads `chunk_lines` lines at a time (one from a terminal), so memory does not grow with the
     input; each chunk is sorted by length inside and written in input order. One output line per
     input line (n-best format: see the module docstring). `search_kwargs`: search settings, as
-    for `Translator.translate`.
+    for `Translator.translate`. `alignments`: each output line is `TRANSLATION ||| ALIGNMENT`;
+    `alignments_out`: the alignments go, line for line, to this file (stdout for "-") instead
+    (see the module docstring).
     An output file is written atomically (see `open_output`). Returns the number of input lines.
     """
     if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:
         raise UsageError(f"chunk_lines must be an integer >= 1, found {chunk_lines!r}")
+    aligned = alignments or alignments_out is not None
+    if aligned and n_best != 1:
+        raise UsageError("alignments are the best translation's: ask for them with n_best 1")
+    if alignments_out is not None and _same_output(out_path, alignments_out):
+        raise UsageError(f"alignments_out {alignments_out}: the translations go there already")
     settings = translator.search_settings(n_best, **search_kwargs)
     n_lines = n_warned = 0
-    with open_input(in_path) as (fin, name), open_output(out_path) as write:
+    with contextlib.ExitStack() as stack:
+        fin, name = stack.enter_context(open_input(in_path))
+        write = stack.enter_context(open_output(out_path))
+        write_links = stack.enter_context(open_output(alignments_out)) if alignments_out else None
         if fin.isatty():  # someone typing: answer each line as it comes
             chunk_lines = 1
         for first, lines in chunks(fin, name, chunk_lines):
-            results, truncated = translator.run(lines, settings)
+            results, truncated, links = _run_chunk(translator, lines, settings, aligned)
             n_warned = warn_truncated(truncated, name, settings.max_src_len, first, n_warned)
-            write(_format(results, first - 1, n_best))
+            write(_format(results, first - 1, n_best, None if write_links else links))
+            if write_links:
+                write_links("".join(a + "\n" for a in links).encode("utf-8"))
             if out_path is None or str(out_path) == "-":
                 sys.stdout.flush()
             n_lines += len(lines)
     return n_lines
+
+
+def _same_output(a: str | None, b: str | None) -> bool:
+    """Whether outputs `a` and `b` are one (stdout: None or "-")."""
+    std_a, std_b = a is None or str(a) == "-", b is None or str(b) == "-"
+    if std_a or std_b:
+        return std_a and std_b
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _run_chunk(translator: Translator, lines, settings, aligned: bool):
+    """(results, truncated) as `Translator.run` gives them, and the alignment text of each line
+    (None unless `aligned`)."""
+    if not aligned:
+        return (*translator.run(lines, settings), None)
+    translations, truncated = translator.run_attention(lines, settings)
+    results = [[(t.text, t.score)] for t in translations]
+    return results, truncated, [alignment.to_text(t.alignment) for t in translations]

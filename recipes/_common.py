@@ -4,7 +4,9 @@ A recipe is a `Recipe` subclass that names its stages and adds one method per st
 (download, and prepare or tokenizer + encode); train, translate and score live here. `run` writes
 a stage's completion marker (`RUN/.done/STAGE`) only after the stage returns, and skips a stage
 whose marker is there, unless --start-stage names it or an earlier one, or an earlier stage ran:
-once a stage runs, every later one runs too. --end-stage stops after a stage.
+once a stage runs, every later one runs too. --end-stage stops after a stage. Training draws
+`RUN/curves.png` (nmt.plots); the score stage prints the table, five test sentences with their
+translation and reference, the path of the curves, and last how to translate your own file.
 
 `HubRecipe` is a recipe whose training text comes from a Hugging Face hub dataset (streamed into
 plain text files by nmt.data.export_hub_split) and whose test sets come from an nmt.corpora
@@ -29,6 +31,7 @@ if str(ROOT) not in sys.path:
 BLEU_CASED = ("bleu", False, "13a")  # detokenized, cased: sacreBLEU's default
 BLEU_LC_INTL = ("bleu_lc_intl", True, "intl")  # `-lc -tok intl`: what GNMT v2 / MLPerf quote
 BLEU_LABELS = {"bleu": "BLEU", "bleu_lc_intl": "BLEU lc intl"}
+EXAMPLES = 5  # test sentences printed with their translation and reference at the end
 
 
 def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.ArgumentParser:
@@ -113,6 +116,23 @@ class Recipe:
         summary = training.train(cfg, resume=resume)
         if summary["stop"] in ("SIGINT", "SIGTERM"):
             raise KeyboardInterrupt
+        self.draw_curves()
+
+    def draw_curves(self):
+        """RUN/curves.png from the training log (a picture: its failure only warns)."""
+        from nmt import plots
+        from nmt.errors import NmtError
+
+        try:
+            path = plots.curves(self.run_dir, self.curves_path)
+        except (NmtError, OSError) as e:
+            print(f"warning: no learning curves: {e}", file=sys.stderr)
+            return
+        print(f"learning curves: {path}", file=sys.stderr)
+
+    @property
+    def curves_path(self) -> Path:
+        return self.run_dir / "curves.png"
 
     def translate(self):
         from nmt.translator import Translator, translate_stream
@@ -156,9 +176,9 @@ class Recipe:
                 row["chrf"] = result["chrf"]["score"]
                 rows.append(row)
         atomic_write_text(self.run_dir / "scores.json", json.dumps(rows, indent=1))
-        self._print_table(rows)
+        self._print_table(rows, tests)
 
-    def _print_table(self, rows):
+    def _print_table(self, rows, tests=None):
         from rich.console import Console
         from rich.table import Table
 
@@ -177,6 +197,11 @@ class Recipe:
         for key in keys if rows else ():
             signature = rows[0]["signature" + key.removeprefix("bleu")]
             console.print(f"sacreBLEU ({BLEU_LABELS[key]}): {signature}")
+        if rows and tests:  # the first test set, at its largest beam
+            row = max((r for r in rows if r["test"] == rows[0]["test"]), key=lambda r: r["beam"])
+            self._print_examples(console, row, tests[row["test"]])
+        if self.curves_path.is_file():
+            console.print(f"Learning curves: {os.path.relpath(self.curves_path)}", soft_wrap=True)
         model = self.run_dir / "model" / "best.pt"
         nmt_bin = Path(sys.executable).with_name("nmt")  # the nmt of the Python running this
         command = os.path.relpath(nmt_bin) if nmt_bin.exists() else "nmt"
@@ -185,6 +210,28 @@ class Recipe:
             f"  {command} translate {os.path.relpath(model)} -i FILE -o OUT",
             soft_wrap=True,  # a long path must stay one line that can be pasted
         )
+
+    def _print_examples(self, console, row: dict, files: dict, count: int = EXAMPLES):
+        """`count` sentences of the test set of `row`, spread over it, each with its translation
+        (at the beam of `row`) and its reference."""
+        from nmt.textio import read_lines
+
+        src, tgt = self.langs
+        sources, refs = read_lines(files[src]), read_lines(files[tgt])
+        hyps = read_lines(self._hyp(row["test"], row["beam"]))
+        if not sources or not len(sources) == len(refs) == len(hyps):
+            return
+        console.print(f"\n{count} sentences of {row['test']} (beam {row['beam']}):")
+        for i in sorted({k * len(sources) // count for k in range(count)}):
+            for label, text in (
+                ("source", sources[i]),
+                ("translation", hyps[i]),
+                ("reference", refs[i]),
+            ):
+                console.print(
+                    f"  {label:<12} {text}", markup=False, highlight=False, soft_wrap=True
+                )
+            console.print()
 
     # -- the runner ---------------------------------------------------------------------------
 

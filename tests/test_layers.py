@@ -18,6 +18,7 @@ LAYERS = {
     "nmt.textio": 0,
     "nmt.corpora": 1,
     "nmt.tokenizer": 1,
+    "nmt.alignment": 1,
     "nmt.data": 2,
     "nmt.batching": 2,
     "nmt.models": 3,
@@ -32,6 +33,7 @@ LAYERS = {
     "nmt.training": 6,
     "nmt.translator": 6,
     "nmt.evaluation": 6.5,
+    "nmt.plots": 6.5,
     "nmt.serve": 6.75,  # DESIGN.md's layer 7 (beside cli), below cli here: `nmt serve` calls it
     "nmt.cli": 7,
     "nmt.__main__": 8,

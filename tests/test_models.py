@@ -122,6 +122,39 @@ def test_reorder_matches_reordered_batch(family, variant, index):
     torch.testing.assert_close(lp2, expected_lp2[:, prefix + 1], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family, variant", CASES)
+@torch.no_grad()
+def test_inspect_attention_is_what_step_attends_with(family, variant):
+    """A GNMT decoder has one attention: `inspect_attention` (teacher forcing) gives what `step`
+    returns, so pictures and alignments show what search saw. A TCN decoder gives its last
+    block's, which with one block is `step`'s mean of the blocks too."""
+    decoder = variant.get("decoder", family)
+    model = tiny_model(family, **{**variant, **({"levels": 1} if decoder == "tcn" else {})})
+    src_ids, src_lens, tgt_in_ids = random_batch([7, 4, 9, 1], [6, 8, 3, 5], VOCAB)
+    _, expected = run_steps(model, src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+    got = model.inspect_attention(src_ids, src_lens, tgt_in_ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("zeroed", [-1, 0], ids=["last", "first"])
+@torch.no_grad()
+def test_tcn_inspect_attention_is_the_last_blocks(zeroed):
+    """A zero query makes a block attend uniformly (the other's is made peaked):
+    `inspect_attention` is uniform when it is the last block's, never `step`'s mean."""
+    model = tiny_model("tcn", levels=2)
+    for query in model.decoder.queries:
+        query.weight.mul_(30.0)  # peaked attention: far from uniform
+    torch.nn.init.zeros_(model.decoder.queries[zeroed].weight)
+    torch.nn.init.zeros_(model.decoder.queries[zeroed].bias)
+    src_ids, src_lens, tgt_in_ids = random_batch([7, 4, 9], [6, 8, 3], VOCAB)
+    got = model.inspect_attention(src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+    _, mean = run_steps(model, src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+    for i, n in enumerate(src_lens.tolist()):
+        uniform = torch.full_like(got[i, :, :n], 1 / n)
+        assert torch.allclose(got[i, :, :n], uniform, atol=ATOL) == (zeroed == -1)
+        assert not torch.allclose(mean[i, :, :n], uniform, atol=1e-3)
+
+
 def test_every_family_the_config_offers_is_there():
     """`model.arch=tcn` must build a TCN, never meet a family that an import error removed."""
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}

@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import pytest
 from conftest import WORDS
+from helpers_pictures import assert_picture
 from test_hub_data import make_hub_folder, use_local_hub
 
 from nmt import corpora, data
@@ -219,6 +220,43 @@ def test_score_gives_cased_and_lowercased_intl_bleu(mirror, tmp_path):
     assert row["bleu_lc_intl"] == pytest.approx(100) and row["bleu"] < 20  # only case differs
 
 
+def test_training_draws_the_learning_curves(mirror, tmp_path, monkeypatch, capsys, tiny_config):
+    hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
+    use_local_hub(monkeypatch, "iwslt14", hub)
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--config", str(tiny_config), "--test-sets", "tst2011"]
+    assert recipe("iwslt14_de_en").main([*argv, "--end-stage", "train", "train.log_every=1"]) == 0
+    assert f"learning curves: {run / 'curves.png'}" in capsys.readouterr().err
+    assert_picture(run / "curves.png", 800, 600)
+
+
+def test_the_score_stage_shows_five_sentences_the_curves_and_then_the_hint(
+    mirror, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    _mark_done(run, ["download", "tokenizer", "encode", "train", "translate"])
+    files = corpora.download("iwslt14", ["de", "en"], run / "raw", splits=["tst2011"])
+    (run / "hyps").mkdir()
+    for beam in (1, 5):  # the hypotheses: the references, marked with their beam
+        hyps = [f"{line} (beam {beam})" for line in _lines(files["tst2011"]["en"])]
+        (run / "hyps" / f"tst2011.beam{beam}.en").write_text("\n".join(hyps) + "\n")
+    (run / "curves.png").write_bytes(b"drawn by the train stage")
+    argv = ["--run-dir", str(run), "--test-sets", "tst2011", "--beam-sizes", "1", "5"]
+    assert recipe("iwslt14_de_en").main([*argv, "--start-stage", "score"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    sources, refs = _lines(files["tst2011"]["de"]), _lines(files["tst2011"]["en"])
+    start = out.index("5 sentences of tst2011 (beam 5):")
+    shown = [line.split(None, 1) for line in out[start + 1 :] if line.startswith("  ")][:15]
+    assert [label for label, _ in shown] == ["source", "translation", "reference"] * 5
+    picks = [k * len(sources) // 5 for k in range(5)]  # spread over the test set
+    assert [text for _, text in shown[0::3]] == [sources[i] for i in picks]
+    assert [text for _, text in shown[1::3]] == [f"{refs[i]} (beam 5)" for i in picks]
+    assert [text for _, text in shown[2::3]] == [refs[i] for i in picks]
+    curves = [line for line in out if line.startswith("Learning curves: ")]
+    assert len(curves) == 1 and Path(curves[0].split(": ", 1)[1]).resolve() == run / "curves.png"
+    assert out.index(curves[0]) > start and out[-2] == "Translate your own file with this model:"
+
+
 def test_multi30k_recipe_keeps_its_layout(mirror, tmp_path):
     run = tmp_path / "run"
     m30k = recipe("multi30k")
@@ -229,6 +267,9 @@ def test_multi30k_recipe_keeps_its_layout(mirror, tmp_path):
     cfg = m30k.Multi30k(args).config()
     assert cfg.data.valid_src == f"{run}/raw/val.en" and cfg.data.corpus == "multi30k"
     assert m30k.Multi30k(args).beams == [5] and m30k.Multi30k(m30k._parse([])).beams == [1, 5]
+    assert m30k.Multi30k(args).test_sets == ["test_2016_flickr"]  # the demo keeps to its minutes
+    assert len(m30k.Multi30k(m30k._parse([])).test_sets) == 3
+    assert cfg.train.max_minutes > 0  # a time budget, not an epoch count
 
 
 def test_the_closing_hint_is_one_line_that_runs_from_the_current_folder(
@@ -266,11 +307,19 @@ def test_iwslt14_recipe_end_to_end(mirror, tmp_path, monkeypatch, tiny_config):
 def test_overrides_work_in_any_position_with_the_real_recipe_parsers(tmp_path, capsys):
     # after a list option they used to be read as its values: "invalid int value: 'train...'"
     m30k = recipe("multi30k")
-    argv = ["--beam-sizes", "1", "5", "train.max_minutes=5", "--preset", "demo", "model.hidden=32"]
+    argv = [
+        "--beam-sizes",
+        "1",
+        "5",
+        "train.max_minutes=5",
+        "--preset",
+        "demo",
+        "model.dropout=0.3",
+    ]
     args = m30k._parse(["--run-dir", str(tmp_path / "run"), *argv])
     assert args.beam_sizes == [1, 5] and args.preset == "demo"
     cfg = m30k.Multi30k(args).config()
-    assert (cfg.train.max_minutes, cfg.model.hidden) == (5, 32)
+    assert (cfg.train.max_minutes, cfg.model.dropout) == (5, 0.3)
 
     wmt16 = recipe("wmt16_en_de")
     argv = ["--test-sets", "newstest2014", "train.lr=0.5", "--beam-sizes", "2", "model.hidden=64"]

@@ -58,6 +58,9 @@ class EncoderDecoder(Seq2Seq):
     def reorder_state(self, state, index):
         return self.decoder.reorder_state(state, index)
 
+    def inspect_attention(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
+        return self.decoder.inspect_attention(tgt_in_ids, self.encode(src_ids, src_lens))
+
 
 def build_model(
     model_cfg: ModelConfig,

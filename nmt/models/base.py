@@ -9,6 +9,8 @@ Owns: `EncoderOut` and the abstract `Seq2Seq` interface. Does not own any layer 
 - `reorder_state(state, index)` and `reorder_encoder_out(enc, index)`: select rows by `index`
   (a LongTensor of row numbers, possibly repeated or fewer than B). Beam search grows, reorders
   and shrinks the batch through these alone.
+- optional, `inspect_attention(src_ids, src_lens, tgt_in_ids) -> attn (B, T, S)`: the attention
+  a person reads (pictures, word alignments), by teacher forcing; search never calls it.
 
 Invariants, tested for every architecture: running `step` T times gives the log-softmax of
 `forward`'s logits (float tolerance), and a sentence's output does not depend on its batch-mates.
@@ -107,3 +109,8 @@ class Seq2Seq(nn.Module):
 
     def reorder_encoder_out(self, enc: EncoderOut, index: torch.Tensor) -> EncoderOut:
         return enc.index_select(index)
+
+    def inspect_attention(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
+        """Optional: attention weights (B, T, S) over given targets (teacher forcing), for
+        pictures and word alignments; rows of padded target positions are meaningless."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention to show")

@@ -318,14 +318,22 @@ class GNMTDecoder(nn.Module):
             attns.append(attn)
         return torch.cat(outs, 1), torch.cat(contexts, 1), torch.cat(attns, 1), state
 
-    def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+    def _teacher_forced(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """`_run` over the whole of tgt_in_ids (B, T) from the initial state."""
         positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         if self.bridge is None:
             states = [None] * len(self.layers)
         else:
             states = self._hx(self.init_state(enc)["layers"])
         feed = self.init_state(enc).get("feed") if self.input_feeding else None
-        return self._run(tgt_in_ids, positions, states, enc, feed)[0]  # (B, T, V)
+        return self._run(tgt_in_ids, positions, states, enc, feed)
+
+    def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        return self._teacher_forced(tgt_in_ids, enc)[0]  # (B, T, V)
+
+    def inspect_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: the attention weights (B, T, S), the same as `step` returns."""
+        return self._teacher_forced(tgt_in_ids, enc)[2]  # (B, T, S)
 
     def init_state(self, enc: EncoderOut) -> dict:
         """{"layers": per layer (h, c) or h, each (B, H); "pos": (B,) next target position}."""

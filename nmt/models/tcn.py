@@ -19,6 +19,7 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
   encoder memory (`prepare`), the context (a weighted sum of the same keys, as ConvS2S sums the
   encoder outputs it scored) projected back and added to the block output. `step` returns the
   mean of the blocks' attention weights (a distribution over the source, as coverage wants);
+  `inspect_attention` the last block's (pictures and word alignments);
 - both sides add sinusoidal position features (Vaswani et al. 2017) times a learned scalar
   (started at the RMS of the embedding initialisation) to the token embeddings. ConvS2S learns a
   position table instead; sinusoids need no maximum length. Convolutions only see relative order
@@ -298,18 +299,29 @@ class TCNDecoder(nn.Module):
             h = self.bottleneck(h)  # (..., E)
         return self.out(h)  # (..., V)
 
-    def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
-        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the blocks)."""
+    def _teacher_forced(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """The last block's output (B, T, C) and each block's attention [(B, T, S)]."""
         positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         x = self.embed_pos(self.embed, tgt_in_ids, positions)  # (B, T, E)
         h = x.transpose(1, 2)  # (B, E, T)
-        attn_sum = 0.0
+        attns = []
         for level, block in enumerate(self.blocks):
             h = block(h)  # (B, C, T)
             h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, T, C), (B, T, S)
-            attn_sum = attn_sum + attn
+            attns.append(attn)
             h = h.transpose(1, 2)  # (B, C, T)
-        return self._output(h.transpose(1, 2)), attn_sum / len(self.blocks)  # (B, T, V)
+        return h.transpose(1, 2), attns  # (B, T, C)
+
+    def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the blocks)."""
+        h, attns = self._teacher_forced(tgt_in_ids, enc)
+        return self._output(h), sum(attns) / len(self.blocks)  # (B, T, V), (B, T, S)
+
+    def inspect_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: the last block's attention weights (B, T, S), the ones pictures and
+        word alignments show (`step` returns the blocks' mean, which the coverage penalty
+        reads: search results do not depend on this method)."""
+        return self._teacher_forced(tgt_in_ids, enc)[1][-1]  # (B, T, S)
 
     def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
         return self.forward_with_attention(tgt_in_ids, enc)[0]  # (B, T, V)
