@@ -100,6 +100,12 @@ MUTANTS = (
 COPY_SKIP = re.compile(r"(^|/)(\.git|\.venv|__pycache__|\.pytest_cache|\.ruff_cache|runs)(/|$)")
 
 
+def _die(message: str):
+    """Stop with exit code 2: the check itself cannot run as written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 @dataclass
 class Outcome:
     mutant: Mutant
@@ -135,8 +141,8 @@ def apply(mutant: Mutant, repo: Path) -> None:
     text = path.read_text(encoding="utf-8")
     found = text.count(mutant.old)
     if found != 1:
-        raise SystemExit(
-            f"error: mutant {mutant.name}: {mutant.file}: the text to break is found {found} "
+        _die(
+            f"mutant {mutant.name}: {mutant.file}: the text to break is found {found} "
             f"times, expected once (the code moved? re-target the patch):\n{mutant.old}"
         )
     path.write_text(text.replace(mutant.old, mutant.new), encoding="utf-8")
@@ -154,7 +160,7 @@ def check_import_path(repo: Path) -> None:
         [sys.executable, "-c", code], cwd=repo, env=_env(repo), capture_output=True, text=True
     ).stdout
     if not Path(where).resolve().is_relative_to(repo.resolve()):
-        raise SystemExit(f"error: the copy's tests would import nmt from {where}, not {repo}")
+        _die(f"the copy's tests would import nmt from {where}, not {repo}")
 
 
 def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
@@ -199,7 +205,7 @@ def baseline(files: list[str], tests: tuple[str, ...], timeout: float) -> None:
         check_import_path(repo)
         code, output = run_tests(repo, tests, timeout)
     if code != 0:
-        raise SystemExit(f"error: the unpatched tests fail (exit {code}):\n{output[-3000:]}")
+        _die(f"the unpatched tests fail (exit {code}):\n{output[-3000:]}")
     print(f"baseline: {' '.join(tests)} pass unpatched", flush=True)
 
 
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
     by_name = {m.name: m for m in MUTANTS}
     unknown = [n for n in args.names if n not in by_name]
     if unknown:
-        raise SystemExit(f"error: unknown mutant {', '.join(unknown)}; known: {', '.join(by_name)}")
+        _die(f"unknown mutant {', '.join(unknown)}; known: {', '.join(by_name)}")
     chosen = [by_name[n] for n in args.names] or list(MUTANTS)
     if args.list:
         for m in chosen:
