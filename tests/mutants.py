@@ -116,14 +116,19 @@ class Outcome:
 
 
 def _files() -> list[str]:
-    """The checkout's files: tracked, and untracked but not ignored."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    return sorted(f for f in set(out.split("\0")) if f and not COPY_SKIP.search(f))
+    """The checkout's files: tracked, and untracked but not ignored (every file outside a git
+    checkout, but for caches and virtual environments)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        names = out.split("\0")
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a git checkout
+        names = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if p.is_file()]
+    return sorted(f for f in set(names) if f and not COPY_SKIP.search(f))
 
 
 def copy_checkout(dest: Path, files: list[str]) -> Path:
