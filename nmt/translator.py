@@ -1,9 +1,12 @@
 """Translation with a trained checkpoint: the Python inference API and `nmt translate`.
 
-Owns: rebuilding the model and tokenizer from one checkpoint file; turning raw lines into source
-batches (sorted by length, over-long lines truncated with a warning, empty lines answered without
-the model); greedy or beam search through `nmt.search`; restoring input order; streaming a file or
-stdin to a file or stdout, one line out per line in, whatever the bytes inside a line are.
+Owns: rebuilding the model and tokenizer from one checkpoint file, or an ensemble from several
+(`from_checkpoints`: one loader per file, members checked to share one tokenizer); turning raw
+lines into source batches (sorted by length, over-long lines truncated with a warning, empty lines
+answered without the model); greedy or beam search, or sampling, through `nmt.search` (each line
+numbered for its random stream); forced scoring of given translations (`score`, through
+`nmt.forced`); restoring input order; streaming a file or stdin to a file or stdout, one line out
+per line in, whatever the bytes inside a line are.
 Does not own the search (nmt.search), the model (nmt.models) or the file format (nmt.checkpoint).
 
 Lines are read by the rule of nmt.textio (a line ends at "\\n" or "\\r\\n"; a lone "\\r" stays
@@ -20,15 +23,18 @@ an empty input line gives one entry with an empty hypothesis and score 0.0000.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from nmt import checkpoint, search, search_graph
+from nmt import checkpoint, forced, search, search_graph
 from nmt.config import Config, from_dict, override_section
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
 from nmt.models import build_model_for
+from nmt.models.ensemble import Ensemble
 from nmt.textio import chunks, open_input, open_output
 from nmt.tokenizer import Tokenizer
 
@@ -50,6 +56,92 @@ def _resolve_inference_dtype(dtype, device: torch.device) -> torch.dtype:
     raise UsageError(f"dtype {dtype!r}: expected auto, fp32, bf16 or fp16")
 
 
+@dataclass
+class LoadedModel:
+    """One checkpoint file made ready for inference (`load_model`)."""
+
+    path: str
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    cfg: Config
+
+
+def load_model(path: str | Path, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model, tokenizer and config of one checkpoint file, on no device yet (the Translator
+    moves it) but in the precision inference runs in; every way the file can be unusable is one
+    UsageError naming it. Each member of an ensemble is loaded by this alone."""
+    ckpt = checkpoint.load(path)
+    cfg = from_dict(ckpt["config"], source=f"{path} (config)")
+    try:
+        tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None
+    state = ckpt["model"]
+    sides = (
+        ("source", "encoder.embed.weight", tokenizer.src_vocab_size),
+        ("target", "decoder.embed.weight", tokenizer.tgt_vocab_size),
+    )
+    for side, key, size in sides:
+        weight = state.get(key)
+        if weight is not None and weight.shape[0] != size:
+            raise UsageError(
+                f"{path}: the {side} sentencepiece model has {size} pieces but the model's "
+                f"{side} embedding has {weight.shape[0]} rows: tokenizer and weights do not "
+                f"belong together"
+            )
+    try:
+        model = build_model_for(cfg.model, tokenizer)
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        msg = str(e).strip().splitlines()
+        raise UsageError(
+            f"{path}: weights do not match the model its config describes "
+            f"({' '.join(msg[:3])[:300]})"
+        ) from None
+    if dev.type == "cuda" and dtype != torch.float32:
+        # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
+        # under autocast so that softmaxes run in float32: no per-step weight casts or
+        # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
+        model = model.to(dtype)
+    return LoadedModel(str(path), model, tokenizer, cfg)
+
+
+def check_members(members: list[LoadedModel]) -> None:
+    """One UsageError, naming the two files, unless every member shares the first's special ids
+    and sentencepiece model(s), byte for byte: an ensemble averages distributions over one
+    vocabulary, so the same id must mean the same piece in every member."""
+    first = members[0]
+    ids = _special_ids(first.tokenizer)
+    for other in members[1:]:
+        other_ids = _special_ids(other.tokenizer)
+        if other_ids != ids:
+            raise UsageError(
+                f"{first.path} and {other.path}: different special ids (pad, unk, bos, eos): "
+                f"{ids} vs {other_ids}; an ensemble's members must share one tokenizer"
+            )
+        if other.tokenizer.to_bytes() != first.tokenizer.to_bytes():
+            raise UsageError(
+                f"{first.path} and {other.path}: different sentencepiece models; an ensemble's "
+                "members must share one tokenizer byte for byte (train them on one prepared "
+                "data.dir, or prepare with `nmt prepare --tokenizer-from`)"
+            )
+
+
+def _special_ids(tok: Tokenizer) -> tuple[int, int, int, int]:
+    return tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id
+
+
+class PairScore(NamedTuple):
+    """A target's score given its source (`Translator.score`)."""
+
+    log_prob: float  # log P(target | source): the sum over its pieces and the final eos
+    pieces: int  # the pieces scored, the eos included (>= 1)
+
+    @property
+    def per_piece(self) -> float:
+        return self.log_prob / self.pieces
+
+
 class Translator:
     """A model, its tokenizer and its search defaults, ready to translate lists of lines.
 
@@ -57,7 +149,11 @@ class Translator:
     `n_best` best (text, score) pairs per line. Search settings default to the checkpoint's
     `search` section; any of its keys (nmt.config.SearchConfig: beam_size, alpha, ...) can be
     overridden per call as a keyword, None keeping the checkpoint's value. `n_best` is the
-    exception: it is the call's own (1 unless asked), whatever the checkpoint says.
+    exception: it is the call's own (1 unless asked), whatever the checkpoint says. Sampling is
+    such a keyword too: `translate(lines, sampling="topp", topp=0.9, beam_size=1, seed=7)`, line
+    i drawing from the stream (seed, i). `score(src_lines, tgt_lines)` gives each given
+    target's log-probability. The model is one checkpoint's or an ensemble's
+    (`from_checkpoints`).
     """
 
     def __init__(
@@ -78,42 +174,25 @@ class Translator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype=None) -> Translator:
         """Load a checkpoint file; every way it can be unusable is one UsageError naming it."""
+        return cls.from_checkpoints([path], device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoints(cls, paths, device: str = "auto", dtype=None) -> Translator:
+        """One checkpoint, or several decoding as an ensemble (nmt.models.ensemble: the mean of
+        their log-probabilities at every step). Members may be of any families; they must share
+        the sentencepiece model(s) byte for byte and so the special ids: anything else is one
+        UsageError naming the two files. The search settings and the config (`self.cfg`) are
+        the first checkpoint's."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise UsageError("no checkpoint given")
         dev = resolve_device(device)
         dtype = _resolve_inference_dtype(dtype, dev)
-        ckpt = checkpoint.load(path)
-        cfg = from_dict(ckpt["config"], source=f"{path} (config)")
-        try:
-            tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
-            raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None
-        state = ckpt["model"]
-        sides = (
-            ("source", "encoder.embed.weight", tokenizer.src_vocab_size),
-            ("target", "decoder.embed.weight", tokenizer.tgt_vocab_size),
-        )
-        for side, key, size in sides:
-            weight = state.get(key)
-            if weight is not None and weight.shape[0] != size:
-                raise UsageError(
-                    f"{path}: the {side} sentencepiece model has {size} pieces but the model's "
-                    f"{side} embedding has {weight.shape[0]} rows: tokenizer and weights do not "
-                    f"belong together"
-                )
-        try:
-            model = build_model_for(cfg.model, tokenizer)
-            model.load_state_dict(state)
-        except (RuntimeError, ValueError) as e:
-            msg = str(e).strip().splitlines()
-            raise UsageError(
-                f"{path}: weights do not match the model its config describes "
-                f"({' '.join(msg[:3])[:300]})"
-            ) from None
-        if dev.type == "cuda" and dtype != torch.float32:
-            # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
-            # under autocast so that softmaxes run in float32: no per-step weight casts or
-            # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
-            model = model.to(dtype)
-        return cls(model, tokenizer, cfg, dev, dtype)
+        members = [load_model(path, dev, dtype) for path in paths]
+        check_members(members)
+        first = members[0]
+        model = first.model if len(members) == 1 else Ensemble([m.model for m in members])
+        return cls(model, first.tokenizer, first.cfg, dev, dtype)
 
     # ------------------------------------------------------------------ settings
     def search_settings(self, n_best: int | None = 1, **overrides) -> search.SearchSettings:
@@ -160,12 +239,16 @@ class Translator:
         return pieces, truncated
 
     @torch.no_grad()
-    def run(self, lines: list[str], settings: search.SearchSettings):
+    def run(self, lines: list[str], settings: search.SearchSettings, line_ids=None):
         """Translate `lines` with checked `settings`.
 
         Returns (results, truncated): per line, the (text, score) pairs best first; and the
         (0-based index, piece count) of every line cut to `settings.max_src_len` pieces.
+        `line_ids`: each line's number in the caller's input (default 0, 1, ...); when sampling,
+        a line draws from the random stream of its number, so that its sample does not depend
+        on how the input is cut into calls (a file's chunks, a server's gathered requests).
         """
+        line_ids = range(len(lines)) if line_ids is None else line_ids
         pieces, truncated = self.encode(lines, settings.max_src_len)
         results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
         todo = [i for i, p in enumerate(pieces) if p is not None]
@@ -174,7 +257,8 @@ class Translator:
         todo.sort(key=lambda i: len(pieces[i]), reverse=True)
         for start in range(0, len(todo), settings.batch_size):
             index = todo[start : start + settings.batch_size]
-            hyps = self._search_batch([pieces[i] for i in index], settings)
+            batch_line_ids = [line_ids[i] for i in index]
+            hyps = self._search_batch([pieces[i] for i in index], settings, batch_line_ids)
             texts = iter(self.tokenizer.decode_tgt([h.tokens for sent in hyps for h in sent]))
             for i, sent_hyps in zip(index, hyps):
                 results[i] = [
@@ -182,7 +266,7 @@ class Translator:
                 ] or [("", 0.0)]
         return results, truncated
 
-    def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings):
+    def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings, line_ids):
         tok = self.tokenizer
         seqs = [p + [tok.eos_id] for p in batch_pieces]
         src_lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)  # (B,)
@@ -195,7 +279,54 @@ class Translator:
         )
         run = search_graph.runner(self.device, s.cuda_graph)
         with autocast:  # beam_size 1 is greedy search
-            return search.beam_search(self.model, src_ids, src_lens, s, run=run)
+            return search.beam_search(self.model, src_ids, src_lens, s, run=run, line_ids=line_ids)
+
+    # ------------------------------------------------------------------ forced scoring
+    def score(self, src_lines: list[str], tgt_lines: list[str], **overrides) -> list[PairScore]:
+        """Per (source, target) pair, in input order, the model's log-probability of the target
+        given the source (teacher forcing; for an ensemble, the mean of its members'). An empty
+        target is scored as eos alone; a source without pieces as eos alone (the model's input
+        for an empty line). Sources over `max_src_len` pieces are truncated with a warning;
+        targets are scored whole. `overrides`: search keys; batch_size and max_src_len are read.
+        """
+        settings = self.search_settings(1, **overrides)
+        scores, truncated = self.score_run(src_lines, tgt_lines, settings)
+        warn_truncated(truncated, "line", settings.max_src_len)
+        return scores
+
+    def score_run(self, src_lines: list[str], tgt_lines: list[str], settings):
+        """`score` with checked `settings`: (scores, truncated), as `run` gives them."""
+        if len(src_lines) != len(tgt_lines):
+            raise UsageError(
+                f"score: {len(src_lines)} source lines but {len(tgt_lines)} target lines"
+            )
+        pieces, truncated = self.encode(src_lines, settings.max_src_len)
+        src_pieces = [p or [] for p in pieces]
+        tgt_pieces = self.tokenizer.encode_tgt(tgt_lines) if tgt_lines else []
+        return self.score_pieces(src_pieces, tgt_pieces, settings.batch_size), truncated
+
+    @torch.no_grad()
+    def score_pieces(self, src_pieces, tgt_pieces, batch_size: int) -> list[PairScore]:
+        """`score` of piece ids (no bos/eos), `batch_size` pairs at a time, longest first."""
+        scores: list = [None] * len(src_pieces)
+        todo = sorted(range(len(scores)), key=lambda i: -len(src_pieces[i]) - len(tgt_pieces[i]))
+        tok = self.tokenizer
+        autocast = torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
+        for start in range(0, len(todo), batch_size):
+            index = todo[start : start + batch_size]
+            src_ids, src_lens = forced.source_batch(
+                [src_pieces[i] for i in index], tok.eos_id, tok.pad_id
+            )
+            src_ids, src_lens = src_ids.to(self.device), src_lens.to(self.device)
+            with autocast:
+                totals = forced.target_scores(
+                    self.model, src_ids, src_lens, [tgt_pieces[i] for i in index], tok
+                )
+            for i, total in zip(index, totals.tolist()):
+                scores[i] = PairScore(total, len(tgt_pieces[i]) + 1)
+        return scores
 
 
 def warn_truncated(
@@ -255,7 +386,8 @@ def translate_stream(
         if fin.isatty():  # someone typing: answer each line as it comes
             chunk_lines = 1
         for first, lines in chunks(fin, name, chunk_lines):
-            results, truncated = translator.run(lines, settings)
+            line_ids = range(first - 1, first - 1 + len(lines))  # 0-based lines of the input
+            results, truncated = translator.run(lines, settings, line_ids)
             n_warned = warn_truncated(truncated, name, settings.max_src_len, first, n_warned)
             write(_format(results, first - 1, n_best))
             if out_path is None or str(out_path) == "-":

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import build_retokenized_checkpoint
 
 from nmt import serve
 from nmt.cli import main
@@ -223,10 +224,10 @@ def test_chunked_body_over_the_limit_is_413(server, translator):
 class FailingEngine(serve.Engine):
     """The real engine, except that a search call holding the line "poison" fails."""
 
-    def translate(self, lines, settings):
+    def translate(self, lines, settings, line_ids=None):
         if "poison" in lines:
             raise RuntimeError("poisoned search call")
-        return super().translate(lines, settings)
+        return super().translate(lines, settings, line_ids)
 
 
 def test_internal_failure_is_a_500_for_that_request_only(translator, capsys):
@@ -373,8 +374,9 @@ def test_signal_finishes_requests_in_flight_then_exits_0(tiny_checkpoint, transl
 
 # ---------------------------------------------------------------------- the command line
 def test_cli_usage_errors_exit_2(tiny_checkpoint, tmp_path, capsys):
+    other = build_retokenized_checkpoint(tiny_checkpoint, tmp_path)
     cases = [
-        ([str(tiny_checkpoint), str(tiny_checkpoint)], "ensembles need"),
+        ([str(tiny_checkpoint), str(other)], "different sentencepiece models"),
         ([str(tiny_checkpoint), "--port", "70000"], "--port: must be <= 65535"),
         ([str(tiny_checkpoint), "--max-wait-ms", "-1"], "--max-wait-ms: must be >= 0"),
         ([str(tiny_checkpoint), "--max-batch-sentences", "0"], "--max-batch-sentences"),
