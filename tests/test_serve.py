@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import build_retokenized_checkpoint
+from conftest import build_retokenized_checkpoint, build_tiny_checkpoint
 
 from nmt import serve
 from nmt.cli import main
@@ -267,6 +267,23 @@ def test_requests_are_batched_only_with_equal_settings(translator, engine):
             assert answer["translations"] == [expected[LINES.index(line)]]
         _, health, _ = request(address, "GET", "/health")
     assert (health["batches"], health["sentences"], health["requests"]) == (2, 6, 6)
+
+
+def test_a_sampling_checkpoint_answers_each_request_as_if_alone(tmp_path):
+    # each request's lines are numbered from 0 for their random streams, so the three requests
+    # of one gathered batch each get the sample of their line alone, not of its batch position
+    ckpt = build_tiny_checkpoint(tmp_path, sampling="topp", topp=1.0, beam_size=1, seed=3)
+    translator = Translator.from_checkpoint(ckpt, device="cpu")
+    line = "w1 w2 the cat sat"
+    alone = translator.translate([line])
+    assert len(set(translator.translate([line] * 3))) > 1  # positions 0, 1, 2 draw differently
+    engine = serve.Engine(translator, ckpt.name)
+    with running(engine, max_batch_sentences=3, max_wait_ms=TIMEOUT * 1000) as address:
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: translate(address, [line]), range(3)))
+        _, health, _ = request(address, "GET", "/health")
+    assert health["batches"] == 1  # the three went together
+    assert [a["translations"] for a in answers] == [alone] * 3
 
 
 def _load(address, translator, clients, requests, seed=0):
