@@ -392,8 +392,12 @@ def test_signal_finishes_requests_in_flight_then_exits_0(tiny_checkpoint, transl
 # ---------------------------------------------------------------------- the command line
 def test_cli_usage_errors_exit_2(tiny_checkpoint, tmp_path, capsys):
     other = build_retokenized_checkpoint(tiny_checkpoint, tmp_path)
+    taken = socket.socket()  # a port in use: were the ensemble accepted, serving would fail too
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = str(taken.getsockname()[1])
     cases = [
-        ([str(tiny_checkpoint), str(other)], "different sentencepiece models"),
+        ([str(tiny_checkpoint), str(other), "--port", busy], "different sentencepiece models"),
         ([str(tiny_checkpoint), "--port", "70000"], "--port: must be <= 65535"),
         ([str(tiny_checkpoint), "--max-wait-ms", "-1"], "--max-wait-ms: must be >= 0"),
         ([str(tiny_checkpoint), "--max-batch-sentences", "0"], "--max-batch-sentences"),
@@ -401,10 +405,11 @@ def test_cli_usage_errors_exit_2(tiny_checkpoint, tmp_path, capsys):
         ([str(tiny_checkpoint), "--threads", "0"], "--threads"),
         ([str(tmp_path / "missing.pt")], "missing.pt"),
     ]
-    for args, words in cases:
-        assert main(["serve", *args]) == 2, args
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and words in err and "Traceback" not in err
+    with taken:
+        for args, words in cases:
+            assert main(["serve", *args]) == 2, args
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and words in err and "Traceback" not in err
 
 
 def test_port_in_use_is_a_usage_error(tiny_checkpoint, capsys):
