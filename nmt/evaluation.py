@@ -209,6 +209,11 @@ def score_pairs(
     The files must have the same number of lines (checked before any output); `chunk_lines`
     pairs are read and scored at a time. `search_kwargs`: batch_size, max_src_len. Returns the
     number of pairs."""
+    for flag, path in (("--src", src), ("--tgt", tgt)):
+        if path is None or str(path) == "-":
+            raise UsageError(
+                f"score-pairs {flag}: give a file (both are read twice: counted first)"
+            )
     n_src, n_tgt = _count_lines(src), _count_lines(tgt)
     if n_src != n_tgt:
         raise UsageError(

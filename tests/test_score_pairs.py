@@ -159,6 +159,8 @@ def test_cli_score_pairs_refuses_files_of_different_lengths(tiny_checkpoint, tmp
     err = capsys.readouterr().err
     assert f"{src} has 5 lines but {tgt} has 3" in err and err.count("error:") == 1
     assert not out.exists()
+    assert main(["score-pairs", str(tiny_checkpoint), "--src", "-", "--tgt", tgt]) == 2
+    assert "score-pairs --src: give a file" in capsys.readouterr().err
 
 
 def test_cli_score_pairs_output_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
