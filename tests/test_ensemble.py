@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from conftest import build_retokenized_checkpoint
 from helpers_models import BOS, EOS, PAD, VOCAB, random_batch, run_steps, tiny_model
 
-from nmt import checkpoint
+from nmt import checkpoint, search_graph
 from nmt.cli import main
 from nmt.config import from_dict
 from nmt.errors import UsageError
@@ -162,3 +163,20 @@ def test_members_with_other_tokenizers_are_refused(tiny_checkpoint, tmp_path, sp
         with pytest.raises(UsageError, match=message) as e:
             Translator.from_checkpoints(pair, device="cpu")
         assert str(tiny_checkpoint) in str(e.value) and str(other) in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["eager", "in_place"])
+def test_the_static_shape_search_takes_an_ensemble(mode):
+    # nmt.search_graph keeps the state as one pytree, written back leaf by leaf as a CUDA graph
+    # replay does ("in_place"): an ensemble's tuple of member states must go through it whole
+    model = _mixed()
+    src_ids, src_lens, _ = random_batch([7, 4, 9, 2, 5], [1] * 5, VOCAB, seed=4)
+    s = SearchSettings(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=1.0, max_len_b=4)
+    s = dataclasses.replace(s, beam_size=3, n_best=2, beta=0.2)
+    graph = search_graph.search(model, src_ids, src_lens, s, mode=mode)
+    loop = beam_search(model, src_ids, src_lens, s)
+    assert [[h.tokens for h in hyps] for hyps in graph] == [
+        [h.tokens for h in hyps] for hyps in loop
+    ]
+    for g, lo in zip(graph, loop):
+        assert [h.score for h in g] == pytest.approx([h.score for h in lo], abs=1e-5)
