@@ -108,8 +108,10 @@ def load_model(path: str | Path, dev: torch.device, dtype: torch.dtype) -> Loade
 
 def check_members(members: list[LoadedModel]) -> None:
     """One UsageError, naming the two files, unless every member shares the first's special ids
-    and sentencepiece model(s), byte for byte: an ensemble averages distributions over one
-    vocabulary, so the same id must mean the same piece in every member."""
+    and sentencepiece model(s), byte for byte but for the file paths their trainer recorded
+    (`Tokenizer.comparable`: two `nmt prepare` runs of the same text differ in those alone): an
+    ensemble averages distributions over one vocabulary, so the same id must mean the same
+    piece in every member, and the same text the same ids."""
     first = members[0]
     ids = _special_ids(first.tokenizer)
     for other in members[1:]:
@@ -119,11 +121,11 @@ def check_members(members: list[LoadedModel]) -> None:
                 f"{first.path} and {other.path}: different special ids (pad, unk, bos, eos): "
                 f"{ids} vs {other_ids}; an ensemble's members must share one tokenizer"
             )
-        if other.tokenizer.to_bytes() != first.tokenizer.to_bytes():
+        if other.tokenizer.comparable() != first.tokenizer.comparable():
             raise UsageError(
                 f"{first.path} and {other.path}: different sentencepiece models; an ensemble's "
-                "members must share one tokenizer byte for byte (train them on one prepared "
-                "data.dir, or prepare with `nmt prepare --tokenizer-from`)"
+                "members must share one tokenizer (train them on one prepared data.dir, on data "
+                "prepared alike from the same text, or with `nmt prepare --tokenizer-from`)"
             )
 
 
@@ -180,9 +182,9 @@ class Translator:
     def from_checkpoints(cls, paths, device: str = "auto", dtype=None) -> Translator:
         """One checkpoint, or several decoding as an ensemble (nmt.models.ensemble: the mean of
         their log-probabilities at every step). Members may be of any families; they must share
-        the sentencepiece model(s) byte for byte and so the special ids: anything else is one
-        UsageError naming the two files. The search settings and the config (`self.cfg`) are
-        the first checkpoint's."""
+        the special ids and the sentencepiece model(s), byte for byte but for the trainer's file
+        paths (`check_members`): anything else is one UsageError naming the two files. The
+        search settings and the config (`self.cfg`) are the first checkpoint's."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise UsageError("no checkpoint given")

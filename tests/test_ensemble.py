@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_retokenized_checkpoint
+from conftest import build_retokenized_checkpoint, write_parallel
 from helpers_models import BOS, EOS, PAD, VOCAB, random_batch, run_steps, tiny_model
 
 from nmt import checkpoint, search_graph
@@ -150,6 +150,27 @@ def test_cli_translate_and_evaluate_take_several_checkpoints(tiny_checkpoint, tm
         outs.append(result["bleu"]["score"])
     assert outs[0] == outs[2] and len(outs[0].split("\n")) == 5
     assert outs[1] == outs[3]
+
+
+def test_members_whose_tokenizers_differ_only_in_training_paths_are_accepted(
+    tiny_checkpoint, tmp_path
+):
+    # the tiny checkpoint's tokenizer learned again from the same text in another folder: the
+    # trainer records other paths, so the bytes differ, but every piece and rule is the same
+    ckpt = checkpoint.load(tiny_checkpoint)
+    first = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
+    src, tgt = write_parallel(tmp_path, 300, seed=1)
+    again = Tokenizer.train([src], [tgt], tmp_path / "spm", vocab_size=first.src_vocab_size)
+    assert again.to_bytes() != first.to_bytes() and again.comparable() == first.comparable()
+    path = tmp_path / "again.pt"
+    checkpoint.save(
+        path, config=ckpt["config"], model_state=ckpt["model"], tokenizer_bytes=again.to_bytes()
+    )
+    lines = ["w1 w2 the cat", "w3 dog sat on a mat"]
+    both = Translator.from_checkpoints([tiny_checkpoint, path], device="cpu")
+    assert both.translate_nbest(lines, 2) == Translator.from_checkpoint(
+        tiny_checkpoint, device="cpu"
+    ).translate_nbest(lines, 2)
 
 
 @pytest.mark.parametrize(
