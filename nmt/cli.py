@@ -140,13 +140,15 @@ def _search_keys() -> list:
     return [f for f in dataclasses.fields(config.SearchConfig) if f.name not in _CALL_OWN]
 
 
-def _search_args(p: argparse.ArgumentParser) -> None:
-    """A flag per search setting, generated from its config field as `nmt config --defaults` is:
-    --beam-size for beam_size, the field's type (bool: --x/--no-x), help and choices; unset
-    (None) keeps the checkpoint's value."""
+def _search_args(p: argparse.ArgumentParser, only: tuple = ()) -> None:
+    """A flag per search setting (those named in `only`, if given), generated from its config
+    field as `nmt config --defaults` is: --beam-size for beam_size, the field's type (bool:
+    --x/--no-x), help and choices; unset (None) keeps the checkpoint's value."""
     from nmt import config
 
     for f in _search_keys():
+        if only and f.name not in only:
+            continue
         kind = config.field_type(config.SearchConfig, f)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: the checkpoint's search.{f.name})"
@@ -162,14 +164,39 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 def _search_kwargs(args) -> dict:
     """The search settings given on the command line, {key: value}."""
-    values = {f.name: getattr(args, f.name) for f in _search_keys()}
+    values = {f.name: getattr(args, f.name, None) for f in _search_keys()}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser("translate", help="translate a file or stdin, one line in, one line out")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint file (e.g. runs/model/best.pt); several: an ensemble",
+    )
+    p.add_argument("-i", "--input", help="input file (default: stdin)")
+    p.add_argument("-o", "--output", help="output file, written atomically (default: stdout)")
+    p.add_argument("--n-best", type=int, default=1, help="hypotheses per line (<= beam size)")
+    p.add_argument(
+        "--alignments",
+        action="store_true",
+        help="write 'TRANSLATION ||| ALIGNMENT' lines: word alignments, Pharaoh i-j pairs",
+    )
+    p.add_argument(
+        "--alignments-out",
+        metavar="FILE",
+        help="write the alignments to FILE, line for line, and the translations as usual",
+    )
+    _search_args(p)
+    p.set_defaults(func=cmd_translate)
 
 
 def cmd_translate(args) -> int:
     from nmt.translator import Translator, translate_stream
 
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    translator = Translator.from_checkpoints(args.checkpoints, device=args.device)
     translate_stream(
         translator,
         args.input,
@@ -216,13 +243,25 @@ def cmd_plot_attention(args) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="translate a test set and print BLEU and chrF")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file(s)")
+    p.add_argument("--src", help="source file")
+    p.add_argument("--ref", action="append", help="reference file (repeat for several)")
+    p.add_argument("--testset", help="test set by name, e.g. multi30k:test_2016_flickr")
+    p.add_argument("-o", "--output", help="also write the translations here")
+    _search_args(p)
+    _score_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
 def cmd_evaluate(args) -> int:
     from nmt import evaluation
 
     if not args.testset and not (args.src and args.ref):
         raise UsageError("evaluate: give --testset NAME, or --src FILE and --ref FILE")
     result = evaluation.evaluate(
-        args.checkpoint,
+        args.checkpoints,
         args.src,
         args.ref or [],
         args.testset,
@@ -243,6 +282,33 @@ def cmd_score(args) -> int:
         args.hyp, args.ref, lowercase=args.lowercase, tokenize=args.tokenize
     )
     print(json.dumps(result) if args.json else evaluation.format_report(result))
+    return 0
+
+
+def _add_score_pairs(sub) -> None:
+    help_text = "the log-probability of given translations (forced decoding), one line per pair"
+    p = sub.add_parser("score-pairs", help=help_text)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint file(s)")
+    p.add_argument("--src", required=True, help="source file")
+    p.add_argument("--tgt", required=True, help="target file, line-aligned with --src")
+    p.add_argument("-o", "--output", help="output file, written atomically (default: stdout)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _search_args(p, only=("batch_size", "max_src_len"))
+    p.set_defaults(func=cmd_score_pairs)
+
+
+def cmd_score_pairs(args) -> int:
+    from nmt import evaluation
+
+    evaluation.score_pairs(
+        args.checkpoints,
+        args.src,
+        args.tgt,
+        args.output,
+        as_json=args.json,
+        device=args.device,
+        **_search_kwargs(args),
+    )
     return 0
 
 
@@ -346,33 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("translate", help="translate a file or stdin, one line in, one line out")
-    p.add_argument("checkpoint", help="checkpoint file (e.g. runs/model/best.pt)")
-    p.add_argument("-i", "--input", help="input file (default: stdin)")
-    p.add_argument("-o", "--output", help="output file, written atomically (default: stdout)")
-    p.add_argument("--n-best", type=int, default=1, help="hypotheses per line (<= beam size)")
-    p.add_argument(
-        "--alignments",
-        action="store_true",
-        help="write 'TRANSLATION ||| ALIGNMENT' lines: word alignments, Pharaoh i-j pairs",
-    )
-    p.add_argument(
-        "--alignments-out",
-        metavar="FILE",
-        help="write the alignments to FILE, line for line, and the translations as usual",
-    )
-    _search_args(p)
-    p.set_defaults(func=cmd_translate)
-
-    p = sub.add_parser("evaluate", help="translate a test set and print BLEU and chrF")
-    p.add_argument("checkpoint", help="checkpoint file")
-    p.add_argument("--src", help="source file")
-    p.add_argument("--ref", action="append", help="reference file (repeat for several)")
-    p.add_argument("--testset", help="test set by name, e.g. multi30k:test_2016_flickr")
-    p.add_argument("-o", "--output", help="also write the translations here")
-    _search_args(p)
-    _score_args(p)
-    p.set_defaults(func=cmd_evaluate)
+    _add_translate(sub)
+    _add_evaluate(sub)
+    _add_score_pairs(sub)
 
     p = sub.add_parser("average", help="average the weights of checkpoints into one file")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files, or a run folder with --last")

@@ -221,6 +221,34 @@ class SearchConfig:
         "(exact with length penalties; most sentences then run to their maximum length); "
         "false: as soon as beam_size hypotheses have finished (fairseq, OpenNMT)",
     )
+    sampling: str = opt(
+        "none",
+        "draw each output token at random instead of searching (one sample per sentence, "
+        "beam_size 1): topk from the `topk` most probable tokens, topp from the smallest set "
+        "holding `topp` of the probability (nucleus); none: beam or greedy search",
+        choices=("none", "topk", "topp"),
+    )
+    topk: int = opt(10, "sampling topk: how many of the most probable tokens a draw is from", min=1)
+    topp: float = opt(
+        0.9,
+        "sampling topp: the probability mass a draw is from, 0 < topp <= 1 (1: the whole "
+        "distribution, i.e. unrestricted sampling)",
+        min=0.0,
+        max=1.0,
+    )
+    temperature: float = opt(
+        1.0,
+        "sampling: the log-probabilities are divided by this (> 0) before topk/topp truncation "
+        "(< 1 sharper, > 1 flatter)",
+        min=0.0,
+    )
+    seed: int = opt(
+        1,
+        "sampling: random seed; a sentence's sample depends only on the seed, its 0-based line "
+        "number in the input and the model, not on its batch or the other lines",
+        min=0,
+        max=2**32 - 1,
+    )
 
 
 @dataclass
@@ -375,9 +403,21 @@ def _train_checks(t: TrainConfig) -> list[str]:
 
 
 def _search_checks(s: SearchConfig) -> list[str]:
+    problems = []
     if s.n_best > s.beam_size:
-        return [f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"]
-    return []
+        problems.append(
+            f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"
+        )
+    if s.topp <= 0.0:
+        problems.append(f"search.topp: must be in (0, 1], found {s.topp!r}")
+    if s.temperature <= 0.0:
+        problems.append(f"search.temperature: must be > 0, found {s.temperature!r}")
+    if s.sampling != "none" and s.beam_size > 1:
+        problems.append(
+            f"search.sampling: {s.sampling} sampling draws one output per sentence and needs "
+            f"search.beam_size 1 (--beam-size 1), found beam_size {s.beam_size}"
+        )
+    return problems
 
 
 _SECTION_CHECKS = {

@@ -1,9 +1,10 @@
-"""Greedy and batched beam search over the Seq2Seq contract (layer 4).
+"""Greedy and batched beam search, and sampling, over the Seq2Seq contract (layer 4).
 
 Owns: the decoding loop, hypothesis scoring (GNMT length and coverage penalties), the maximum
-output length and the n-best lists. Does not own the model (eval mode and device are the
-caller's job), tokenisation or the batching of sentences. It uses the model only through
-`encode`, `init_state`, `step`, `reorder_state` and `reorder_encoder_out` (nmt.models.base).
+output length, the n-best lists, and the sampling rule. Does not own the model (eval mode and
+device are the caller's job), tokenisation or the batching of sentences. It uses the model
+only through `encode`, `init_state`, `step`, `reorder_state` and `reorder_encoder_out`
+(nmt.models.base).
 Everything a search reads comes in one `SearchSettings`: the `search` config fields (defaults,
 help and ranges in nmt.config) plus the special ids and per-call extras. The rules that
 nmt.search_graph's static loop applies too (blocked ids, the live beam, the coverage penalty,
@@ -28,6 +29,17 @@ How the search works (fairseq-style, over batch x beam at once):
   rows, so work shrinks as sentences end.
 - Greedy search is the same loop with one hypothesis per sentence that stops at its first eos:
   `greedy_search` is `beam_search` with beam_size 1.
+
+Sampling (`search.sampling` topk or topp, beam_size 1): the same loop as greedy search, with one
+rule changed: instead of the most probable token, each step draws one from the model's
+distribution, divided by `temperature` and truncated to the `topk` most probable tokens or to
+the `topp` nucleus (Holtzman et al. 2020), renormalised (`sampling_log_probs`); bos/pad are never
+drawn and at the maximum length eos is forced, as in search. A sample's score is the model's own
+log-probability of it (no temperature, no truncation) with the length and coverage penalties, so
+`nmt score-pairs` gives the same number. Each sentence draws from its own stream: step t's
+uniform number is a hash of (seed, the sentence's line id, t) (`uniforms`), so a sample depends
+on the seed, the line id and the model only: not on the batch size, the other sentences or the
+order they are decoded in. nmt.search_graph does not sample: this loop always runs.
 
 Documented choices:
 - Scoring (Wu et al. 2016, eq. 14): score = log P(Y|X) / lp(Y) + cp(X; Y) with
@@ -113,22 +125,29 @@ class Hypothesis:
 
 # ---------------------------------------------------------------------- entry points
 @torch.no_grad()
-def beam_search(model, src_ids, src_lens, settings: SearchSettings, *, run=None):
+def beam_search(model, src_ids, src_lens, settings: SearchSettings, *, run=None, line_ids=None):
     """Batched beam search of (src_ids (B, S), src_lens (B,)): `settings.n_best` hypotheses per
-    sentence (best first), in input order; beam_size 1 is greedy search.
+    sentence (best first), in input order; beam_size 1 is greedy search, and with
+    `settings.sampling` one sample per sentence (see "Sampling" in the module docstring).
 
     `run`: another implementation of the loop, called as run(model, src_ids, src_lens,
     settings) and giving the same results, e.g. nmt.search_graph.search (static shapes, one
-    CUDA graph per step). None: this module's loop."""
+    CUDA graph per step). None: this module's loop, which sampling always uses.
+    `line_ids` (B,): the number of each sentence's random stream when sampling (its 0-based
+    line in the caller's input); None: 0..B-1. Read only when sampling."""
+    if settings.sampling != "none":
+        return _search(model, src_ids, src_lens, settings, line_ids)
     return (run or _search)(model, src_ids, src_lens, settings)
 
 
 def greedy_search(model, src_ids, src_lens, settings: SearchSettings, *, run=None):
-    """The most probable token at each step: `beam_search` with beam_size = n_best = 1.
+    """The most probable token at each step: `beam_search` with beam_size = n_best = 1 and no
+    sampling.
 
     alpha and beta only change the reported score (the choice of tokens does not depend on
     them)."""
-    return beam_search(model, src_ids, src_lens, replace(settings, beam_size=1, n_best=1), run=run)
+    greedy = replace(settings, beam_size=1, n_best=1, sampling="none")
+    return beam_search(model, src_ids, src_lens, greedy, run=run)
 
 
 # ---------------------------------------------------------------------- shared pure functions
@@ -217,6 +236,104 @@ def sentences_done(
     return (max_lens <= t) | ~torch.isfinite(best_live) | full  # (n,)
 
 
+# ---------------------------------------------------------------------- sampling
+# A candidate rule of the same loop (beam_size 1): the draw replaces the top-k. Each sentence has
+# its own random stream: a counter-based generator hashes (seed, line id, step) into one
+# uniform number, so a draw depends on nothing else (not the batch, not the other lines, not the
+# device's generator state), and nothing is kept between steps.
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 0 <= x < 2**32 and a 32-bit constant c, in two 16-bit halves
+    so that no product overflows int64."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser (Appleby): every input bit flips each output bit with
+    probability ~1/2."""
+    h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
+    h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniforms(seed: int, line_ids: torch.Tensor, t: int) -> torch.Tensor:
+    """One uniform number in [0, 1) (float64, 53 random bits) per line id (n,) for step t: a
+    pure function of (seed, line id, t)."""
+    h = _mix32(torch.full_like(line_ids, seed & _M32) ^ 0x9E3779B9)  # (n,)
+    for word in (line_ids & _M32, (line_ids >> 32) & _M32, torch.full_like(line_ids, t & _M32)):
+        h = _mix32(h ^ word)
+    low = _mix32(h ^ 0x7F4A7C15)  # a second word for the low bits
+    bits = (h << 21) | (low >> 11)  # (n,) 53 bits
+    return bits.double() / float(2**53)
+
+
+def sampling_log_probs(log_probs: torch.Tensor, s: SearchSettings) -> torch.Tensor:
+    """The distribution a draw is from (n, V), as float32 log-probs with -inf outside it: the
+    model's `log_probs` divided by s.temperature and renormalised, then truncated to the
+    s.topk most probable ids (sampling "topk") or to the smallest set of most probable ids
+    holding s.topp of the tempered probability (sampling "topp"; the most probable id is always
+    in it), and renormalised. Ids that are -inf in `log_probs` stay out."""
+    tempered = torch.log_softmax(log_probs.float() / s.temperature, dim=-1)  # (n, V)
+    if s.sampling == "topk":
+        k = min(s.topk, tempered.size(-1))
+        kth = tempered.topk(k, dim=-1).values[:, -1:]  # (n, 1)
+        keep = tempered >= kth  # ties at the k-th value all stay
+    elif s.topp < 1.0:
+        sorted_lp, order = tempered.sort(dim=-1, descending=True)  # (n, V)
+        probs = sorted_lp.double().exp()  # (n, V)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the ids ranked above each
+        keep = torch.empty_like(order, dtype=torch.bool).scatter_(1, order, before < s.topp)
+    else:  # topp 1: the whole distribution
+        return tempered
+    return torch.log_softmax(tempered.masked_fill(~keep, -math.inf), dim=-1)  # (n, V)
+
+
+def draw(dist_log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The id (n,) each row's uniform number u (n,) selects from its distribution (n, V) by the
+    inverse of its cumulative distribution (in id order, float64): id i is drawn with
+    probability p_i, an id of probability 0 never (a row without any gives an arbitrary id)."""
+    probs = torch.nan_to_num(dist_log_probs.double().exp(), nan=0.0)  # (n, V)
+    cdf = probs.cumsum(dim=-1)  # (n, V)
+    target = (u * cdf[:, -1]).unsqueeze(1)  # (n, 1), below the row's total
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(1)  # first id with cdf > target
+    return ids.clamp(max=probs.size(1) - 1)  # (n,)
+
+
+def sampled_candidates(log_probs, cum_log_probs, blocked, at_max, u, s: SearchSettings):
+    """The sampling rule of the loop, for one row per sentence (n, V): the drawn id as the one
+    candidate, scored with the model's own log-prob (the plain one: temperature and truncation
+    shape the draw, not the score), beside a dead second candidate, in `_top_candidates`' form
+    ((n, 2) scores, beams, ids). `blocked` ids are never drawn; rows `at_max` (n,) draw eos."""
+    allowed = log_probs.float()  # (n, V)
+    if blocked is not None:
+        allowed = allowed.index_fill(1, blocked, -math.inf)
+    if at_max is not None:
+        only_eos = torch.full_like(allowed, -math.inf)
+        only_eos[:, s.eos_id] = allowed[:, s.eos_id]
+        allowed = torch.where(at_max[:, None], only_eos, allowed)  # (n, V)
+    dist = sampling_log_probs(allowed, s)  # (n, V)
+    ids = draw(dist, u)[:, None]  # (n, 1)
+    drawable = torch.isfinite(dist.gather(1, ids)).squeeze(1)  # (n,) False: nothing to draw
+    scores = allowed.gather(1, ids).squeeze(1) + cum_log_probs.view(-1)  # (n,)
+    scores, ids = scores.masked_fill(~drawable, -math.inf), ids.squeeze(1)  # (n,), (n,)
+    dead = torch.full_like(scores, -math.inf)
+    cand_scores = torch.stack([scores, dead], dim=1)  # (n, 2)
+    cand_tokens = torch.stack([ids, torch.zeros_like(ids)], dim=1)  # (n, 2)
+    return cand_scores, torch.zeros_like(cand_tokens), cand_tokens
+
+
+def _streams(line_ids, n: int, device) -> torch.Tensor:
+    """Each sentence's stream number (n,) int64: `line_ids`, or 0..n-1."""
+    if line_ids is None:
+        return torch.arange(n, device=device)
+    line_ids = torch.as_tensor(line_ids, dtype=torch.long, device=device)
+    if line_ids.shape != (n,) or bool((line_ids < 0).any()):
+        raise ValueError(f"search: expected {n} line ids >= 0, found {line_ids.tolist()}")
+    return line_ids
+
+
 # ---------------------------------------------------------------------- the loop
 @dataclass
 class _Active:
@@ -246,7 +363,7 @@ class _Rows:
     attn_history: torch.Tensor | None = None  # (n*K, t, S), when return_attn
 
 
-def _search(model, src_ids, src_lens, s: SearchSettings) -> list[list[Hypothesis]]:
+def _search(model, src_ids, src_lens, s: SearchSettings, line_ids=None):
     if src_ids.dim() != 2 or src_lens.shape != (src_ids.size(0),):
         raise ValueError(
             f"search: expected src_ids (B, S) and src_lens (B,), found "
@@ -257,15 +374,22 @@ def _search(model, src_ids, src_lens, s: SearchSettings) -> list[list[Hypothesis
     if not finished:
         return finished
     blocked = blocked_ids(s, src_ids.device)
+    streams = _streams(line_ids, src_ids.size(0), src_ids.device)  # (B,)
     act, rows = _start(model, src_ids, src_lens, s)
     min_max_len = int(act.max_lens.min())  # no row needs the eos-only mask before this step
     for t in itertools.count():
         log_probs, state, attn = model.step(rows.tgt_ids_t, rows.state, rows.enc)
         at_max = (act.max_lens == t).repeat_interleave(k) if t >= min_max_len else None
         n = rows.cum_log_probs.size(0)
-        cand_scores, cand_beams, cand_tokens = _top_candidates(
-            log_probs, rows.cum_log_probs, n, k, blocked, s.eos_id, at_max
-        )  # (n, 2K) each
+        if s.sampling == "none":
+            cand_scores, cand_beams, cand_tokens = _top_candidates(
+                log_probs, rows.cum_log_probs, n, k, blocked, s.eos_id, at_max
+            )  # (n, 2K) each
+        else:  # one row per sentence (beam_size 1); its own stream's draw for step t
+            u = uniforms(s.seed, streams[act.sent_ids], t)  # (n,)
+            cand_scores, cand_beams, cand_tokens = sampled_candidates(
+                log_probs, rows.cum_log_probs, blocked, at_max, u, s
+            )  # (n, 2) each
         attn = _track_attention(rows, attn, s)  # (n*K, S)
         is_eos = ends_in_eos(cand_scores, cand_tokens, s.eos_id)  # (n, 2K)
         _finish(finished, act, rows, (cand_scores, cand_beams, is_eos), attn, t, s)

@@ -13,8 +13,9 @@ Results equal nmt.search's: the same candidate scores and the same tie rules. Fi
 the kept hypotheses and the new ones (in rank order) with one stable sort, which keeps exactly
 what nmt.search's one-by-one insertion keeps. On the CPU the same step runs eagerly; the tests
 compare it with nmt.search there, and tests/test_gpu.py compares the graphs on a GPU. Not
-supported (nmt.search's loop runs instead): `return_attn`. The price of static shapes: rows of
-finished sentences are computed until the next shrink (at most half of the batch).
+supported (nmt.search's loop runs instead): `return_attn`, sampling. The price of static
+shapes: rows of finished sentences are computed until the next shrink (at most half of the
+batch).
 Does not own: the settings (nmt.search.SearchSettings) and the rules it shares with nmt.search
 (blocked ids, live beam, coverage penalty, done rule, output limits, length penalties): it calls
 nmt.search's pure functions for them.
@@ -81,7 +82,7 @@ def search(model, src_ids, src_lens, cfg: SearchSettings, mode: str | None = Non
     device, n, k = src_ids.device, src_ids.size(0), cfg.beam_size
     if n == 0:
         return []
-    if cfg.return_attn:  # attention histories have a growing shape: nmt.search keeps them
+    if cfg.return_attn or cfg.sampling != "none":  # growing attention histories; sampling
         return _search(model, src_ids, src_lens, cfg)
     src_lens = src_lens.to(device)
     max_len = int(output_limits(src_lens, cfg)[0].max())

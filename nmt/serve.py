@@ -85,27 +85,25 @@ def _web():
 def load_translator(
     paths: list[str], device: str = "auto", dtype: str | None = None, threads: int | None = None
 ) -> Translator:
-    """The server's model: one checkpoint today; `dtype` one of _DTYPES, None = the default."""
-    if len(paths) != 1:
-        raise UsageError(
-            f"{len(paths)} checkpoints given: ensembles need ensemble decoding, which this "
-            "build does not have; give one checkpoint"
-        )
+    """The server's model: one checkpoint, or several as an ensemble
+    (`Translator.from_checkpoints`); `dtype` one of _DTYPES, None = the default."""
     if dtype is not None and dtype not in _DTYPES:
         raise UsageError(f"--dtype {dtype}: this build offers {', '.join(_DTYPES)}")
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads: expected an integer >= 1, found {threads}")
         torch.set_num_threads(threads)
-    return Translator.from_checkpoint(paths[0], device=device, dtype=_DTYPES.get(dtype))
+    return Translator.from_checkpoints(paths, device=device, dtype=_DTYPES.get(dtype))
 
 
 class Engine:
     """The one adapter between the server and the Translator: every call into it is here.
 
     `settings(fields)` checks a request's search settings with the translator's own checks (a
-    UsageError names the field); `translate(lines, settings)` is one call of the batched search
-    (per line the (text, score) pairs best first, and the truncated lines' (index, pieces)).
+    UsageError names the field); `translate(lines, settings, line_ids)` is one call of the
+    batched search (per line the (text, score) pairs best first, and the truncated lines'
+    (index, pieces)); `line_ids` number each line within its own request, so that a sampling
+    checkpoint's answers do not depend on the batching either.
     """
 
     def __init__(self, translator: Translator, name: str):
@@ -117,8 +115,8 @@ class Engine:
         n_best = fields.pop("n_best", 1)
         return self.translator.search_settings(n_best, **fields)
 
-    def translate(self, lines: list[str], settings: SearchConfig):
-        return self.translator.run(lines, settings)
+    def translate(self, lines: list[str], settings: SearchConfig, line_ids=None):
+        return self.translator.run(lines, settings, line_ids)
 
     def describe(self) -> dict:
         t = self.translator
@@ -229,8 +227,9 @@ class Batcher:
 
     async def _run(self, batch: list[_Job]) -> None:
         lines = [line for job in batch for line in job.lines]
+        line_ids = [i for job in batch for i in range(len(job.lines))]  # within each request
         loop = asyncio.get_running_loop()
-        call = functools.partial(self._engine.translate, lines, batch[0].settings)
+        call = functools.partial(self._engine.translate, lines, batch[0].settings, line_ids)
         try:
             results, truncated = await loop.run_in_executor(self._worker, call)
         except Exception as e:

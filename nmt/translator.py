@@ -1,9 +1,12 @@
 """Translation with a trained checkpoint: the Python inference API and `nmt translate`.
 
-Owns: rebuilding the model and tokenizer from one checkpoint file; turning raw lines into source
-batches (sorted by length, over-long lines truncated with a warning, empty lines answered without
-the model); greedy or beam search through `nmt.search`; restoring input order; streaming a file or
-stdin to a file or stdout, one line out per line in, whatever the bytes inside a line are.
+Owns: rebuilding the model and tokenizer from one checkpoint file, or an ensemble from several
+(`from_checkpoints`: one loader per file, members checked to share one tokenizer); turning raw
+lines into source batches (sorted by length, over-long lines truncated with a warning, empty lines
+answered without the model); greedy or beam search, or sampling, through `nmt.search` (each line
+numbered for its random stream); forced scoring of given translations (`score`, through
+`nmt.forced`); restoring input order; streaming a file or stdin to a file or stdout, one line out
+per line in, whatever the bytes inside a line are.
 Does not own the search (nmt.search), the model (nmt.models) or the file format (nmt.checkpoint).
 
 Lines are read by the rule of nmt.textio (a line ends at "\\n" or "\\r\\n"; a lone "\\r" stays
@@ -33,14 +36,16 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from nmt import alignment, checkpoint, search, search_graph
+from nmt import alignment, checkpoint, forced, search, search_graph
 from nmt.config import Config, from_dict, override_section
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.errors import UsageError
 from nmt.models import build_model_for
+from nmt.models.ensemble import Ensemble
 from nmt.textio import chunks, open_input, open_output
 from nmt.tokenizer import Tokenizer
 
@@ -60,6 +65,94 @@ def _resolve_inference_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype in ("auto", "fp32", "bf16", "fp16"):
         return resolve_dtype(dtype, device)
     raise UsageError(f"dtype {dtype!r}: expected auto, fp32, bf16 or fp16")
+
+
+@dataclass
+class LoadedModel:
+    """One checkpoint file made ready for inference (`load_model`)."""
+
+    path: str
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    cfg: Config
+
+
+def load_model(path: str | Path, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model, tokenizer and config of one checkpoint file, on no device yet (the Translator
+    moves it) but in the precision inference runs in; every way the file can be unusable is one
+    UsageError naming it. Each member of an ensemble is loaded by this alone."""
+    ckpt = checkpoint.load(path)
+    cfg = from_dict(ckpt["config"], source=f"{path} (config)")
+    try:
+        tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None
+    state = ckpt["model"]
+    sides = (
+        ("source", "encoder.embed.weight", tokenizer.src_vocab_size),
+        ("target", "decoder.embed.weight", tokenizer.tgt_vocab_size),
+    )
+    for side, key, size in sides:
+        weight = state.get(key)
+        if weight is not None and weight.shape[0] != size:
+            raise UsageError(
+                f"{path}: the {side} sentencepiece model has {size} pieces but the model's "
+                f"{side} embedding has {weight.shape[0]} rows: tokenizer and weights do not "
+                f"belong together"
+            )
+    try:
+        model = build_model_for(cfg.model, tokenizer)
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        msg = str(e).strip().splitlines()
+        raise UsageError(
+            f"{path}: weights do not match the model its config describes "
+            f"({' '.join(msg[:3])[:300]})"
+        ) from None
+    if dev.type == "cuda" and dtype != torch.float32:
+        # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
+        # under autocast so that softmaxes run in float32: no per-step weight casts or
+        # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
+        model = model.to(dtype)
+    return LoadedModel(str(path), model, tokenizer, cfg)
+
+
+def check_members(members: list[LoadedModel]) -> None:
+    """One UsageError, naming the two files, unless every member shares the first's special ids
+    and sentencepiece model(s), byte for byte but for the file paths their trainer recorded
+    (`Tokenizer.comparable`: two `nmt prepare` runs of the same text differ in those alone): an
+    ensemble averages distributions over one vocabulary, so the same id must mean the same
+    piece in every member, and the same text the same ids."""
+    first = members[0]
+    ids = _special_ids(first.tokenizer)
+    for other in members[1:]:
+        other_ids = _special_ids(other.tokenizer)
+        if other_ids != ids:
+            raise UsageError(
+                f"{first.path} and {other.path}: different special ids (pad, unk, bos, eos): "
+                f"{ids} vs {other_ids}; an ensemble's members must share one tokenizer"
+            )
+        if other.tokenizer.comparable() != first.tokenizer.comparable():
+            raise UsageError(
+                f"{first.path} and {other.path}: different sentencepiece models; an ensemble's "
+                "members must share one tokenizer (train them on one prepared data.dir, on data "
+                "prepared alike from the same text, or with `nmt prepare --tokenizer-from`)"
+            )
+
+
+def _special_ids(tok: Tokenizer) -> tuple[int, int, int, int]:
+    return tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id
+
+
+class PairScore(NamedTuple):
+    """A target's score given its source (`Translator.score`)."""
+
+    log_prob: float  # log P(target | source): the sum over its pieces and the final eos
+    pieces: int  # the pieces scored, the eos included (>= 1)
+
+    @property
+    def per_piece(self) -> float:
+        return self.log_prob / self.pieces
 
 
 @dataclass
@@ -84,7 +177,11 @@ class Translator:
     `n_best` best (text, score) pairs per line. Search settings default to the checkpoint's
     `search` section; any of its keys (nmt.config.SearchConfig: beam_size, alpha, ...) can be
     overridden per call as a keyword, None keeping the checkpoint's value. `n_best` is the
-    exception: it is the call's own (1 unless asked), whatever the checkpoint says.
+    exception: it is the call's own (1 unless asked), whatever the checkpoint says. Sampling is
+    such a keyword too: `translate(lines, sampling="topp", topp=0.9, beam_size=1, seed=7)`, line
+    i drawing from the stream (seed, i). `score(src_lines, tgt_lines)` gives each given
+    target's log-probability. The model is one checkpoint's or an ensemble's
+    (`from_checkpoints`).
     """
 
     def __init__(
@@ -105,42 +202,25 @@ class Translator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype=None) -> Translator:
         """Load a checkpoint file; every way it can be unusable is one UsageError naming it."""
+        return cls.from_checkpoints([path], device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoints(cls, paths, device: str = "auto", dtype=None) -> Translator:
+        """One checkpoint, or several decoding as an ensemble (nmt.models.ensemble: the mean of
+        their log-probabilities at every step). Members may be of any families; they must share
+        the special ids and the sentencepiece model(s), byte for byte but for the trainer's file
+        paths (`check_members`): anything else is one UsageError naming the two files. The
+        search settings and the config (`self.cfg`) are the first checkpoint's."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise UsageError("no checkpoint given")
         dev = resolve_device(device)
         dtype = _resolve_inference_dtype(dtype, dev)
-        ckpt = checkpoint.load(path)
-        cfg = from_dict(ckpt["config"], source=f"{path} (config)")
-        try:
-            tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
-            raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None
-        state = ckpt["model"]
-        sides = (
-            ("source", "encoder.embed.weight", tokenizer.src_vocab_size),
-            ("target", "decoder.embed.weight", tokenizer.tgt_vocab_size),
-        )
-        for side, key, size in sides:
-            weight = state.get(key)
-            if weight is not None and weight.shape[0] != size:
-                raise UsageError(
-                    f"{path}: the {side} sentencepiece model has {size} pieces but the model's "
-                    f"{side} embedding has {weight.shape[0]} rows: tokenizer and weights do not "
-                    f"belong together"
-                )
-        try:
-            model = build_model_for(cfg.model, tokenizer)
-            model.load_state_dict(state)
-        except (RuntimeError, ValueError) as e:
-            msg = str(e).strip().splitlines()
-            raise UsageError(
-                f"{path}: weights do not match the model its config describes "
-                f"({' '.join(msg[:3])[:300]})"
-            ) from None
-        if dev.type == "cuda" and dtype != torch.float32:
-            # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
-            # under autocast so that softmaxes run in float32: no per-step weight casts or
-            # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
-            model = model.to(dtype)
-        return cls(model, tokenizer, cfg, dev, dtype)
+        members = [load_model(path, dev, dtype) for path in paths]
+        check_members(members)
+        first = members[0]
+        model = first.model if len(members) == 1 else Ensemble([m.model for m in members])
+        return cls(model, first.tokenizer, first.cfg, dev, dtype)
 
     # ------------------------------------------------------------------ settings
     def search_settings(self, n_best: int | None = 1, **overrides) -> search.SearchSettings:
@@ -194,13 +274,16 @@ class Translator:
         return pieces, truncated
 
     @torch.no_grad()
-    def run(self, lines: list[str], settings: search.SearchSettings):
+    def run(self, lines: list[str], settings: search.SearchSettings, line_ids=None):
         """Translate `lines` with checked `settings`.
 
         Returns (results, truncated): per line, the (text, score) pairs best first; and the
         (0-based index, piece count) of every line cut to `settings.max_src_len` pieces.
+        `line_ids`: each line's number in the caller's input (default 0, 1, ...); when sampling,
+        a line draws from the random stream of its number, so that its sample does not depend
+        on how the input is cut into calls (a file's chunks, a server's gathered requests).
         """
-        _, hyps, truncated = self.search_lines(lines, settings)
+        _, hyps, truncated = self.search_lines(lines, settings, line_ids)
         results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
         found = [i for i, sent_hyps in enumerate(hyps) if sent_hyps]
         texts = iter(self.tokenizer.decode_tgt([h.tokens for i in found for h in hyps[i]]))
@@ -209,10 +292,11 @@ class Translator:
         return results, truncated
 
     @torch.no_grad()
-    def search_lines(self, lines: list[str], settings: search.SearchSettings):
+    def search_lines(self, lines: list[str], settings: search.SearchSettings, line_ids=None):
         """Search `lines` with checked `settings`: (pieces, hyps, truncated), where pieces[i] are
         line i's source piece ids and hyps[i] its hypotheses, best first (both None for a line
         with nothing to translate), and truncated is as `run` gives it."""
+        line_ids = range(len(lines)) if line_ids is None else line_ids
         pieces, truncated = self.encode(lines, settings.max_src_len)
         hyps: list[list[search.Hypothesis] | None] = [None] * len(lines)
         todo = [i for i, p in enumerate(pieces) if p is not None]
@@ -221,16 +305,17 @@ class Translator:
         todo.sort(key=lambda i: len(pieces[i]), reverse=True)
         for start in range(0, len(todo), settings.batch_size):
             index = todo[start : start + settings.batch_size]
-            batch_hyps = self._search_batch([pieces[i] for i in index], settings)
+            batch_ids = [line_ids[i] for i in index]
+            batch_hyps = self._search_batch([pieces[i] for i in index], settings, batch_ids)
             for i, sent_hyps in zip(index, batch_hyps):
                 hyps[i] = sent_hyps
         return pieces, hyps, truncated
 
-    def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings):
+    def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings, line_ids):
         src_ids, src_lens = self._padded([p + [self.tokenizer.eos_id] for p in batch_pieces])
         run = search_graph.runner(self.device, s.cuda_graph)
         with self._autocast():  # beam_size 1 is greedy search
-            return search.beam_search(self.model, src_ids, src_lens, s, run=run)
+            return search.beam_search(self.model, src_ids, src_lens, s, run=run, line_ids=line_ids)
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L) right-padded with pad_id, lens (B,)) on the model's device."""
@@ -245,13 +330,57 @@ class Translator:
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         )
 
+    # ------------------------------------------------------------------ forced scoring
+    def score(self, src_lines: list[str], tgt_lines: list[str], **overrides) -> list[PairScore]:
+        """Per (source, target) pair, in input order, the model's log-probability of the target
+        given the source (teacher forcing; for an ensemble, the mean of its members'). An empty
+        target is scored as eos alone; a source without pieces as eos alone (the model's input
+        for an empty line). Sources over `max_src_len` pieces are truncated with a warning;
+        targets are scored whole. `overrides`: search keys; batch_size and max_src_len are read.
+        """
+        settings = self.search_settings(1, **overrides)
+        scores, truncated = self.score_run(src_lines, tgt_lines, settings)
+        warn_truncated(truncated, "line", settings.max_src_len)
+        return scores
+
+    def score_run(self, src_lines: list[str], tgt_lines: list[str], settings):
+        """`score` with checked `settings`: (scores, truncated), as `run` gives them."""
+        if len(src_lines) != len(tgt_lines):
+            raise UsageError(
+                f"score: {len(src_lines)} source lines but {len(tgt_lines)} target lines"
+            )
+        pieces, truncated = self.encode(src_lines, settings.max_src_len)
+        src_pieces = [p or [] for p in pieces]
+        tgt_pieces = self.tokenizer.encode_tgt(tgt_lines) if tgt_lines else []
+        return self.score_pieces(src_pieces, tgt_pieces, settings.batch_size), truncated
+
+    @torch.no_grad()
+    def score_pieces(self, src_pieces, tgt_pieces, batch_size: int) -> list[PairScore]:
+        """`score` of piece ids (no bos/eos), `batch_size` pairs at a time, longest first."""
+        scores: list = [None] * len(src_pieces)
+        todo = sorted(range(len(scores)), key=lambda i: -len(src_pieces[i]) - len(tgt_pieces[i]))
+        tok = self.tokenizer
+        for start in range(0, len(todo), batch_size):
+            index = todo[start : start + batch_size]
+            src_ids, src_lens = forced.source_batch(
+                [src_pieces[i] for i in index], tok.eos_id, tok.pad_id
+            )
+            src_ids, src_lens = src_ids.to(self.device), src_lens.to(self.device)
+            with self._autocast():
+                totals = forced.target_scores(
+                    self.model, src_ids, src_lens, [tgt_pieces[i] for i in index], tok
+                )
+            for i, total in zip(index, totals.tolist()):
+                scores[i] = PairScore(total, len(tgt_pieces[i]) + 1)
+        return scores
+
     # ------------------------------------------------------------------ attention
     @torch.no_grad()
-    def run_attention(self, lines: list[str], settings: search.SearchSettings):
+    def run_attention(self, lines: list[str], settings: search.SearchSettings, line_ids=None):
         """`run`'s search, then a `Translation` of each line's best hypothesis.
 
         Returns (translations, truncated), truncated as `run` gives it."""
-        pieces, hyps, truncated = self.search_lines(lines, settings)
+        pieces, hyps, truncated = self.search_lines(lines, settings, line_ids)
         empty = torch.zeros(0, 0)
         out = [Translation("", 0.0, [], [], empty, []) for _ in lines]
         todo = sorted((i for i, h in enumerate(hyps) if h), key=lambda i: -len(pieces[i]))
@@ -371,7 +500,8 @@ def translate_stream(
         if fin.isatty():  # someone typing: answer each line as it comes
             chunk_lines = 1
         for first, lines in chunks(fin, name, chunk_lines):
-            results, truncated, links = _run_chunk(translator, lines, settings, aligned)
+            line_ids = range(first - 1, first - 1 + len(lines))  # 0-based lines of the input
+            results, truncated, links = _run_chunk(translator, lines, settings, aligned, line_ids)
             n_warned = warn_truncated(truncated, name, settings.max_src_len, first, n_warned)
             write(_format(results, first - 1, n_best, None if write_links else links))
             if write_links:
@@ -390,11 +520,11 @@ def _same_output(a: str | None, b: str | None) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _run_chunk(translator: Translator, lines, settings, aligned: bool):
+def _run_chunk(translator: Translator, lines, settings, aligned: bool, line_ids):
     """(results, truncated) as `Translator.run` gives them, and the alignment text of each line
     (None unless `aligned`)."""
     if not aligned:
-        return (*translator.run(lines, settings), None)
-    translations, truncated = translator.run_attention(lines, settings)
+        return (*translator.run(lines, settings, line_ids), None)
+    translations, truncated = translator.run_attention(lines, settings, line_ids)
     results = [[(t.text, t.score)] for t in translations]
     return results, truncated, [alignment.to_text(t.alignment) for t in translations]

@@ -64,6 +64,35 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     return path
 
 
+def build_retokenized_checkpoint(tiny_path, folder, special_ids=(0, 1, 2, 3)):
+    """`folder/retokenized.pt`: the tiny checkpoint's config and weights with another
+    sentencepiece model of the same size, learned from other text, with `special_ids` (pad, unk,
+    bos, eos). It loads and translates alone; an ensemble with the tiny checkpoint is refused."""
+    import sentencepiece as spm
+
+    from nmt import checkpoint
+
+    ckpt = checkpoint.load(tiny_path)
+    src_path, tgt_path = write_parallel(folder, 300, seed=5)
+    pad, unk, bos, eos = special_ids
+    spm.SentencePieceTrainer.train(
+        input=[str(src_path), str(tgt_path)],
+        model_prefix=str(folder / "retokenized"),
+        vocab_size=ckpt["model"]["encoder.embed.weight"].shape[0],
+        model_type="bpe",
+        **dict(pad_id=pad, unk_id=unk, bos_id=bos, eos_id=eos, minloglevel=2),
+    )
+    path = folder / "retokenized.pt"
+    model_bytes = (folder / "retokenized.model").read_bytes()
+    checkpoint.save(
+        path,
+        config=ckpt["config"],
+        model_state=ckpt["model"],
+        tokenizer_bytes={"joint": model_bytes},
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a real, randomly initialised tiny GNMT checkpoint (joint vocab of ~100 pieces)."""

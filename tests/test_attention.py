@@ -120,11 +120,11 @@ def test_both_outputs_are_atomic(translator, tmp_path, monkeypatch):
     real = Translator.run_attention
     calls = []
 
-    def failing(self, lines, settings):
+    def failing(self, lines, settings, line_ids=None):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("simulated failure mid-way")
-        return real(self, lines, settings)
+        return real(self, lines, settings, line_ids)
 
     monkeypatch.setattr(Translator, "run_attention", failing)
     with pytest.raises(RuntimeError, match="mid-way"):

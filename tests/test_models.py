@@ -1,7 +1,8 @@
 """The Seq2Seq contract, tested for every family in FAMILIES and every encoder/decoder mix
 (a new family gets these for free).
 
-- incremental decoding (`step` T times) gives the log-softmax of teacher-forced `forward`;
+- incremental decoding (`step` T times) gives the log-softmax of teacher-forced `forward`, and
+  `target_log_probs` (forced scoring) picks the same log-probs;
 - padding invariance: a sentence's outputs do not depend on its batch-mates;
 - `reorder_state` / `reorder_encoder_out` with a permutation and with repeated rows give the same
   step outputs as building the reordered batch from scratch;
@@ -68,6 +69,13 @@ def test_step_equals_forward(family, variant):
     log_probs, attn = run_steps(model, src_ids, src_lens, tgt_in_ids)
     assert log_probs.shape == expected.shape == (4, 8, VOCAB)
     torch.testing.assert_close(log_probs, expected, atol=ATOL, rtol=0)
+    # forced scoring's teacher-forced log-prob of each next token is the step's
+    tgt_out_ids = torch.randint(
+        4, VOCAB, tgt_in_ids.shape, generator=torch.Generator().manual_seed(0)
+    )
+    got = model.target_log_probs(src_ids, src_lens, tgt_in_ids, tgt_out_ids)  # (B, T)
+    chosen = log_probs.gather(2, tgt_out_ids.unsqueeze(2)).squeeze(2)  # (B, T)
+    torch.testing.assert_close(got, chosen, atol=ATOL, rtol=0)
     # attention is a distribution over the real source positions only
     src_mask = torch.arange(src_ids.size(1))[None, :] < src_lens[:, None]  # (B, S)
     assert attn.shape == (4, 8, src_ids.size(1))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_retokenized_checkpoint
 from helpers_training import WORDS, prepare_tiny, tiny, write_corpus
 
 from nmt import checkpoint, corpora
@@ -249,6 +250,55 @@ def _recipe_override_after_a_list_option(tmp, ckpt):
     return [*argv, "train.lr=fast"], "train.lr: expected float, found str 'fast'"
 
 
+def _ensemble_of_other_tokenizers(tmp, ckpt):
+    other = build_retokenized_checkpoint(ckpt, tmp)
+    argv = ["translate", str(ckpt), str(other), "-i", str(_input(tmp))]
+    return argv, f"{ckpt} and {other}: different sentencepiece models"
+
+
+def _ensemble_of_other_special_ids(tmp, ckpt):
+    other = build_retokenized_checkpoint(ckpt, tmp, special_ids=(0, 1, 3, 2))
+    argv = ["evaluate", str(ckpt), str(other), "--src", str(_input(tmp)), "--ref", str(_input(tmp))]
+    return argv, rf"{ckpt} and {other}: different special ids \(pad, unk, bos, eos\)"
+
+
+def _score_pairs_of_different_lengths(tmp, ckpt):
+    (tmp / "s.en").write_text("one\ntwo\nthree\n")
+    (tmp / "t.de").write_text("eins\nzwei\n")
+    argv = ["score-pairs", str(ckpt), "--src", str(tmp / "s.en"), "--tgt", str(tmp / "t.de")]
+    return argv, r"s.en has 3 lines but .*t.de has 2: score-pairs needs line-aligned"
+
+
+def _sampling_with_a_beam(tmp, ckpt):
+    argv = _translate(tmp, ckpt, "--sampling", "topk", "--beam-size", "4")
+    return argv, "search.sampling: topk sampling draws one output per sentence and needs"
+
+
+def _topp_zero(tmp, ckpt):
+    argv = _translate(tmp, ckpt, "--sampling", "topp", "--beam-size", "1", "--topp", "0")
+    return argv, r"search.topp: must be in \(0, 1\], found 0.0"
+
+
+def _topp_over_one(tmp, ckpt):
+    argv = _translate(tmp, ckpt, "--sampling", "topp", "--beam-size", "1", "--topp", "1.5")
+    return argv, "search.topp: must be <= 1.0, found 1.5"
+
+
+def _temperature_zero(tmp, ckpt):
+    argv = _translate(tmp, ckpt, "--sampling", "topk", "--beam-size", "1", "--temperature", "0")
+    return argv, "search.temperature: must be > 0, found 0.0"
+
+
+def _topk_zero(tmp, ckpt):
+    argv = _translate(tmp, ckpt, "--sampling", "topk", "--beam-size", "1", "--topk", "0")
+    return argv, "search.topk: must be >= 1, found 0"
+
+
+def _input(tmp):
+    (tmp / "in.txt").write_text("w1 w2\n")
+    return tmp / "in.txt"
+
+
 def _data(tmp, src, tgt):
     return [
         f"data.train_src={tmp / src}",
@@ -298,6 +348,14 @@ BAD_INPUTS = [
     # ---- The commands and flags being added beside issue 24 put their cases here, one
     # function above and one line here each: score-pairs, ensembles (several checkpoints),
     # sampling flags, --dtype, --alignments, plot, train --init-from.
+    _ensemble_of_other_tokenizers,
+    _ensemble_of_other_special_ids,
+    _score_pairs_of_different_lengths,
+    _sampling_with_a_beam,
+    _topp_zero,
+    _topp_over_one,
+    _temperature_zero,
+    _topk_zero,
 ]
 
 

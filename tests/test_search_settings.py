@@ -21,6 +21,9 @@ from nmt.translator import Translator
 
 FIELDS = dataclasses.fields(SearchConfig)
 OWN_FLAG = {"n_best": "--n-best"}  # `nmt translate --n-best`: the call's own, not the checkpoint's
+# the settings a value of one key needs beside it, by a cross check of nmt.config (the one
+# place a key cannot change alone): sampling draws one output per sentence, so beam_size 1
+COMPANIONS = {"sampling": {"beam_size": 1}}
 
 
 def _kind(f: dataclasses.Field):
@@ -35,7 +38,9 @@ def _other_value(f: dataclasses.Field):
     if meta["choices"]:
         return next(c for c in meta["choices"] if c != f.default)
     value = _kind(f)(f.default + 1)
-    return value if meta["max"] is None or value <= meta["max"] else _kind(f)(meta["min"])
+    if meta["max"] is None or value <= meta["max"]:
+        return value
+    return _kind(f)((meta["min"] + meta["max"]) / 2)  # inside the range, ends excluded
 
 
 def _bad_values(f: dataclasses.Field) -> list[tuple[object, str]]:
@@ -98,11 +103,12 @@ def test_n_best_is_a_flag_of_translate_only(tiny_checkpoint):
 def test_every_key_is_a_translator_override(f, translator):
     value = _other_value(f)
     assert getattr(translator.cfg.search, f.name) != value
-    settings = translator.search_settings(**{f.name: value})
+    changes = {f.name: value, **COMPANIONS.get(f.name, {})}
+    settings = translator.search_settings(**changes)
     assert getattr(settings, f.name) == value
-    others = [g.name for g in FIELDS if g.name not in (f.name, "n_best")]
+    others = [g.name for g in FIELDS if g.name not in (*changes, "n_best")]
     assert all(getattr(settings, k) == getattr(translator.cfg.search, k) for k in others)
-    assert len(translator.translate(["w1 w2", "the cat"], **{f.name: value})) == 2
+    assert len(translator.translate(["w1 w2", "the cat"], **changes)) == 2
 
 
 @pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import build_retokenized_checkpoint, build_tiny_checkpoint
 
 from nmt import serve
 from nmt.cli import main
@@ -223,10 +224,10 @@ def test_chunked_body_over_the_limit_is_413(server, translator):
 class FailingEngine(serve.Engine):
     """The real engine, except that a search call holding the line "poison" fails."""
 
-    def translate(self, lines, settings):
+    def translate(self, lines, settings, line_ids=None):
         if "poison" in lines:
             raise RuntimeError("poisoned search call")
-        return super().translate(lines, settings)
+        return super().translate(lines, settings, line_ids)
 
 
 def test_internal_failure_is_a_500_for_that_request_only(translator, capsys):
@@ -266,6 +267,23 @@ def test_requests_are_batched_only_with_equal_settings(translator, engine):
             assert answer["translations"] == [expected[LINES.index(line)]]
         _, health, _ = request(address, "GET", "/health")
     assert (health["batches"], health["sentences"], health["requests"]) == (2, 6, 6)
+
+
+def test_a_sampling_checkpoint_answers_each_request_as_if_alone(tmp_path):
+    # each request's lines are numbered from 0 for their random streams, so the three requests
+    # of one gathered batch each get the sample of their line alone, not of its batch position
+    ckpt = build_tiny_checkpoint(tmp_path, sampling="topp", topp=1.0, beam_size=1, seed=3)
+    translator = Translator.from_checkpoint(ckpt, device="cpu")
+    line = "w1 w2 the cat sat"
+    alone = translator.translate([line])
+    assert len(set(translator.translate([line] * 3))) > 1  # positions 0, 1, 2 draw differently
+    engine = serve.Engine(translator, ckpt.name)
+    with running(engine, max_batch_sentences=3, max_wait_ms=TIMEOUT * 1000) as address:
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: translate(address, [line]), range(3)))
+        _, health, _ = request(address, "GET", "/health")
+    assert health["batches"] == 1  # the three went together
+    assert [a["translations"] for a in answers] == [alone] * 3
 
 
 def _load(address, translator, clients, requests, seed=0):
@@ -373,8 +391,13 @@ def test_signal_finishes_requests_in_flight_then_exits_0(tiny_checkpoint, transl
 
 # ---------------------------------------------------------------------- the command line
 def test_cli_usage_errors_exit_2(tiny_checkpoint, tmp_path, capsys):
+    other = build_retokenized_checkpoint(tiny_checkpoint, tmp_path)
+    taken = socket.socket()  # a port in use: were the ensemble accepted, serving would fail too
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = str(taken.getsockname()[1])
     cases = [
-        ([str(tiny_checkpoint), str(tiny_checkpoint)], "ensembles need"),
+        ([str(tiny_checkpoint), str(other), "--port", busy], "different sentencepiece models"),
         ([str(tiny_checkpoint), "--port", "70000"], "--port: must be <= 65535"),
         ([str(tiny_checkpoint), "--max-wait-ms", "-1"], "--max-wait-ms: must be >= 0"),
         ([str(tiny_checkpoint), "--max-batch-sentences", "0"], "--max-batch-sentences"),
@@ -382,10 +405,11 @@ def test_cli_usage_errors_exit_2(tiny_checkpoint, tmp_path, capsys):
         ([str(tiny_checkpoint), "--threads", "0"], "--threads"),
         ([str(tmp_path / "missing.pt")], "missing.pt"),
     ]
-    for args, words in cases:
-        assert main(["serve", *args]) == 2, args
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and words in err and "Traceback" not in err
+    with taken:
+        for args, words in cases:
+            assert main(["serve", *args]) == 2, args
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and words in err and "Traceback" not in err
 
 
 def test_port_in_use_is_a_usage_error(tiny_checkpoint, capsys):

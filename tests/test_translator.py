@@ -173,11 +173,11 @@ def test_output_is_atomic_when_translation_fails(translator, tmp_path, monkeypat
     calls = []
     real_run = Translator.run
 
-    def failing_run(self, lines, settings):
+    def failing_run(self, lines, settings, line_ids=None):
         calls.append(len(lines))
         if len(calls) == 3:
             raise RuntimeError("simulated failure mid-way")
-        return real_run(self, lines, settings)
+        return real_run(self, lines, settings, line_ids)
 
     monkeypatch.setattr(Translator, "run", failing_run)
     with pytest.raises(RuntimeError, match="mid-way"):
