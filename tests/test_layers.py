@@ -25,6 +25,7 @@ LAYERS = {
     "nmt.models.attention": 3,
     "nmt.models.gnmt": 3,
     "nmt.models.tcn": 3,
+    "nmt.models.inference": 3,
     "nmt.search": 4,
     "nmt.search_graph": 4.5,
     "nmt.checkpoint": 5,

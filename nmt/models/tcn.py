@@ -72,15 +72,19 @@ class _Embedding(nn.Module):
         return self.dropout(self.word_dropout(embed(ids)) + self.pos_scale * pos)  # (..., E)
 
 
-def _last_column(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
+def _last_column(conv: nn.Module, window: torch.Tensor) -> torch.Tensor:
     """The one output of `conv` over window (B, C_in, (k-1)d + 1) -> (B, C_out, 1).
 
     Gathers the k dilated taps and runs one matrix product: several times faster on CPU than
-    a dilated conv call over the window, and the same sum up to float rounding.
+    a dilated conv call over the window, and the same sum up to float rounding. A reduced-
+    precision stand-in for the conv (nmt.models.inference.ConvColumns) runs its own product.
     """
     taps = window[:, :, :: conv.dilation[0]]  # (B, C_in, k)
+    taps = taps.reshape(taps.size(0), -1)  # (B, C_in * k)
+    if not isinstance(conv, nn.Conv1d):
+        return conv.column(taps).unsqueeze(2)  # (B, C_out, 1)
     weight = conv.weight  # (C_out, C_in, k); weight norm recomputes it here
-    out = F.linear(taps.reshape(taps.size(0), -1), weight.reshape(weight.size(0), -1), conv.bias)
+    out = F.linear(taps, weight.reshape(weight.size(0), -1), conv.bias)  # (B, C_out)
     return out.unsqueeze(2)  # (B, C_out, 1)
 
 
