@@ -161,18 +161,46 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def _search_kwargs(args) -> dict:
-    """The search settings given on the command line, {key: value}."""
+    """The search settings given on the command line, {key: value}, load-time ones included
+    (`_load_kwargs` splits them off)."""
     values = {f.name: getattr(args, f.name) for f in _search_keys()}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _load_kwargs(kwargs: dict) -> dict:
+    """Take the load-time settings (search.dtype, search.threads) out of `kwargs`: they go to
+    `Translator.from_checkpoint`, the rest to each call."""
+    from nmt.config import load_time_keys
+
+    return {k: kwargs.pop(k) for k in load_time_keys() if k in kwargs}
+
+
+def _load_time_args(p: argparse.ArgumentParser) -> None:
+    """The load-time search flags alone (--dtype, --threads), generated as `_search_args`'."""
+    from nmt import config
+
+    for f in dataclasses.fields(config.SearchConfig):
+        if f.metadata["load_time"]:
+            kind = config.field_type(config.SearchConfig, f)
+            help_text = f"{f.metadata['help']} (default: the checkpoint's search.{f.name})"
+            flag = "--" + f.name.replace("_", "-")
+            p.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
+
+
+def _print_precision(translator) -> None:
+    print(f"precision: {translator.precision_note}", file=sys.stderr, flush=True)
 
 
 def cmd_translate(args) -> int:
     from nmt.translator import Translator, translate_stream
 
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    translate_stream(
-        translator, args.input, args.output, n_best=args.n_best, **_search_kwargs(args)
+    kwargs = _search_kwargs(args)
+    translator = Translator.from_checkpoint(
+        args.checkpoint, device=args.device, **_load_kwargs(kwargs)
     )
+    translator.search_settings(args.n_best, **kwargs)  # a bad setting: its error comes first
+    _print_precision(translator)
+    translate_stream(translator, args.input, args.output, n_best=args.n_best, **kwargs)
     return 0
 
 
@@ -192,6 +220,7 @@ def cmd_evaluate(args) -> int:
         device=args.device,
         **_search_kwargs(args),
     )
+    print(f"precision: {result['precision_note']}", file=sys.stderr, flush=True)
     print(json.dumps(result) if args.json else evaluation.format_report(result))
     return 0
 
@@ -245,12 +274,7 @@ def _add_serve(sub) -> None:
         help_text = f"{f.metadata['help']} (default: {f.default})"
         p.add_argument(flag, type=kind, default=f.default, help=help_text)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "int8"),
-        help="inference precision (default: float32)",
-    )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    _load_time_args(p)
 
 
 def cmd_serve(args) -> int:

@@ -151,6 +151,8 @@ class Trainer:
         self.dist = dist or Distributed.single(resolve_device(t.device))
         self.device = self.dist.device
         self.dtype = resolve_dtype(t.precision, self.device)
+        if t.precision == "auto" and self.dist.enabled:  # each rank's probe: rank 0's choice
+            self.dtype = self.dist.broadcast(self.dtype)
         if t.threads:
             torch.set_num_threads(t.threads)
         if not (t.max_epochs or t.max_steps or t.max_minutes):

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from nmt import checkpoint, search, search_graph
-from nmt.config import Config, from_dict, override_section
-from nmt.devices import check_autocast, resolve_device, resolve_dtype
+from nmt.config import Config, from_dict, load_time_keys, override_section
+from nmt.devices import TORCH_DTYPES, check_autocast, inference_precision, resolve_device
 from nmt.errors import UsageError
 from nmt.models import build_model_for
+from nmt.models.inference import reduce_decoder
 from nmt.textio import chunks, open_input, open_output
 from nmt.tokenizer import Tokenizer
 
@@ -40,14 +41,44 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _resolve_inference_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in ("auto", "fp32", "bf16", "fp16"):
-        return resolve_dtype(dtype, device)
-    raise UsageError(f"dtype {dtype!r}: expected auto, fp32, bf16 or fp16")
+# The words Translator.from_checkpoint(dtype=) took before search.dtype existed, kept as aliases.
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+
+def _load_time_search(cfg: Config, dtype, threads, source: str) -> Config:
+    """`cfg` with the load-time search settings given (None: keep the checkpoint's) applied and
+    checked; the old dtype words (fp32, bf16, fp16, torch dtypes) are read as their names."""
+    changes = {}
+    if dtype is not None:
+        changes["dtype"] = _DTYPE_ALIASES.get(dtype, dtype)
+    if threads is not None:
+        changes["threads"] = threads
+    if changes:
+        cfg.search = override_section(cfg.search, "search", changes, source)
+    return cfg
+
+
+def prepare_model(model: torch.nn.Module, precision: str, device: torch.device):
+    """A loaded `model`, in eval mode on `device`, made ready to decode in `precision`.
+
+    CUDA bfloat16/float16: weights in that precision too (as NVIDIA's GNMT translate.py
+    does), still under autocast so that softmaxes run in float32: no per-step weight casts or
+    cuDNN repacking (benchmarks/README.md, "Search and translation"). CPU int8: the decoder's
+    step products become int8 (nmt.models.inference). CPU bfloat16: bf16 weights, the decoder
+    steps as bf16 cell functions, under autocast."""
+    model = model.to(device).eval()
+    if precision != "float32" and (device.type == "cuda" or precision == "bfloat16"):
+        model = model.to(TORCH_DTYPES[precision])
+    if device.type == "cpu" and precision in ("int8", "bfloat16"):
+        reduce_decoder(model, precision)
+    return model
 
 
 class Translator:
@@ -57,7 +88,13 @@ class Translator:
     `n_best` best (text, score) pairs per line. Search settings default to the checkpoint's
     `search` section; any of its keys (nmt.config.SearchConfig: beam_size, alpha, ...) can be
     overridden per call as a keyword, None keeping the checkpoint's value. `n_best` is the
-    exception: it is the call's own (1 unless asked), whatever the checkpoint says.
+    exception: it is the call's own (1 unless asked), whatever the checkpoint says. The
+    load-time settings (search.dtype, search.threads) are taken by `from_checkpoint` and
+    refused per call.
+
+    `precision` names what the model computes in ("float32", "bfloat16", "int8", "float16");
+    `precision_note` says how it was chosen (with the probe's figures for auto); `dtype` is
+    the autocast dtype of the search (float32: no autocast).
     """
 
     def __init__(
@@ -67,21 +104,33 @@ class Translator:
         cfg: Config,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        precision: str | None = None,
+        precision_note: str = "",
     ):
-        check_autocast(model, device, dtype, "dtype")
+        check_autocast(model, device, dtype, "search.dtype")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
+        self.precision = precision or str(dtype).removeprefix("torch.")
+        self.precision_note = precision_note or self.precision
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype=None) -> Translator:
-        """Load a checkpoint file; every way it can be unusable is one UsageError naming it."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", dtype=None, threads: int | None = None
+    ) -> Translator:
+        """Load a checkpoint file; every way it can be unusable is one UsageError naming it.
+
+        `dtype` and `threads`: search.dtype and search.threads (None: the checkpoint's). A
+        thread count other than 0 is set for the whole process (torch.set_num_threads)."""
         dev = resolve_device(device)
-        dtype = _resolve_inference_dtype(dtype, dev)
         ckpt = checkpoint.load(path)
         cfg = from_dict(ckpt["config"], source=f"{path} (config)")
+        cfg = _load_time_search(cfg, dtype, threads, f"{path} (loading)")
+        if cfg.search.threads:
+            torch.set_num_threads(cfg.search.threads)
+        precision, note = inference_precision(cfg.search.dtype, dev)
         try:
             tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_bytes(ckpt))
         except (RuntimeError, OSError, ValueError, KeyError) as e:
@@ -108,19 +157,24 @@ class Translator:
                 f"{path}: weights do not match the model its config describes "
                 f"({' '.join(msg[:3])[:300]})"
             ) from None
-        if dev.type == "cuda" and dtype != torch.float32:
-            # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
-            # under autocast so that softmaxes run in float32: no per-step weight casts or
-            # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
-            model = model.to(dtype)
-        return cls(model, tokenizer, cfg, dev, dtype)
+        dtype = TORCH_DTYPES[precision]
+        model = prepare_model(model, precision, dev)
+        return cls(model, tokenizer, cfg, dev, dtype, precision, note)
 
     # ------------------------------------------------------------------ settings
     def search_settings(self, n_best: int | None = 1, **overrides) -> search.SearchSettings:
         """The checkpoint's search settings with `overrides` (search keys; None = keep) and
         `n_best` (None = 1) applied, checked by nmt.config: one UsageError listing every
-        problem."""
+        problem. The load-time settings (search.dtype, search.threads) are refused here."""
         changes = {k: v for k, v in overrides.items() if v is not None}
+        load_time = [k for k in changes if k in load_time_keys()]
+        if load_time:
+            keys = ", ".join(f"search.{k}" for k in load_time)
+            raise UsageError(
+                f"{keys}: read when the model is loaded, not per call: give "
+                f"{', '.join(f'{k}=' for k in load_time)} to Translator.from_checkpoint "
+                f"(the flags {', '.join('--' + k for k in load_time)} of nmt translate)"
+            )
         changes["n_best"] = 1 if n_best is None else n_best
         cfg = override_section(self.cfg.search, "search", changes)
         return search.SearchSettings.from_config(cfg, self.tokenizer)
