@@ -290,6 +290,34 @@ def cmd_serve(args) -> int:
     return serve.serve(args.checkpoints, cfg, args.device, args.dtype, args.threads)
 
 
+def _add_shortlist(sub) -> None:
+    p = sub.add_parser(
+        "shortlist",
+        help="learn the vocabulary shortlist table (search.shortlist) into a checkpoint",
+    )
+    p.set_defaults(func=cmd_shortlist)
+    p.add_argument("checkpoint", help="checkpoint file")
+    p.add_argument("--data-dir", help="a prepared data folder with the checkpoint's tokenizer")
+    p.add_argument("--src", help="or: a source text file (encoded with the checkpoint's pieces)")
+    p.add_argument("--tgt", help="and its line-aligned target text file")
+    p.add_argument("-o", "--output", required=True, help="checkpoint written (atomically)")
+
+
+def cmd_shortlist(args) -> int:
+    from nmt import shortlist
+
+    if bool(args.data_dir) == bool(args.src or args.tgt) or bool(args.src) != bool(args.tgt):
+        raise UsageError("shortlist: give --data-dir DIR, or --src FILE and --tgt FILE")
+    info = shortlist.add_to_checkpoint(
+        args.checkpoint, args.output, data_dir=args.data_dir, src=args.src, tgt=args.tgt
+    )
+    print(
+        f"shortlist learned from {info['pairs']} pairs ({info['table_width']} target pieces "
+        f"per source piece) -> {args.output}"
+    )
+    return 0
+
+
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (-lc)")
     p.add_argument(
@@ -361,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     _add_serve(sub)
+    _add_shortlist(sub)
     return parser
 
 

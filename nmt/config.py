@@ -233,6 +233,17 @@ class SearchConfig:
         "(exact with length penalties; most sentences then run to their maximum length); "
         "false: as soon as beam_size hypotheses have finished (fairseq, OpenNMT)",
     )
+    shortlist: int = opt(
+        0,
+        "vocabulary shortlist (Marian's lexical shortlist): per batch, the output layer scores "
+        "only the K best target pieces of each source piece in the checkpoint's table (learned "
+        "when training starts, or added by `nmt shortlist`), the shortlist_frequent most "
+        "frequent target pieces and the special ids; 0 = every piece",
+        min=0,
+    )
+    shortlist_frequent: int = opt(
+        100, "with shortlist: the N most frequent target pieces, always scored", min=0
+    )
     dtype: str = opt(
         "auto",
         "inference precision, chosen when the model is loaded: auto (on a CPU the fastest of "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from nmt import checkpoint, search, search_graph
+from nmt import checkpoint, search, search_graph, shortlist
 from nmt.config import Config, from_dict, load_time_keys, override_section
 from nmt.devices import TORCH_DTYPES, check_autocast, inference_precision, resolve_device
 from nmt.errors import UsageError
@@ -81,6 +81,12 @@ def prepare_model(model: torch.nn.Module, precision: str, device: torch.device):
     return model
 
 
+def search_autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast a search in `dtype` runs under: none for float32 (and int8, whose products
+    are explicit), else `dtype` (softmaxes and log-softmaxes stay float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 class Translator:
     """A model, its tokenizer and its search defaults, ready to translate lists of lines.
 
@@ -106,6 +112,7 @@ class Translator:
         dtype: torch.dtype = torch.float32,
         precision: str | None = None,
         precision_note: str = "",
+        shortlist_table: dict | None = None,
     ):
         check_autocast(model, device, dtype, "search.dtype")
         self.model = model.to(device).eval()
@@ -115,6 +122,9 @@ class Translator:
         self.dtype = dtype
         self.precision = precision or str(dtype).removeprefix("torch.")
         self.precision_note = precision_note or self.precision
+        self.shortlist = None  # the checkpoint's shortlist tables, on `device`
+        if shortlist_table is not None:
+            self.shortlist = {k: v.to(device) for k, v in shortlist_table.items()}
 
     @classmethod
     def from_checkpoint(
@@ -159,7 +169,8 @@ class Translator:
             ) from None
         dtype = TORCH_DTYPES[precision]
         model = prepare_model(model, precision, dev)
-        return cls(model, tokenizer, cfg, dev, dtype, precision, note)
+        table = shortlist.check(ckpt.get("shortlist"), str(path))
+        return cls(model, tokenizer, cfg, dev, dtype, precision, note, table)
 
     # ------------------------------------------------------------------ settings
     def search_settings(self, n_best: int | None = 1, **overrides) -> search.SearchSettings:
@@ -177,7 +188,20 @@ class Translator:
             )
         changes["n_best"] = 1 if n_best is None else n_best
         cfg = override_section(self.cfg.search, "search", changes)
+        self._check_shortlist(cfg.shortlist)
         return search.SearchSettings.from_config(cfg, self.tokenizer)
+
+    def _check_shortlist(self, k: int) -> None:
+        if k and self.shortlist is None:
+            raise UsageError(
+                f"search.shortlist={k}: this checkpoint has no shortlist table; add one with "
+                "`nmt shortlist CKPT --data-dir DIR -o OUT` (training writes one)"
+            )
+        if k > (0 if self.shortlist is None else self.shortlist["table"].size(1)):
+            raise UsageError(
+                f"search.shortlist={k}: the checkpoint's table holds "
+                f"{self.shortlist['table'].size(1)} target pieces per source piece"
+            )
 
     # ------------------------------------------------------------------ public API
     def translate(self, lines: list[str], **overrides) -> list[str]:
@@ -244,12 +268,20 @@ class Translator:
         for row, q in enumerate(seqs):
             src_ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)  # (B, S)
         src_ids, src_lens = src_ids.to(self.device), src_lens.to(self.device)
-        autocast = torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        )
         run = search_graph.runner(self.device, s.cuda_graph)
-        with autocast:  # beam_size 1 is greedy search
-            return search.beam_search(self.model, src_ids, src_lens, s, run=run)
+        model, space = self.model, None
+        if s.shortlist:
+            special = (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id)
+            space = shortlist.select(
+                self.shortlist, src_ids, s.shortlist, s.shortlist_frequent, special
+            )
+            model, s = self.model.shortlisted(space.ids), space.settings(s)
+        with search_autocast(self.device, self.dtype):  # beam_size 1 is greedy search
+            hyps = search.beam_search(model, src_ids, src_lens, s, run=run)
+        if space is not None:  # back from positions in the shortlist to the model's ids
+            for h in (h for sent in hyps for h in sent):
+                h.tokens = space.tokens(h.tokens)
+        return hyps
 
 
 def warn_truncated(

@@ -296,11 +296,11 @@ class TCNDecoder(nn.Module):
         context = torch.bmm(attn, enc.keys)  # (B, T, C)
         return h + self.contexts[level](context), attn
 
-    def _output(self, h: torch.Tensor) -> torch.Tensor:
+    def _output(self, h: torch.Tensor, project=None) -> torch.Tensor:
         h = self.dropout(h)
         if self.bottleneck is not None:
             h = self.bottleneck(h)  # (..., E)
-        return self.out(h)  # (..., V)
+        return (project or self.out)(h)  # (..., V)
 
     def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
         """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the blocks)."""
@@ -327,8 +327,9 @@ class TCNDecoder(nn.Module):
         pos = torch.zeros(batch, dtype=torch.long, device=enc.memory.device)
         return {"pos": pos, "caches": caches}
 
-    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
-        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S))."""
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut, project=None):
+        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S)); `project`: the
+        output projection to use (None: `self.out`; a shortlist's rows, V of them)."""
         x = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
         h = x.unsqueeze(2)  # (B, E, 1)
         caches = []
@@ -339,7 +340,7 @@ class TCNDecoder(nn.Module):
             h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, 1, C), (B, 1, S)
             attn_sum = attn_sum + attn
             h = h.transpose(1, 2)  # (B, C, 1)
-        logits = self._output(h.squeeze(2))  # (B, V)
+        logits = self._output(h.squeeze(2), project)  # (B, V)
         attn = (attn_sum / len(self.blocks)).squeeze(1)  # (B, S)
         return logits, {"pos": state["pos"] + 1, "caches": caches}, attn
 
