@@ -75,13 +75,15 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def inference_precision(name: str, device: torch.device, key: str = "search.dtype"):
+def inference_precision(
+    name: str, device: torch.device, key: str = "search.dtype", offers: dict | None = None
+):
     """`search.dtype` `name` on `device` -> (precision, how it was chosen: one line).
 
     On a CPU, auto is the probe's fastest of CPU_PRECISIONS; bfloat16 and int8 are checked
     against what this CPU offers. On CUDA, auto is bfloat16 (float16 before Ampere) as for
     training; int8 is CPU-only. A combination this machine cannot run is one UsageError
-    naming `key`."""
+    naming `key`. `offers`: `cpu_offers()`'s answer (read from the machine when None)."""
     if device.type == "cuda":
         if name == "int8":
             raise UsageError(
@@ -101,7 +103,7 @@ def inference_precision(name: str, device: torch.device, key: str = "search.dtyp
         measured = probe()
         chosen = measured.fastest()
         return chosen, f"{chosen} (auto; {measured.describe()})"
-    offers = cpu_offers()
+    offers = cpu_offers() if offers is None else offers
     if offers.get(name):
         usable = ", ".join(["auto", *(p for p, why in offers.items() if not why)])
         raise UsageError(f"{key}={name}: {offers[name]}; this machine offers {usable}")
@@ -227,14 +229,16 @@ class Probe:
     threads: int = 1
 
     def fastest(self, allowed=CPU_PRECISIONS) -> str:
-        """The offered precision in `allowed` with the most GFLOP/s, if it beats float32 by
-        SPEEDUP_NEEDED; else float32 (never one slower than float32; a tie keeps float32)."""
-        base = self.gflops["float32"]
+        """The offered precision in `allowed` to decode in: taken in CPU_PRECISIONS' order
+        (float32, bfloat16, int8), each replaces the one chosen so far only where it is at
+        least SPEEDUP_NEEDED times faster. So never one slower than float32, and a tie keeps
+        the more exact one (float32 first)."""
         best = "float32"
-        for name in allowed:
+        for name in CPU_PRECISIONS:
             rate = self.gflops.get(name)
-            if rate is not None and rate >= SPEEDUP_NEEDED * base and rate > self.gflops[best]:
-                best = name
+            if name in allowed and rate is not None:
+                if rate >= SPEEDUP_NEEDED * self.gflops[best]:
+                    best = name
         return best
 
     def describe(self) -> str:

@@ -163,6 +163,7 @@ class ConvColumns(nn.Module):
         super().__init__()
         weight = conv.weight.detach()  # (C_out, C_in, k); weight norm computes it here
         self.dilation, self.kernel_size = conv.dilation, conv.kernel_size
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.product = product(weight.reshape(weight.size(0), -1), conv.bias)
 
     def column(self, taps: torch.Tensor) -> torch.Tensor:
