@@ -162,7 +162,7 @@ def int8_linear(x: torch.Tensor, q_weight, w_scale, bias=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- what this CPU offers
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """The CPU's feature words: torch's view (cpuinfo), plus /proc/cpuinfo where it exists."""
     caps = getattr(torch.cpu, "get_capabilities", dict)()
     flags = {k for k, v in caps.items() if v is True}
@@ -207,7 +207,7 @@ def cpu_offers(flags: frozenset[str] | None = None, bf16_rnn: str | None = None)
 
     `flags` (the CPU's feature words) and `bf16_rnn` (`bf16_rnn_problem()`'s answer) are read
     from the machine when None; tests give them."""
-    flags = set(_cpu_flags() if flags is None else flags)
+    flags = set(cpu_flags() if flags is None else flags)
     bf16 = (
         "" if _native_bf16(flags) else "this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16)"
     )
