@@ -235,6 +235,14 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _add_average(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of checkpoints into one file")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files, or a run folder with --last")
+    p.add_argument("--last", type=int, help="the run folder's last N numbered checkpoints")
+    p.add_argument("-o", "--output", required=True, help="averaged checkpoint (written atomically)")
+    p.set_defaults(func=cmd_average)
+
+
 def cmd_average(args) -> int:
     from pathlib import Path
 
@@ -376,12 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _score_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("average", help="average the weights of checkpoints into one file")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files, or a run folder with --last")
-    p.add_argument("--last", type=int, help="the run folder's last N numbered checkpoints")
-    p.add_argument("-o", "--output", required=True, help="averaged checkpoint (written atomically)")
-    p.set_defaults(func=cmd_average)
-
+    _add_average(sub)
     p = sub.add_parser("score", help="score an existing hypothesis file (no model)")
     p.add_argument("hyp", help="hypothesis file")
     p.add_argument("--ref", action="append", required=True, help="reference file (repeatable)")
