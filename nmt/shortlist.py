@@ -11,11 +11,14 @@ The table: for every source piece, its TABLE_WIDTH best target pieces by the lex
 translation probability t(tgt | src) of IBM model 1 (Brown et al. 1993), learned by EM_ROUNDS
 rounds of EM on the training pairs, the source's eos standing for IBM-1's NULL word (it is in
 every sentence, so it collects the target pieces that no source piece explains); and every
-target piece ranked by its count in the training targets. At decoding (search.shortlist K > 0):
-per batch, the union of the K best of every source piece in the batch, the
-search.shortlist_frequent most frequent target pieces and the special ids (pad, unk, bos, eos).
-The output projection computes only those rows and the log-softmax runs over them, as in Marian;
-the search runs in their positions 0..n-1 and its hypotheses are mapped back.
+target piece ranked by its count in the training targets. At decoding (search.shortlist K > 0)
+a sentence may produce the K best of each of its source pieces, the search.shortlist_frequent
+most frequent target pieces and the special ids (pad, unk, bos, eos). The output projection
+computes the rows of the batch's union of those lists only, and each sentence's log-softmax runs
+over its own list (the rest of the union at -inf): Marian's shortlist is per batch, this one per
+sentence, so that a sentence's translation does not depend on its batch-mates (the batch gives
+the speed, not the result). The search runs in the union's positions 0..n-1 and its hypotheses
+are mapped back.
 
 Learning reads at most MAX_TOKEN_PAIRS (source piece, target piece) co-occurrences: on a large
 corpus, an evenly spaced subset of the sentence pairs (Multi30k's 29k pairs fit whole).
@@ -206,9 +209,11 @@ def _text_ids(src: str, tgt: str, tokenizer):
 # ---------------------------------------------------------------------- decoding
 @dataclass(frozen=True)
 class SearchSpace:
-    """A batch's target ids (`ids`, sorted): the search runs in their positions."""
+    """A batch's target ids (`ids`, sorted): the search runs in their positions; `allowed`
+    (B, n): the positions each sentence may produce (its own shortlist)."""
 
     ids: torch.Tensor  # (n,) int64, sorted, unique
+    allowed: torch.Tensor | None = None  # (B, n) bool
 
     def settings(self, s):
         """The search settings with the special ids moved to their positions in `ids`."""
@@ -227,11 +232,19 @@ class SearchSpace:
         return [ids[p] for p in positions]
 
 
-def select(shortlist: dict, src_ids: torch.Tensor, k: int, n_frequent: int, special) -> SearchSpace:
-    """The target ids a batch (src_ids (B, S)) may produce: the `k` best of each of its source
-    pieces, the `n_frequent` most frequent target pieces and the `special` ids."""
+def select(shortlist: dict, src_ids, src_lens, k: int, n_frequent: int, special) -> SearchSpace:
+    """The target ids a batch (src_ids (B, S), src_lens (B,)) may produce: per sentence, the
+    `k` best of each of its source pieces, the `n_frequent` most frequent target pieces and the
+    `special` ids; the search space is their union, `allowed` each sentence's own."""
     table, frequent = shortlist["table"], shortlist["frequent"]
-    rows = table[src_ids.unique()][:, :k].reshape(-1)  # (B_unique * k,)
-    special = torch.tensor(sorted(special), dtype=torch.long, device=table.device)
-    ids = torch.cat([rows[rows >= 0], frequent[:n_frequent], special])
-    return SearchSpace(torch.unique(ids))  # sorted
+    real = torch.arange(src_ids.size(1), device=src_ids.device) < src_lens[:, None]  # (B, S)
+    rows = table[src_ids][:, :, :k].masked_fill(~real[:, :, None], -1)  # (B, S, k)
+    common = torch.cat(
+        [frequent[:n_frequent], torch.tensor(sorted(special), device=table.device)]
+    )  # (F,)
+    ids = torch.unique(torch.cat([rows[rows >= 0], common]))  # (n,) sorted
+    allowed = torch.zeros(src_ids.size(0), ids.numel(), dtype=torch.bool, device=ids.device)
+    allowed[:, torch.searchsorted(ids, common)] = True
+    sent, _, _ = (rows >= 0).nonzero(as_tuple=True)
+    allowed[sent, torch.searchsorted(ids, rows[rows >= 0])] = True  # (B, n)
+    return SearchSpace(ids, allowed)

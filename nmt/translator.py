@@ -273,9 +273,9 @@ class Translator:
         if s.shortlist:
             special = (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id)
             space = shortlist.select(
-                self.shortlist, src_ids, s.shortlist, s.shortlist_frequent, special
+                self.shortlist, src_ids, src_lens, s.shortlist, s.shortlist_frequent, special
             )
-            model, s = self.model.shortlisted(space.ids), space.settings(s)
+            model, s = self.model.shortlisted(space.ids, space.allowed), space.settings(s)
         with search_autocast(self.device, self.dtype):  # beam_size 1 is greedy search
             hyps = search.beam_search(model, src_ids, src_lens, s, run=run)
         if space is not None:  # back from positions in the shortlist to the model's ids

@@ -26,6 +26,8 @@ LAYERS = {
     "nmt.models.gnmt": 3,
     "nmt.models.tcn": 3,
     "nmt.models.inference": 3,
+    "nmt.models.shortlisted": 3,
+    "nmt.shortlist": 5.5,
     "nmt.search": 4,
     "nmt.search_graph": 4.5,
     "nmt.checkpoint": 5,

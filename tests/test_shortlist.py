@@ -53,14 +53,18 @@ def test_ibm1_ranks_each_source_pieces_translation_first():
     assert counts[frequent].tolist() == sorted(counts.tolist(), reverse=True)
 
 
-def test_select_is_the_union_of_the_batchs_rows_the_frequent_and_the_special_ids():
+def test_select_gives_each_sentence_its_rows_the_frequent_and_the_special_ids():
     table = torch.full((10, 4), -1, dtype=torch.long)
     table[5] = torch.tensor([40, 41, 42, -1])
     table[6] = torch.tensor([42, 43, 44, 45])
+    table[7] = torch.tensor([46, 47, 48, 49])  # only at a padded position: never read
     learned = {"table": table, "frequent": torch.tensor([30, 31, 32, 33])}
-    src_ids = torch.tensor([[5, 3, 0], [6, 5, 3]])
-    space = shortlist.select(learned, src_ids, 2, 3, (PAD, UNK, BOS, EOS))
-    assert space.ids.tolist() == [0, 1, 2, 3, 30, 31, 32, 40, 41, 42, 43]
+    src_ids = torch.tensor([[5, 3, 7], [6, 5, 3]])
+    space = shortlist.select(learned, src_ids, torch.tensor([2, 3]), 2, 3, (PAD, UNK, BOS, EOS))
+    assert space.ids.tolist() == [0, 1, 2, 3, 30, 31, 32, 40, 41, 42, 43]  # the union
+    common = [0, 1, 2, 3, 30, 31, 32]
+    allowed = [[i for i, ok in zip(space.ids.tolist(), row) if ok] for row in space.allowed]
+    assert allowed == [[*common, 40, 41], [*common, 40, 41, 42, 43]]
     settings = space.settings(SearchSettings(bos_id=BOS, eos_id=EOS, pad_id=PAD))
     assert (settings.bos_id, settings.eos_id, settings.pad_id) == (2, 3, 0)
     assert space.tokens([4, 10, 3]) == [30, 43, 3]
@@ -77,7 +81,9 @@ def test_a_shortlisted_step_is_the_log_softmax_over_its_rows():
         logits, _, attn = model.decoder.step(tgt_in_ids[:, 1], model.init_state(enc), enc)
         positions = torch.searchsorted(ids, tgt_in_ids[:, 1].clamp(max=22))
         known = ids[positions] == tgt_in_ids[:, 1]
-        got, _, got_attn = restricted.step(positions, restricted.init_state(enc), enc)
+        restricted_enc = restricted.encode(src_ids, src_lens)
+        state = restricted.init_state(restricted_enc)
+        got, _, got_attn = restricted.step(positions, state, restricted_enc)
     want = torch.log_softmax(logits[:, ids], dim=-1)
     torch.testing.assert_close(got[known], want[known], atol=1e-6, rtol=0)
     assert got.shape == (2, 7)
@@ -111,6 +117,20 @@ def test_greedy_over_a_list_holding_its_output_is_the_full_greedy(tiny_checkpoin
     }
     got = translator.translate(lines, beam_size=1, shortlist=1, shortlist_frequent=vocab)
     assert got == want
+
+
+def test_a_sentences_shortlisted_translation_does_not_depend_on_its_batch(tiny_checkpoint):
+    """Each sentence searches over its own list, whatever the union its batch computes."""
+    translator = Translator.from_checkpoint(tiny_checkpoint, device="cpu", dtype="float32")
+    lines = ["the cat sat on the mat", "w1 w2 w3", "a dog w7 w8 w9 w10", "w11 mat", "w20 w21"]
+    settings = {"beam_size": 2, "shortlist": 2, "shortlist_frequent": 5}
+    together = translator.translate_nbest(lines, 2, **settings)
+    alone = [translator.translate_nbest([line], 2, **settings)[0] for line in lines]
+    for hyps, alone_hyps in zip(together, alone):  # same texts; scores to float noise
+        assert [t for t, _ in hyps] == [t for t, _ in alone_hyps]
+        assert [s for _, s in hyps] == pytest.approx([s for _, s in alone_hyps], abs=1e-4)
+    full = translator.translate_nbest(lines, 2, beam_size=2)
+    assert together != full  # the lists are short enough to change some translation
 
 
 def test_a_short_list_keeps_line_alignment_and_its_ids(tiny_checkpoint, tmp_path, capsys):

@@ -19,13 +19,12 @@ with `.embed`, called only when `model_cfg.tie_embeddings`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import gnmt, tcn
 from nmt.models.base import EncoderOut, Seq2Seq
+from nmt.models.shortlisted import Shortlisted
 
 FAMILIES = {
     "gnmt": (gnmt.GNMTEncoder, gnmt.GNMTDecoder),
@@ -60,59 +59,10 @@ class EncoderDecoder(Seq2Seq):
     def reorder_state(self, state, index):
         return self.decoder.reorder_state(state, index)
 
-    def shortlisted(self, tgt_ids: torch.Tensor) -> Shortlisted:
-        """This model scoring only the target ids `tgt_ids` (sorted, unique): see Shortlisted."""
-        return Shortlisted(self, tgt_ids)
-
-
-class _Rows(nn.Module):
-    """The rows `ids` of a linear layer: y = x W[ids]^T + b[ids]."""
-
-    def __init__(self, linear: nn.Module, ids: torch.Tensor):
-        super().__init__()
-        self.weight = linear.weight.index_select(0, ids)  # (n, H)
-        self.bias = None if linear.bias is None else linear.bias.index_select(0, ids)  # (n,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., n)
-
-
-def output_rows(linear: nn.Module, ids: torch.Tensor) -> nn.Module:
-    """The output projection `linear` restricted to its rows `ids`: an nn.Linear's weight rows,
-    or a reduced-precision stand-in's own `rows` (nmt.models.inference)."""
-    return linear.rows(ids) if hasattr(linear, "rows") else _Rows(linear, ids)
-
-
-class Shortlisted(Seq2Seq):
-    """An EncoderDecoder whose `step` scores only the target ids `tgt_ids` (n,) (a vocabulary
-    shortlist, nmt.shortlist): its output projection computes those n rows, the log-softmax
-    runs over them (as in Marian), and its token ids are positions 0..n-1 in `tgt_ids` (the
-    ids it reads back are mapped to the model's). The other calls are the model's own. With
-    `tgt_ids` = every id, its step equals the model's."""
-
-    def __init__(self, model: EncoderDecoder, tgt_ids: torch.Tensor):
-        super().__init__()
-        self.model = model
-        self.tgt_ids = tgt_ids
-        self.out = output_rows(model.decoder.out, tgt_ids)
-        self.src_vocab_size, self.tgt_vocab_size = model.src_vocab_size, tgt_ids.numel()
-
-    def encode(self, src_ids, src_lens) -> EncoderOut:
-        return self.model.encode(src_ids, src_lens)
-
-    def init_state(self, enc):
-        return self.model.init_state(enc)
-
-    def step(self, tgt_ids_t, state, enc):
-        model_ids = self.tgt_ids[tgt_ids_t]  # (B,)
-        logits, state, attn = self.model.decoder.step(model_ids, state, enc, project=self.out)
-        return torch.log_softmax(logits, dim=-1, dtype=torch.float32), state, attn  # (B, n)
-
-    def reorder_state(self, state, index):
-        return self.model.reorder_state(state, index)
-
-    def reorder_encoder_out(self, enc, index):
-        return self.model.reorder_encoder_out(enc, index)
+    def shortlisted(self, tgt_ids: torch.Tensor, allowed: torch.Tensor | None = None):
+        """This model scoring only the target ids `tgt_ids` (sorted, unique), each sentence only
+        those of its own row of `allowed` (B, n): nmt.models.shortlisted.Shortlisted."""
+        return Shortlisted(self, tgt_ids, allowed)
 
 
 def build_model(
