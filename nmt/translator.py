@@ -26,10 +26,10 @@ import torch
 
 from nmt import checkpoint, search, search_graph, shortlist
 from nmt.config import Config, from_dict, load_time_keys, override_section
-from nmt.devices import TORCH_DTYPES, check_autocast, inference_precision, resolve_device
+from nmt.devices import TORCH_DTYPES, check_autocast, inference_precision, probe, resolve_device
 from nmt.errors import UsageError
 from nmt.models import build_model_for
-from nmt.models.inference import reduce_decoder
+from nmt.models.inference import Bf16Encoder, reduce_decoder
 from nmt.textio import chunks, open_input, open_output
 from nmt.tokenizer import Tokenizer
 
@@ -65,20 +65,35 @@ def _load_time_search(cfg: Config, dtype, threads, source: str) -> Config:
     return cfg
 
 
-def prepare_model(model: torch.nn.Module, precision: str, device: torch.device):
+def prepare_model(
+    model: torch.nn.Module, precision: str, device: torch.device, bf16_encoder: bool = False
+):
     """A loaded `model`, in eval mode on `device`, made ready to decode in `precision`.
 
     CUDA bfloat16/float16: weights in that precision too (as NVIDIA's GNMT translate.py
     does), still under autocast so that softmaxes run in float32: no per-step weight casts or
     cuDNN repacking (benchmarks/README.md, "Search and translation"). CPU int8: the decoder's
-    step products become int8 (nmt.models.inference). CPU bfloat16: bf16 weights, the decoder
-    steps as bf16 cell functions, under autocast."""
+    step products become int8 (nmt.models.inference), and with `bf16_encoder` the encoder runs
+    under bf16 autocast. CPU bfloat16: bf16 weights, the decoder steps as bf16 cell functions,
+    under autocast."""
     model = model.to(device).eval()
     if precision != "float32" and (device.type == "cuda" or precision == "bfloat16"):
         model = model.to(TORCH_DTYPES[precision])
     if device.type == "cpu" and precision in ("int8", "bfloat16"):
         reduce_decoder(model, precision)
+    if device.type == "cpu" and precision == "int8" and bf16_encoder:
+        model.encoder = Bf16Encoder(model.encoder)
     return model
+
+
+def _bf16_encoder(precision: str, device: torch.device) -> bool:
+    """int8 decoding runs the encoder in bf16 where the probe finds bf16 faster than float32
+    (native bf16 and the bf16 LSTM kernel: as train.precision=auto decides)."""
+    return (
+        device.type == "cpu"
+        and precision == "int8"
+        and (probe().fastest(("float32", "bfloat16")) == "bfloat16")
+    )
 
 
 def search_autocast(device: torch.device, dtype: torch.dtype):
@@ -167,8 +182,9 @@ class Translator:
                 f"{path}: weights do not match the model its config describes "
                 f"({' '.join(msg[:3])[:300]})"
             ) from None
-        dtype = TORCH_DTYPES[precision]
-        model = prepare_model(model, precision, dev)
+        dtype, bf16_encoder = TORCH_DTYPES[precision], _bf16_encoder(precision, dev)
+        model = prepare_model(model, precision, dev, bf16_encoder)
+        note += "; encoder in bfloat16" if bf16_encoder else ""
         table = shortlist.check(ckpt.get("shortlist"), str(path))
         return cls(model, tokenizer, cfg, dev, dtype, precision, note, table)
 

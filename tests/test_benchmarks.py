@@ -104,3 +104,15 @@ def test_decode_speed_times_settings_side_by_side_with_bleu_and_the_peer(tiny_ch
         assert r["ratio_to_peer"] == round(r["sents_per_s"] / rate, 3)
     latency = [r for r in rows if r["path"] == "batch 1"]
     assert len(latency) == 4 and all(r["latency_ms_p95"] >= r["latency_ms_median"] for r in latency)
+
+
+def test_cpu_precision_times_every_offered_precision():
+    from nmt.devices import cpu_offers
+
+    cpu_precision = _load("cpu_precision")
+    figures = cpu_precision.main(["--rows", "3"])["ms_per_call"][3]
+    offered = [n for n, why in cpu_offers().items() if not why and n != "float32"]
+    layer = {"nn.LSTM float32", *(f"CellStep {n}" for n in offered)}
+    layer |= {"nn.LSTM bf16 autocast"} if "bfloat16" in offered else set()
+    assert set(figures["decoder layer step"]) == layer
+    assert set(figures["output projection 256 -> 8000"]) == {"float32", *offered}

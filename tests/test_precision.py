@@ -40,7 +40,7 @@ from nmt.devices import (
 from nmt.distributed import Distributed
 from nmt.errors import UsageError
 from nmt.models import build_model, build_model_for
-from nmt.models.inference import PRODUCTS, CellStep, ConvColumns, Int8Linear
+from nmt.models.inference import PRODUCTS, Bf16Encoder, CellStep, ConvColumns, Int8Linear
 from nmt.optimization import Updater
 from nmt.search import SearchSettings
 from nmt.tokenizer import Tokenizer
@@ -291,12 +291,23 @@ def _search(model, precision, beam: int):
 
 
 @pytest.mark.parametrize("beam", [1, 4])
-@pytest.mark.parametrize("precision", REDUCED)
-def test_int8_and_bf16_give_the_float32_output_on_95_percent_of_sentences(trained, precision, beam):
+@pytest.mark.parametrize(
+    "precision, bf16_encoder",
+    [
+        ("int8", False),
+        pytest.param("int8", True, marks=needs_bf16),
+        pytest.param("bfloat16", False, marks=needs_bf16),
+    ],
+    ids=["int8", "int8-bf16-encoder", "bfloat16"],
+)
+def test_int8_and_bf16_give_the_float32_output_on_95_percent_of_sentences(
+    trained, precision, bf16_encoder, beam
+):
     want, refs = _search(trained, "float32", beam)
     assert sum(w == r for w, r in zip(want, refs)) / len(refs) >= 0.9  # a trained model
-    reduced = prepare_model(copy.deepcopy(trained), precision, CPU)
+    reduced = prepare_model(copy.deepcopy(trained), precision, CPU, bf16_encoder)
     assert not any(isinstance(m, nn.LSTM) for m in reduced.decoder.modules())
+    assert isinstance(reduced.encoder, Bf16Encoder) == bf16_encoder
     got, _ = _search(reduced, precision, beam)
     same = sum(g == w for g, w in zip(got, want)) / len(want)
     assert same >= 0.95, f"{precision}: {same:.3f} of the sentences as in float32"
