@@ -156,8 +156,9 @@ def int8_linear(x: torch.Tensor, q_weight, w_scale, bias=None) -> torch.Tensor:
     x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127.0  # (M, 1)
     q_rows = torch.round(rows / x_scale).to(torch.int8)  # (M, K), |values| <= 127
     acc = torch._int_mm(q_rows, q_weight.t())  # (M, N) int32
-    out = acc * x_scale  # (M, N) float32: int32 x float promotes in one pass
-    out = out.mul_(w_scale) if bias is None else torch.addcmul(bias, out, w_scale)
+    out = (acc * x_scale).mul_(w_scale)  # (M, N) float32: int32 x float promotes in one pass
+    if bias is not None:  # in place: a large output's fresh buffer costs more than a pass
+        out.add_(bias)
     return out.view(*x.shape[:-1], q_weight.size(0))  # (..., N)
 
 

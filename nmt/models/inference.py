@@ -27,8 +27,9 @@ PyTorch keeps is the one used here; what is built on it (the cell over [x, h], t
 row selection) is ours and tested (tests/test_precision.py).
 
 bfloat16 keeps the same structure with bf16 weights and products (oneDNN: native with
-AVX512-BF16 or AMX) and the cell's state in float32: one product per cell step is faster at one
-step than nn.LSTM under autocast, at batch 640 and at batch 5 (benchmarks/README.md).
+AVX512-BF16 or AMX) and the cell's state in float32: one product per cell step is about twice
+as fast as nn.LSTM under autocast for a few rows (batch-1 beam search) and on a par at 640 rows
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
