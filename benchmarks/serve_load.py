@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_speed import machine  # noqa: E402
+from nmt.devices import inference_precision  # noqa: E402
 from nmt.textio import read_lines  # noqa: E402
 from nmt.translator import Translator, translate_stream  # noqa: E402
 
@@ -64,6 +65,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str], threading.Thre
     cmd += ["--max-wait-ms", str(args.max_wait_ms)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
     for line in proc.stderr:
@@ -135,7 +137,7 @@ def translate_speed(args, lines: list[str], settings: dict) -> tuple[float, list
     """`nmt translate`'s code on `lines` (model loading excluded): (sentences/s, outputs)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    translator = Translator.from_checkpoint(args.checkpoint, device="cpu")
+    translator = Translator.from_checkpoint(args.checkpoint, device="cpu", dtype=args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src.txt", Path(tmp) / "out.txt"
         src.write_text("".join(s + "\n" for s in lines), encoding="utf-8")
@@ -162,6 +164,13 @@ def parse_args(argv=None):
     p.add_argument("--sentences", type=int, nargs=2, default=[1, 3], help="lines per request")
     p.add_argument("--beam-size", type=int, help="sent with each request (default: checkpoint's)")
     p.add_argument("--threads", type=int, help="torch threads of the server and of translate")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        default="auto",
+        help="precision of the server and of translate (auto: chosen once, here, by the probe, "
+        "and given to both, so that their answers can be compared)",
+    )
     p.add_argument("--max-batch-sentences", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--url", help="an already running server (not stopped at the end)")
@@ -170,6 +179,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.src.is_file():
         p.error(f"--src {args.src}: no such file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype = inference_precision(args.dtype, torch.device("cpu"))[0]
     return args
 
 
@@ -214,7 +226,7 @@ def main(argv=None) -> dict:
         "machine": machine(),
         "checkpoint": str(args.checkpoint),
         "src": str(args.src),
-        "settings": {k: getattr(args, k) for k in ("beam_size", "max_batch_sentences")}
+        "settings": {k: getattr(args, k) for k in ("beam_size", "max_batch_sentences", "dtype")}
         | {"max_wait_ms": args.max_wait_ms, "sentences_per_request": args.sentences},
         "levels": [level["figures"] for level in levels],
         "translate": {

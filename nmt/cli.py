@@ -163,9 +163,34 @@ def _search_args(p: argparse.ArgumentParser, only: tuple = ()) -> None:
 
 
 def _search_kwargs(args) -> dict:
-    """The search settings given on the command line, {key: value}."""
+    """The search settings given on the command line, {key: value}, load-time ones included
+    (`_load_kwargs` splits them off)."""
     values = {f.name: getattr(args, f.name, None) for f in _search_keys()}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _load_kwargs(kwargs: dict) -> dict:
+    """Take the load-time settings (search.dtype, search.threads) out of `kwargs`: they go to
+    `Translator.from_checkpoint`, the rest to each call."""
+    from nmt.config import load_time_keys
+
+    return {k: kwargs.pop(k) for k in load_time_keys() if k in kwargs}
+
+
+def _load_time_args(p: argparse.ArgumentParser) -> None:
+    """The load-time search flags alone (--dtype, --threads), generated as `_search_args`'."""
+    from nmt import config
+
+    for f in dataclasses.fields(config.SearchConfig):
+        if f.metadata["load_time"]:
+            kind = config.field_type(config.SearchConfig, f)
+            help_text = f"{f.metadata['help']} (default: the checkpoint's search.{f.name})"
+            flag = "--" + f.name.replace("_", "-")
+            p.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
+
+
+def _print_precision(translator) -> None:
+    print(f"precision: {translator.precision_note}", file=sys.stderr, flush=True)
 
 
 def _add_translate(sub) -> None:
@@ -196,7 +221,12 @@ def _add_translate(sub) -> None:
 def cmd_translate(args) -> int:
     from nmt.translator import Translator, translate_stream
 
-    translator = Translator.from_checkpoints(args.checkpoints, device=args.device)
+    kwargs = _search_kwargs(args)
+    translator = Translator.from_checkpoints(
+        args.checkpoints, device=args.device, **_load_kwargs(kwargs)
+    )
+    translator.search_settings(args.n_best, **kwargs)  # a bad setting: its error comes first
+    _print_precision(translator)
     translate_stream(
         translator,
         args.input,
@@ -204,7 +234,7 @@ def cmd_translate(args) -> int:
         n_best=args.n_best,
         alignments=args.alignments,
         alignments_out=args.alignments_out,
-        **_search_kwargs(args),
+        **kwargs,
     )
     return 0
 
@@ -271,6 +301,7 @@ def cmd_evaluate(args) -> int:
         device=args.device,
         **_search_kwargs(args),
     )
+    print(f"precision: {result['precision_note']}", file=sys.stderr, flush=True)
     print(json.dumps(result) if args.json else evaluation.format_report(result))
     return 0
 
@@ -312,6 +343,14 @@ def cmd_score_pairs(args) -> int:
     return 0
 
 
+def _add_average(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of checkpoints into one file")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files, or a run folder with --last")
+    p.add_argument("--last", type=int, help="the run folder's last N numbered checkpoints")
+    p.add_argument("-o", "--output", required=True, help="averaged checkpoint (written atomically)")
+    p.set_defaults(func=cmd_average)
+
+
 def cmd_average(args) -> int:
     from pathlib import Path
 
@@ -351,12 +390,7 @@ def _add_serve(sub) -> None:
         help_text = f"{f.metadata['help']} (default: {f.default})"
         p.add_argument(flag, type=kind, default=f.default, help=help_text)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "int8"),
-        help="inference precision (default: float32)",
-    )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    _load_time_args(p)
 
 
 def cmd_serve(args) -> int:
@@ -370,6 +404,34 @@ def cmd_serve(args) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     return serve.serve(args.checkpoints, cfg, args.device, args.dtype, args.threads)
+
+
+def _add_shortlist(sub) -> None:
+    p = sub.add_parser(
+        "shortlist",
+        help="learn the vocabulary shortlist table (search.shortlist) into a checkpoint",
+    )
+    p.set_defaults(func=cmd_shortlist)
+    p.add_argument("checkpoint", help="checkpoint file")
+    p.add_argument("--data-dir", help="a prepared data folder with the checkpoint's tokenizer")
+    p.add_argument("--src", help="or: a source text file (encoded with the checkpoint's pieces)")
+    p.add_argument("--tgt", help="and its line-aligned target text file")
+    p.add_argument("-o", "--output", required=True, help="checkpoint written (atomically)")
+
+
+def cmd_shortlist(args) -> int:
+    from nmt import shortlist
+
+    if bool(args.data_dir) == bool(args.src or args.tgt) or bool(args.src) != bool(args.tgt):
+        raise UsageError("shortlist: give --data-dir DIR, or --src FILE and --tgt FILE")
+    info = shortlist.add_to_checkpoint(
+        args.checkpoint, args.output, data_dir=args.data_dir, src=args.src, tgt=args.tgt
+    )
+    print(
+        f"shortlist learned from {info['pairs']} pairs ({info['table_width']} target pieces "
+        f"per source piece) -> {args.output}"
+    )
+    return 0
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:
@@ -416,12 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_score_pairs(sub)
 
-    p = sub.add_parser("average", help="average the weights of checkpoints into one file")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files, or a run folder with --last")
-    p.add_argument("--last", type=int, help="the run folder's last N numbered checkpoints")
-    p.add_argument("-o", "--output", required=True, help="averaged checkpoint (written atomically)")
-    p.set_defaults(func=cmd_average)
-
+    _add_average(sub)
     p = sub.add_parser("score", help="score an existing hypothesis file (no model)")
     p.add_argument("hyp", help="hypothesis file")
     p.add_argument("--ref", action="append", required=True, help="reference file (repeatable)")
@@ -430,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
     _add_plot(sub)
+    _add_shortlist(sub)
     return parser
 
 

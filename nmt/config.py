@@ -23,9 +23,19 @@ import yaml
 from nmt.errors import ConfigError, UsageError
 
 
-def opt(default, help: str, choices: tuple | None = None, min=None, max=None, **kw):  # noqa: A002
-    """A dataclass field carrying its help text and its allowed values."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+def opt(
+    default,
+    help: str,  # noqa: A002
+    choices: tuple | None = None,
+    min=None,  # noqa: A002
+    max=None,  # noqa: A002
+    load_time: bool = False,
+    **kw,
+):
+    """A dataclass field carrying its help text and its allowed values. `load_time`: a search
+    setting read once, when a model is loaded (nmt.translator), not per call (see
+    `load_time_keys`)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "load_time": load_time}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -200,6 +210,8 @@ class SearchConfig:
     whole; a change is `dataclasses.replace` then `check_section`, as `override_section` does.
     Every field is also a flag of `nmt translate` and `nmt evaluate` (nmt.cli) and a keyword of
     the Translator's calls: adding a field here is all a new search option needs outside search.
+    Fields marked `load_time` (dtype, threads) are read when a model is loaded
+    (`Translator.from_checkpoint(..., dtype=, threads=)`, the same flags) and refused per call.
     """
 
     beam_size: int = opt(5, "beam size (1 = greedy)", min=1)
@@ -248,6 +260,33 @@ class SearchConfig:
         "number in the input and the model, not on its batch or the other lines",
         min=0,
         max=2**32 - 1,
+    )
+    shortlist: int = opt(
+        0,
+        "vocabulary shortlist (Marian's lexical shortlist): per batch, the output layer scores "
+        "only the K best target pieces of each source piece in the checkpoint's table (learned "
+        "when training starts, or added by `nmt shortlist`), the shortlist_frequent most "
+        "frequent target pieces and the special ids; 0 = every piece",
+        min=0,
+    )
+    shortlist_frequent: int = opt(
+        100, "with shortlist: the N most frequent target pieces, always scored", min=0
+    )
+    dtype: str = opt(
+        "auto",
+        "inference precision, chosen when the model is loaded: auto (on a CPU the fastest of "
+        "float32, bfloat16 and int8 by a timed probe at start-up, never one slower than "
+        "float32; on CUDA bfloat16, or float16 before Ampere), float32, bfloat16 (a CPU with "
+        "native bf16, or CUDA), int8 (CPU: dynamic quantization of the decoder), float16 "
+        "(CUDA only)",
+        choices=("auto", "float32", "bfloat16", "int8", "float16"),
+        load_time=True,
+    )
+    threads: int = opt(
+        0,
+        "torch CPU threads, set when the model is loaded (0 = torch's default)",
+        min=0,
+        load_time=True,
     )
 
 
@@ -463,6 +502,14 @@ def override_section(section, name: str, changes: dict, source: str | None = Non
     if problems:
         raise ConfigError(problems, source)
     return section
+
+
+def load_time_keys(name: str = "search") -> tuple[str, ...]:
+    """The fields of section `name` read once, when a model is loaded (`opt(load_time=True)`):
+    a translator takes them at load time and refuses them per call."""
+    return tuple(
+        f.name for f in dataclasses.fields(_SECTION_TYPES[name]) if f.metadata["load_time"]
+    )
 
 
 def _cross_checks(cfg: Config) -> list[str]:

@@ -92,6 +92,8 @@ def evaluate(
     lowercase: bool = False,
     tokenize: str = "13a",
     device: str = "auto",
+    dtype: str | None = None,
+    threads: int | None = None,
     **search_kwargs,
 ) -> dict:
     """Translate a source file (or a named test set) with a checkpoint, or with several as an
@@ -99,16 +101,18 @@ def evaluate(
 
     Either `src` with `refs` (files), or `testset` (e.g. "multi30k:test_2016_flickr", resolved
     with the checkpoint's data.src_lang and data.tgt_lang). `search_kwargs`: search settings, as
-    for `Translator.translate`. `hyp_out`: also write the translations there (atomically).
-    Returns the result dict: checkpoint (the path; an ensemble's joined by " + "), checkpoints
-    (the list), testset, src, refs, n, bleu, chrf, lowercase, tokenize, search (every search
-    setting used), seconds, sents_per_s, hyp_out.
+    for `Translator.translate`; `dtype`, `threads`: the load-time ones (search.dtype,
+    search.threads; None: the checkpoint's). `hyp_out`: also write the translations there
+    (atomically). Returns the result dict: checkpoint (the path; an ensemble's joined by " + "),
+    checkpoints (the list), testset, src, refs, n, bleu, chrf, lowercase, tokenize, search (every
+    search setting used), precision (what the model computed in) and precision_note (how it was
+    chosen), seconds, sents_per_s, hyp_out.
     """
     paths = [checkpoint_path] if isinstance(checkpoint_path, (str, Path)) else checkpoint_path
     paths = [str(p) for p in paths]
     refs = [str(r) for r in (refs or [])]
     _check_sources(src, refs, testset)
-    translator = Translator.from_checkpoints(paths, device=device)
+    translator = Translator.from_checkpoints(paths, device=device, dtype=dtype, threads=threads)
     settings = translator.search_settings(1, **search_kwargs)  # checked before any download
     if testset:
         src, refs = _testset_files(testset, translator.cfg.data)
@@ -129,6 +133,8 @@ def evaluate(
             "lowercase": lowercase,
             "tokenize": tokenize,
             "search": {f.name: getattr(settings, f.name) for f in dataclasses.fields(SearchConfig)},
+            "precision": translator.precision,
+            "precision_note": translator.precision_note,
             "seconds": round(seconds, 3),
             "sents_per_s": round(len(src_lines) / max(seconds, 1e-9), 2),
             "hyp_out": str(hyp_out) if hyp_out else None,

@@ -227,9 +227,11 @@ def attention(
 ) -> Path:
     """Translate `text` with the checkpoint and draw its best hypothesis's attention into `out`
     (see nmt.translator.Translation); `search_kwargs`: search settings. Returns `out`."""
+    from nmt.config import load_time_keys
     from nmt.translator import Translator
 
-    translator = Translator.from_checkpoint(checkpoint, device=device)
+    load = {key: search_kwargs.pop(key) for key in load_time_keys() if key in search_kwargs}
+    translator = Translator.from_checkpoint(checkpoint, device=device, **load)
     (translation,) = translator.translate([text], return_attention=True, **search_kwargs)
     title = f"{text.strip()}\n→ {translation.text}"
     _save(attention_figure(translation, title), Path(out))

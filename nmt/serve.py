@@ -60,8 +60,6 @@ from nmt.translator import Translator
 
 REQUEST_SETTINGS = ("beam_size", "n_best", "alpha", "beta", "max_len_a", "max_len_b")
 REQUEST_KEYS = ("text", *REQUEST_SETTINGS)
-# --dtype names (issue 20's) to the names Translator.from_checkpoint accepts today
-_DTYPES = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
 _JSON_TYPES.update({bool: "boolean", type(None): "null"})
 
@@ -86,14 +84,9 @@ def load_translator(
     paths: list[str], device: str = "auto", dtype: str | None = None, threads: int | None = None
 ) -> Translator:
     """The server's model: one checkpoint, or several as an ensemble
-    (`Translator.from_checkpoints`); `dtype` one of _DTYPES, None = the default."""
-    if dtype is not None and dtype not in _DTYPES:
-        raise UsageError(f"--dtype {dtype}: this build offers {', '.join(_DTYPES)}")
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads: expected an integer >= 1, found {threads}")
-        torch.set_num_threads(threads)
-    return Translator.from_checkpoints(paths, device=device, dtype=_DTYPES.get(dtype))
+    (`Translator.from_checkpoints`); `dtype` and `threads` are search.dtype and search.threads
+    (None: the checkpoint's), checked by the Translator."""
+    return Translator.from_checkpoints(paths, device=device, dtype=dtype, threads=threads)
 
 
 class Engine:
@@ -130,7 +123,8 @@ class Engine:
                 "tgt_pieces": t.tokenizer.tgt_vocab_size,
             },
             "device": str(t.device),
-            "precision": str(t.dtype).removeprefix("torch."),
+            "precision": t.precision,
+            "precision_note": t.precision_note,
             "threads": torch.get_num_threads(),
             "search_defaults": {**dataclasses.asdict(t.cfg.search), "n_best": 1},
         }
@@ -506,6 +500,7 @@ def serve(
     info = engine.describe()
     _log(
         f"{engine.name} loaded ({info['languages']['src']}->{info['languages']['tgt']}, "
-        f"{info['device']}, {info['precision']}, {info['threads']} threads)"
+        f"{info['device']}, {info['threads']} threads)"
     )
+    _log(f"precision: {info['precision_note']}")
     return asyncio.run(_main(make_app(engine, cfg), cfg))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from nmt import batching, checkpoint, data, metrics, search
+from nmt import batching, checkpoint, data, metrics, search, shortlist
 from nmt.config import Config, from_dict, to_yaml
 from nmt.devices import check_autocast, resolve_device, resolve_dtype
 from nmt.distributed import Distributed, launch
@@ -151,6 +151,8 @@ class Trainer:
         self.dist = dist or Distributed.single(resolve_device(t.device))
         self.device = self.dist.device
         self.dtype = resolve_dtype(t.precision, self.device)
+        if t.precision == "auto" and self.dist.enabled:  # each rank's probe: rank 0's choice
+            self.dtype = self.dist.broadcast(self.dtype)
         if t.threads:
             torch.set_num_threads(t.threads)
         if not (t.max_epochs or t.max_steps or t.max_minutes):
@@ -159,6 +161,7 @@ class Trainer:
                 "the run never ends"
             )
         self._load_data()
+        self.shortlist = self._learn_shortlist()
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         self.model = build_model_for(cfg.model, self.tokenizer).to(self.device)
@@ -226,6 +229,16 @@ class Trainer:
             pin_memory=cuda,
             sampling=batching.SubwordSampling(tok, alpha, t.seed) if alpha > 0 else None,
         )
+
+    def _learn_shortlist(self) -> dict | None:
+        """The vocabulary shortlist of the train split (nmt.shortlist), written into every
+        checkpoint for `search.shortlist`. Rank 0 only: the others write no checkpoint."""
+        if not self.dist.is_main:
+            return None
+        start, tok = time.perf_counter(), self.tokenizer
+        table = shortlist.learn_from_split(self.train_set, tok.src_vocab_size, tok.tgt_vocab_size)
+        self._log(f"shortlist: learned from the train split in {time.perf_counter() - start:.1f}s")
+        return table
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -323,6 +336,7 @@ class Trainer:
                 path,
                 config=self.cfg.to_dict(),
                 model_state=self.model.state_dict(),  # the unwrapped model: no DDP prefix
+                shortlist=self.shortlist,
                 tokenizer_bytes=self.tokenizer.to_bytes(),
                 train_state=train_state,
             )

@@ -40,12 +40,13 @@ from typing import NamedTuple
 
 import torch
 
-from nmt import alignment, checkpoint, forced, search, search_graph
-from nmt.config import Config, from_dict, override_section
-from nmt.devices import check_autocast, resolve_device, resolve_dtype
+from nmt import alignment, checkpoint, forced, search, search_graph, shortlist
+from nmt.config import Config, from_dict, load_time_keys, override_section
+from nmt.devices import TORCH_DTYPES, check_autocast, inference_precision, probe, resolve_device
 from nmt.errors import UsageError
 from nmt.models import build_model_for
 from nmt.models.ensemble import Ensemble
+from nmt.models.inference import Bf16Encoder, reduce_decoder
 from nmt.textio import chunks, open_input, open_output
 from nmt.tokenizer import Tokenizer
 
@@ -57,30 +58,83 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _resolve_inference_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in ("auto", "fp32", "bf16", "fp16"):
-        return resolve_dtype(dtype, device)
-    raise UsageError(f"dtype {dtype!r}: expected auto, fp32, bf16 or fp16")
+# The words Translator.from_checkpoint(dtype=) took before search.dtype existed, kept as aliases.
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+
+def _load_time_search(cfg: Config, dtype, threads, source: str) -> Config:
+    """`cfg` with the load-time search settings given (None: keep the checkpoint's) applied and
+    checked; the old dtype words (fp32, bf16, fp16, torch dtypes) are read as their names."""
+    changes = {}
+    if dtype is not None:
+        changes["dtype"] = _DTYPE_ALIASES.get(dtype, dtype)
+    if threads is not None:
+        changes["threads"] = threads
+    if changes:
+        cfg.search = override_section(cfg.search, "search", changes, source)
+    return cfg
+
+
+def prepare_model(
+    model: torch.nn.Module, precision: str, device: torch.device, bf16_encoder: bool = False
+):
+    """A loaded `model`, in eval mode on `device`, made ready to decode in `precision`.
+
+    CUDA bfloat16/float16: weights in that precision too (as NVIDIA's GNMT translate.py
+    does), still under autocast so that softmaxes run in float32: no per-step weight casts or
+    cuDNN repacking (benchmarks/README.md, "Search and translation"). CPU int8: the decoder's
+    step products become int8 (nmt.models.inference), and with `bf16_encoder` the encoder runs
+    under bf16 autocast. CPU bfloat16: bf16 weights, the decoder steps as bf16 cell functions,
+    under autocast."""
+    model = model.to(device).eval()
+    if precision != "float32" and (device.type == "cuda" or precision == "bfloat16"):
+        model = model.to(TORCH_DTYPES[precision])
+    if device.type == "cpu" and precision in ("int8", "bfloat16"):
+        reduce_decoder(model, precision)
+    if device.type == "cpu" and precision == "int8" and bf16_encoder:
+        model.encoder = Bf16Encoder(model.encoder)
+    return model
+
+
+def _bf16_encoder(precision: str, device: torch.device) -> bool:
+    """int8 decoding runs the encoder in bf16 where the probe finds bf16 faster than float32
+    (native bf16 and the bf16 LSTM kernel: as train.precision=auto decides)."""
+    return (
+        device.type == "cpu"
+        and precision == "int8"
+        and (probe().fastest(("float32", "bfloat16")) == "bfloat16")
+    )
+
+
+def search_autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast a search in `dtype` runs under: none for float32 (and int8, whose products
+    are explicit), else `dtype` (softmaxes and log-softmaxes stay float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @dataclass
 class LoadedModel:
-    """One checkpoint file made ready for inference (`load_model`)."""
+    """One checkpoint file read for inference (`load_model`)."""
 
     path: str
     model: torch.nn.Module
     tokenizer: Tokenizer
     cfg: Config
+    shortlist: dict | None  # the checkpoint's shortlist table, as stored (nmt.shortlist)
 
 
-def load_model(path: str | Path, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """The model, tokenizer and config of one checkpoint file, on no device yet (the Translator
-    moves it) but in the precision inference runs in; every way the file can be unusable is one
-    UsageError naming it. Each member of an ensemble is loaded by this alone."""
+def load_model(path: str | Path) -> LoadedModel:
+    """The float32 model on the CPU, tokenizer, config and shortlist table of one checkpoint
+    file (`prepare_model` then readies the model for its device and precision); every way the
+    file can be unusable is one UsageError naming it. Each member of an ensemble is loaded by
+    this alone."""
     ckpt = checkpoint.load(path)
     cfg = from_dict(ckpt["config"], source=f"{path} (config)")
     try:
@@ -109,12 +163,7 @@ def load_model(path: str | Path, dev: torch.device, dtype: torch.dtype) -> Loade
             f"{path}: weights do not match the model its config describes "
             f"({' '.join(msg[:3])[:300]})"
         ) from None
-    if dev.type == "cuda" and dtype != torch.float32:
-        # weights in the reduced precision too (as NVIDIA's GNMT translate.py does), still
-        # under autocast so that softmaxes run in float32: no per-step weight casts or
-        # cuDNN repacking (measured: benchmarks/README.md, "Search and translation")
-        model = model.to(dtype)
-    return LoadedModel(str(path), model, tokenizer, cfg)
+    return LoadedModel(str(path), model, tokenizer, cfg, ckpt.get("shortlist"))
 
 
 def check_members(members: list[LoadedModel]) -> None:
@@ -182,6 +231,12 @@ class Translator:
     i drawing from the stream (seed, i). `score(src_lines, tgt_lines)` gives each given
     target's log-probability. The model is one checkpoint's or an ensemble's
     (`from_checkpoints`).
+    The load-time settings (search.dtype, search.threads) are taken by `from_checkpoints` and
+    refused per call.
+
+    `precision` names what the model computes in ("float32", "bfloat16", "int8", "float16");
+    `precision_note` says how it was chosen (with the probe's figures for auto); `dtype` is
+    the autocast dtype of the search (float32: no autocast).
     """
 
     def __init__(
@@ -191,46 +246,91 @@ class Translator:
         cfg: Config,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        precision: str | None = None,
+        precision_note: str = "",
+        shortlist_table: dict | None = None,
     ):
-        check_autocast(model, device, dtype, "dtype")
+        check_autocast(model, device, dtype, "search.dtype")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
+        self.precision = precision or str(dtype).removeprefix("torch.")
+        self.precision_note = precision_note or self.precision
+        self.shortlist = None  # the checkpoint's shortlist tables, on `device`
+        if shortlist_table is not None:
+            self.shortlist = {k: v.to(device) for k, v in shortlist_table.items()}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", dtype=None) -> Translator:
-        """Load a checkpoint file; every way it can be unusable is one UsageError naming it."""
-        return cls.from_checkpoints([path], device=device, dtype=dtype)
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", dtype=None, threads: int | None = None
+    ) -> Translator:
+        """Load a checkpoint file; every way it can be unusable is one UsageError naming it.
+
+        `dtype` and `threads`: search.dtype and search.threads (None: the checkpoint's). A
+        thread count other than 0 is set for the whole process (torch.set_num_threads)."""
+        return cls.from_checkpoints([path], device=device, dtype=dtype, threads=threads)
 
     @classmethod
-    def from_checkpoints(cls, paths, device: str = "auto", dtype=None) -> Translator:
+    def from_checkpoints(
+        cls, paths, device: str = "auto", dtype=None, threads: int | None = None
+    ) -> Translator:
         """One checkpoint, or several decoding as an ensemble (nmt.models.ensemble: the mean of
         their log-probabilities at every step). Members may be of any families; they must share
         the special ids and the sentencepiece model(s), byte for byte but for the trainer's file
         paths (`check_members`): anything else is one UsageError naming the two files. The
-        search settings and the config (`self.cfg`) are the first checkpoint's."""
+        search settings, the config (`self.cfg`) and the shortlist table are the first
+        checkpoint's; `dtype` and `threads` as in `from_checkpoint`, for every member."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise UsageError("no checkpoint given")
         dev = resolve_device(device)
-        dtype = _resolve_inference_dtype(dtype, dev)
-        members = [load_model(path, dev, dtype) for path in paths]
+        members = [load_model(path) for path in paths]
         check_members(members)
         first = members[0]
-        model = first.model if len(members) == 1 else Ensemble([m.model for m in members])
-        return cls(model, first.tokenizer, first.cfg, dev, dtype)
+        cfg = _load_time_search(first.cfg, dtype, threads, f"{first.path} (loading)")
+        if cfg.search.threads:
+            torch.set_num_threads(cfg.search.threads)
+        precision, note = inference_precision(cfg.search.dtype, dev)
+        bf16_encoder = _bf16_encoder(precision, dev)
+        models = [prepare_model(m.model, precision, dev, bf16_encoder) for m in members]
+        note += "; encoder in bfloat16" if bf16_encoder else ""
+        model = models[0] if len(models) == 1 else Ensemble(models)
+        table = shortlist.check(first.shortlist, first.path)
+        dtype = TORCH_DTYPES[precision]
+        return cls(model, first.tokenizer, cfg, dev, dtype, precision, note, table)
 
     # ------------------------------------------------------------------ settings
     def search_settings(self, n_best: int | None = 1, **overrides) -> search.SearchSettings:
         """The checkpoint's search settings with `overrides` (search keys; None = keep) and
         `n_best` (None = 1) applied, checked by nmt.config: one UsageError listing every
-        problem."""
+        problem. The load-time settings (search.dtype, search.threads) are refused here."""
         changes = {k: v for k, v in overrides.items() if v is not None}
+        load_time = [k for k in changes if k in load_time_keys()]
+        if load_time:
+            keys = ", ".join(f"search.{k}" for k in load_time)
+            raise UsageError(
+                f"{keys}: read when the model is loaded, not per call: give "
+                f"{', '.join(f'{k}=' for k in load_time)} to Translator.from_checkpoint "
+                f"(the flags {', '.join('--' + k for k in load_time)} of nmt translate)"
+            )
         changes["n_best"] = 1 if n_best is None else n_best
         cfg = override_section(self.cfg.search, "search", changes)
+        self._check_shortlist(cfg.shortlist)
         return search.SearchSettings.from_config(cfg, self.tokenizer)
+
+    def _check_shortlist(self, k: int) -> None:
+        if k and self.shortlist is None:
+            raise UsageError(
+                f"search.shortlist={k}: this checkpoint has no shortlist table; add one with "
+                "`nmt shortlist CKPT --data-dir DIR -o OUT` (training writes one)"
+            )
+        if k > (0 if self.shortlist is None else self.shortlist["table"].size(1)):
+            raise UsageError(
+                f"search.shortlist={k}: the checkpoint's table holds "
+                f"{self.shortlist['table'].size(1)} target pieces per source piece"
+            )
 
     # ------------------------------------------------------------------ public API
     def translate(self, lines: list[str], return_attention: bool = False, **overrides) -> list:
@@ -312,10 +412,22 @@ class Translator:
         return pieces, hyps, truncated
 
     def _search_batch(self, batch_pieces: list[list[int]], s: search.SearchSettings, line_ids):
-        src_ids, src_lens = self._padded([p + [self.tokenizer.eos_id] for p in batch_pieces])
+        tok = self.tokenizer
+        src_ids, src_lens = self._padded([p + [tok.eos_id] for p in batch_pieces])
         run = search_graph.runner(self.device, s.cuda_graph)
+        model, space = self.model, None
+        if s.shortlist:
+            special = (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id)
+            space = shortlist.select(
+                self.shortlist, src_ids, src_lens, s.shortlist, s.shortlist_frequent, special
+            )
+            model, s = self.model.shortlisted(space.ids, space.allowed), space.settings(s)
         with self._autocast():  # beam_size 1 is greedy search
-            return search.beam_search(self.model, src_ids, src_lens, s, run=run, line_ids=line_ids)
+            hyps = search.beam_search(model, src_ids, src_lens, s, run=run, line_ids=line_ids)
+        if space is not None:  # back from positions in the shortlist to the model's ids
+            for h in (h for sent in hyps for h in sent):
+                h.tokens = space.tokens(h.tokens)
+        return hyps
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L) right-padded with pad_id, lens (B,)) on the model's device."""
@@ -326,9 +438,7 @@ class Translator:
         return ids.to(self.device), lens.to(self.device)
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        )
+        return search_autocast(self.device, self.dtype)
 
     # ------------------------------------------------------------------ forced scoring
     def score(self, src_lines: list[str], tgt_lines: list[str], **overrides) -> list[PairScore]:

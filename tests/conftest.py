@@ -1,7 +1,8 @@
 """Shared fixtures.
 
 `tiny_checkpoint`: a real checkpoint file built without training (synthetic parallel text, a
-sentencepiece model of ~100 pieces, a randomly initialised tiny GNMT). Its weights are random,
+sentencepiece model of ~100 pieces, a randomly initialised tiny GNMT, the vocabulary shortlist
+learned from the text). Its weights are random,
 so tests using it assert alignment, order and format invariants, never translation quality.
 """
 
@@ -36,7 +37,7 @@ def write_parallel(folder, n: int, seed: int) -> tuple:
 
 def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search):
     """Train a tokenizer, build a random tiny GNMT and save both as `folder/tiny.pt`."""
-    from nmt import checkpoint
+    from nmt import checkpoint, shortlist
     from nmt.config import Config
     from nmt.models import build_model_for
     from nmt.tokenizer import Tokenizer
@@ -55,11 +56,18 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     torch.manual_seed(seed)
     model = build_model_for(cfg.model, tok)
     path = folder / "tiny.pt"
+    src_lines = src_path.read_text(encoding="utf-8").splitlines()
+    tgt_lines = tgt_path.read_text(encoding="utf-8").splitlines()
+    src_ids = [ids + [tok.eos_id] for ids in tok.encode_src(src_lines)]
+    table = shortlist.learn(
+        src_ids, tok.encode_tgt(tgt_lines), tok.src_vocab_size, tok.tgt_vocab_size
+    )
     checkpoint.save(
         path,
         config=cfg.to_dict(),
         model_state=model.state_dict(),
         tokenizer_bytes=tok.to_bytes(),
+        shortlist=table,
     )
     return path
 

@@ -218,3 +218,22 @@ def test_ensemble_attention_is_the_members_mean_and_alignments_work(tiny_checkpo
     src.write_text("\n".join(lines) + "\n")
     translate_stream(pair, str(src), str(tmp_path / "out.txt"), alignments=True)
     assert len((tmp_path / "out.txt").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_ensemble_of_itself_with_a_precision_and_a_shortlist_equals_the_single_model(
+    tiny_checkpoint, dtype
+):
+    from nmt.devices import cpu_offers
+    from nmt.translator import Translator
+
+    why_not = cpu_offers().get(dtype, "")
+    if why_not:
+        pytest.skip(f"this CPU does not offer {dtype}: {why_not}")
+    single = Translator.from_checkpoint(tiny_checkpoint, device="cpu", dtype=dtype)
+    pair = Translator.from_checkpoints([tiny_checkpoint] * 2, device="cpu", dtype=dtype)
+    assert pair.precision == single.precision == dtype
+    lines = ["w1 w2 w3", "", "the cat sat on the mat", "w7"]
+    for shortlist in (0, 3):
+        want = single.translate_nbest(lines, 2, beam_size=2, shortlist=shortlist)
+        assert pair.translate_nbest(lines, 2, beam_size=2, shortlist=shortlist) == want

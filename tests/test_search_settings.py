@@ -1,6 +1,7 @@
 """The search settings have one home, nmt.config.SearchConfig: each of its fields is, with nothing
-written anywhere else, a flag of `nmt translate` and `nmt evaluate`, a keyword of the Translator,
-a line of `nmt config --defaults`, and checked against its range on every path.
+written anywhere else, a flag of `nmt translate` and `nmt evaluate`, a keyword of the Translator
+(of each call, or of `Translator.from_checkpoint` for the load-time ones: dtype, threads), a line
+of `nmt config --defaults`, and checked against its range on every path.
 
 The tests read the fields; they name none of them, so a field added tomorrow is covered too.
 """
@@ -15,11 +16,13 @@ import pytest
 from nmt import config
 from nmt.cli import _search_kwargs, build_parser, main
 from nmt.config import SearchConfig, defaults_yaml, load_config
-from nmt.errors import ConfigError
+from nmt.errors import ConfigError, UsageError
 from nmt.search import SearchSettings
 from nmt.translator import Translator
 
 FIELDS = dataclasses.fields(SearchConfig)
+PER_CALL = [f for f in FIELDS if not f.metadata["load_time"]]
+LOAD_TIME = [f for f in FIELDS if f.metadata["load_time"]]
 OWN_FLAG = {"n_best": "--n-best"}  # `nmt translate --n-best`: the call's own, not the checkpoint's
 # the settings a value of one key needs beside it, by a cross check of nmt.config (the one
 # place a key cannot change alone): sampling draws one output per sentence, so beam_size 1
@@ -70,7 +73,7 @@ def _argv(f: dataclasses.Field, value) -> list[str]:
 
 @pytest.fixture(scope="module")
 def translator(tiny_checkpoint):
-    return Translator.from_checkpoint(tiny_checkpoint, device="cpu")
+    return Translator.from_checkpoint(tiny_checkpoint, device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("command", ["translate", "evaluate"])
@@ -99,7 +102,11 @@ def test_n_best_is_a_flag_of_translate_only(tiny_checkpoint):
         parser.parse_args(["evaluate", "x.pt", "--n-best", "2"])
 
 
-@pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)
+def test_the_load_time_keys_are_dtype_and_threads():
+    assert config.load_time_keys() == tuple(f.name for f in LOAD_TIME) == ("dtype", "threads")
+
+
+@pytest.mark.parametrize("f", PER_CALL, ids=lambda f: f.name)
 def test_every_key_is_a_translator_override(f, translator):
     value = _other_value(f)
     assert getattr(translator.cfg.search, f.name) != value
@@ -111,12 +118,27 @@ def test_every_key_is_a_translator_override(f, translator):
     assert len(translator.translate(["w1 w2", "the cat"], **changes)) == 2
 
 
+@pytest.mark.parametrize("f", LOAD_TIME, ids=lambda f: f.name)
+def test_every_load_time_key_is_a_loading_keyword_and_refused_per_call(f, tiny_checkpoint):
+    value = "float32" if f.name == "dtype" else _other_value(f)  # a value every CPU can run
+    loaded = Translator.from_checkpoint(tiny_checkpoint, device="cpu", **{f.name: value})
+    assert getattr(loaded.cfg.search, f.name) == value
+    assert len(loaded.translate(["w1 w2", "the cat"])) == 2
+    for call in (loaded.search_settings, loaded.translate_nbest):
+        args = (["w1"], 1) if call == loaded.translate_nbest else ()
+        with pytest.raises(UsageError, match=f"search.{f.name}: read when the model is loaded"):
+            call(*args, **{f.name: value})
+
+
 @pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)
-def test_every_key_refuses_bad_values_on_every_path(f, translator):
+def test_every_key_refuses_bad_values_on_every_path(f, translator, tiny_checkpoint):
     ids = {"bos_id": 1, "eos_id": 2, "pad_id": 0}
     for value, message in _bad_values(f):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            translator.search_settings(**{f.name: value})
+            if f.metadata["load_time"]:
+                Translator.from_checkpoint(tiny_checkpoint, device="cpu", **{f.name: value})
+            else:
+                translator.search_settings(**{f.name: value})
         with pytest.raises(ConfigError, match=re.escape(message)):
             SearchSettings(**ids, **{f.name: value})
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -49,7 +49,7 @@ LINES = [
 
 @pytest.fixture(scope="module")
 def translator(tiny_checkpoint):
-    return Translator.from_checkpoint(tiny_checkpoint, device="cpu")
+    return Translator.from_checkpoint(tiny_checkpoint, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_round_trip_equals_nmt_translate(server, tiny_checkpoint, tmp_path, caps
     src.write_text("".join(line + "\n" for line in LINES), encoding="utf-8")
     for flags, settings in (([], {}), (["--beam-size", "1"], {"beam_size": 1})):
         args = ["translate", str(tiny_checkpoint), "-i", str(src), "-o", str(out), *flags]
-        assert main(args) == 0
+        assert main([*args, "--dtype", "float32"]) == 0
         expected = out.read_text(encoding="utf-8").split("\n")[:-1]
         answer = translate(server, LINES, **settings)
         assert answer["translations"] == expected
@@ -332,7 +332,9 @@ class ServerProcess:
     def __init__(self, checkpoint, *flags):
         cmd = [sys.executable, "-m", "nmt", "serve", str(checkpoint), "--port", "0"]
         self.proc = subprocess.Popen(
-            [*cmd, "--threads", "1", *flags], stderr=subprocess.PIPE, text=True
+            [*cmd, "--threads", "1", "--dtype", "float32", *flags],
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.log: list[str] = []
         lines: queue.Queue = queue.Queue()
@@ -401,8 +403,8 @@ def test_cli_usage_errors_exit_2(tiny_checkpoint, tmp_path, capsys):
         ([str(tiny_checkpoint), "--port", "70000"], "--port: must be <= 65535"),
         ([str(tiny_checkpoint), "--max-wait-ms", "-1"], "--max-wait-ms: must be >= 0"),
         ([str(tiny_checkpoint), "--max-batch-sentences", "0"], "--max-batch-sentences"),
-        ([str(tiny_checkpoint), "--dtype", "int8"], "--dtype int8"),
-        ([str(tiny_checkpoint), "--threads", "0"], "--threads"),
+        ([str(tiny_checkpoint), "--device", "cpu", "--dtype", "float16"], "float16 needs a CUDA"),
+        ([str(tiny_checkpoint), "--threads", "-1"], "search.threads: must be >= 0"),
         ([str(tmp_path / "missing.pt")], "missing.pt"),
     ]
     with taken:

@@ -237,7 +237,7 @@ def test_checkpoint_round_trip_gives_bit_identical_outputs(prepared, tmp_path):
     trainer = Trainer(load_config(None, _tiny(prepared, out, "train.max_epochs=1")))
     trainer.run()
     trainer.model.eval()
-    translator = Translator.from_checkpoint(out / "last.pt", device="cpu")
+    translator = Translator.from_checkpoint(out / "last.pt", device="cpu", dtype="float32")
     src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
     lens = torch.tensor([4, 3])
     tgt = torch.tensor([[2, 5, 6], [2, 7, 0]])

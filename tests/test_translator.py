@@ -310,6 +310,7 @@ def test_cli_translate_in_process(tiny_checkpoint, tmp_path, capsys):
         ]
     )
     assert code == 0 and len(_read_out(out)) == 3
+    assert capsys.readouterr().err.startswith("precision: ")  # what the model computed in
     code = main(["translate", str(tiny_checkpoint), "-i", str(src), "--beam-size", "0"])
     assert code == 2
     err = capsys.readouterr().err

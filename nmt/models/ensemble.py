@@ -67,6 +67,11 @@ class Ensemble(Seq2Seq):
         per_member = [m.inspect_attention(src_ids, src_lens, tgt_in_ids) for m in self.members]
         return torch.stack([a.float() for a in per_member]).mean(0)  # (B, T, S)
 
+    def shortlisted(self, tgt_ids: torch.Tensor, allowed: torch.Tensor | None = None):
+        """This ensemble scoring only the target ids `tgt_ids` (nmt.models.shortlisted): an
+        ensemble of its members each shortlisted alike, so that they average over one space."""
+        return Ensemble([m.shortlisted(tgt_ids, allowed) for m in self.members])
+
     def init_state(self, enc: tuple) -> tuple:
         return tuple(m.init_state(e) for m, e in zip(self.members, enc))
 

@@ -283,10 +283,19 @@ class GNMTDecoder(nn.Module):
         """Project the memory to attention keys once per sentence."""
         return replace(enc, keys=self.attention.project_keys(enc.memory))  # keys (B, S, A)
 
-    def _run(self, tgt_ids: torch.Tensor, positions: torch.Tensor, states: list, enc, feed=None):
+    def _run(
+        self,
+        tgt_ids: torch.Tensor,
+        positions: torch.Tensor,
+        states: list,
+        enc,
+        feed=None,
+        project=None,
+    ):
         """All layers over tgt_ids (B, T) at `positions` ((T,) or (B, 1)); `states` holds each
         layer's initial state (nn.LSTM form) or None; `feed` the previous context (B, D) when
-        input feeding. Returns logits (B, T, V), states, attn (B, T, S), last context (B, D)."""
+        input feeding; `project` the output projection (None: `self.out`; a shortlist's rows).
+        Returns logits (B, T, V), states, attn (B, T, S), last context (B, D)."""
         x = _embed(
             self.embed, tgt_ids, positions, self.emb_scale, self.positions, self.word_dropout
         )  # (B, T, E)
@@ -300,7 +309,7 @@ class GNMTDecoder(nn.Module):
             inputs = self.dropout(torch.cat((x, context), dim=-1))  # (B, T, H + D)
             out, states[i] = run_layer(self.layers[i], inputs, states[i])  # (B, T, H)
             x = out + x if i + 1 >= self.residual_start else out
-        return self.out(x), states, attn, context[:, -1]  # (B, T, V)
+        return (project or self.out)(x), states, attn, context[:, -1]  # (B, T, V)
 
     def _fed_first_layer(self, x, state, enc, feed):
         """Layer 1 and attention one step at a time, each step reading [x_t, context_{t-1}]
@@ -358,14 +367,16 @@ class GNMTDecoder(nn.Module):
             return [(h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()) for h, c in layers]
         return [h.unsqueeze(0).contiguous() for h in layers]
 
-    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
-        """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V)."""
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut, project=None):
+        """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V); `project`:
+        the output projection to use (None: `self.out`; a shortlist's rows, V of them)."""
         logits, hx, attn, context = self._run(
             tgt_ids_t.unsqueeze(1),
             state["pos"].unsqueeze(1),
             self._hx(state["layers"]),
             enc,
             state.get("feed"),
+            project,
         )  # (B, 1, V)
         if self.is_lstm:
             layers = tuple((h[0], c[0]) for h, c in hx)  # (B, H) each

@@ -73,15 +73,19 @@ class _Embedding(nn.Module):
         return self.dropout(self.word_dropout(embed(ids)) + self.pos_scale * pos)  # (..., E)
 
 
-def _last_column(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
+def _last_column(conv: nn.Module, window: torch.Tensor) -> torch.Tensor:
     """The one output of `conv` over window (B, C_in, (k-1)d + 1) -> (B, C_out, 1).
 
     Gathers the k dilated taps and runs one matrix product: several times faster on CPU than
-    a dilated conv call over the window, and the same sum up to float rounding.
+    a dilated conv call over the window, and the same sum up to float rounding. A reduced-
+    precision stand-in for the conv (nmt.models.inference.ConvColumns) runs its own product.
     """
     taps = window[:, :, :: conv.dilation[0]]  # (B, C_in, k)
+    taps = taps.reshape(taps.size(0), -1)  # (B, C_in * k)
+    if not isinstance(conv, nn.Conv1d):
+        return conv.column(taps).unsqueeze(2)  # (B, C_out, 1)
     weight = conv.weight  # (C_out, C_in, k); weight norm recomputes it here
-    out = F.linear(taps.reshape(taps.size(0), -1), weight.reshape(weight.size(0), -1), conv.bias)
+    out = F.linear(taps, weight.reshape(weight.size(0), -1), conv.bias)  # (B, C_out)
     return out.unsqueeze(2)  # (B, C_out, 1)
 
 
@@ -293,11 +297,11 @@ class TCNDecoder(nn.Module):
         context = torch.bmm(attn, enc.keys)  # (B, T, C)
         return h + self.contexts[level](context), attn
 
-    def _output(self, h: torch.Tensor) -> torch.Tensor:
+    def _output(self, h: torch.Tensor, project=None) -> torch.Tensor:
         h = self.dropout(h)
         if self.bottleneck is not None:
             h = self.bottleneck(h)  # (..., E)
-        return self.out(h)  # (..., V)
+        return (project or self.out)(h)  # (..., V)
 
     def _teacher_forced(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
         """The last block's output (B, T, C) and each block's attention [(B, T, S)]."""
@@ -335,8 +339,9 @@ class TCNDecoder(nn.Module):
         pos = torch.zeros(batch, dtype=torch.long, device=enc.memory.device)
         return {"pos": pos, "caches": caches}
 
-    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
-        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S))."""
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut, project=None):
+        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S)); `project`: the
+        output projection to use (None: `self.out`; a shortlist's rows, V of them)."""
         x = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
         h = x.unsqueeze(2)  # (B, E, 1)
         caches = []
@@ -347,7 +352,7 @@ class TCNDecoder(nn.Module):
             h, attn = self._attend(level, h.transpose(1, 2), enc)  # (B, 1, C), (B, 1, S)
             attn_sum = attn_sum + attn
             h = h.transpose(1, 2)  # (B, C, 1)
-        logits = self._output(h.squeeze(2))  # (B, V)
+        logits = self._output(h.squeeze(2), project)  # (B, V)
         attn = (attn_sum / len(self.blocks)).squeeze(1)  # (B, S)
         return logits, {"pos": state["pos"] + 1, "caches": caches}, attn
 
