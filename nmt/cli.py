@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 
 from nmt import __version__
@@ -70,12 +69,10 @@ def cmd_train(args) -> int:
     from nmt import training
 
     cfg = _load_config(args)
-    summary = training.train(cfg, resume=args.resume, reset_optimizer=args.reset_optimizer)
+    summary = training.train(cfg, args.resume, args.reset_optimizer, init_from=args.init_from)
     if summary["rank"] == 0:  # one summary for a torchrun launch
         print(json.dumps(summary))
-    # stopped cleanly by a signal: the shell convention 128 + signal number (130, 143)
-    stop = summary["stop"]
-    return 128 + signal.Signals[stop].value if stop in ("SIGINT", "SIGTERM") else 0
+    return summary["stop"].exit_code  # a signal: the shell's 128 + signal number (130, 143)
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
@@ -197,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reset-optimizer",
         action="store_true",
         help="with --resume: fresh optimizer and schedule state (e.g. a new lr)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run (new optimizer, step 0) from this checkpoint's weights; data.dir "
+        "must hold its tokenizer (nmt prepare ... --tokenizer-from CKPT)",
     )
     p.set_defaults(func=cmd_train)
 

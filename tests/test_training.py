@@ -10,7 +10,7 @@ from helpers_training import tiny as _tiny
 from nmt import checkpoint
 from nmt.cli import main
 from nmt.config import load_config
-from nmt.training import Trainer, lr_factor
+from nmt.training import Stop, Trainer, TrainState, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def test_resume_equals_uninterrupted_run(data_fixture, tmp_path, monkeypatch, re
     stop_at = steps_per_epoch + 2  # mid-way through the second epoch
     original = Trainer._optimizer_step
 
-    def stop_after(self, batches, window):
-        original(self, batches, window)
-        if self.step == stop_at:
-            self.stop_signal = "SIGTERM"
+    def stop_after(self, batches):
+        original(self, batches)
+        if self.state.step == stop_at:
+            self.signals.received = Stop.SIGTERM
 
     monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
     assert trainer.run()["stop"] == "SIGTERM"
@@ -68,7 +68,7 @@ def test_resume_equals_uninterrupted_run(data_fixture, tmp_path, monkeypatch, re
     assert checkpoint.load(cut / "last.pt")["train_state"]["step"] == stop_at
 
     resumed = Trainer(load_config(None, _tiny(prepared, cut)), resume=True)
-    assert resumed.step == stop_at
+    assert resumed.state.step == stop_at
     assert resumed.run()["stop"] == "max_epochs"
     a, b = _weights(full / "last.pt"), _weights(cut / "last.pt")
     assert a.keys() == b.keys()
@@ -126,7 +126,7 @@ def test_a_run_with_a_time_budget_decays_as_the_time_is_spent(prepared, tmp_path
     extra = ["train.max_minutes=1000", "train.decay_start=0.5", "train.decay_times=2"]
     extra += ["train.warmup_steps=0", "train.max_epochs=0", "train.max_steps=8"]
     trainer = Trainer(load_config(None, _tiny(prepared, tmp_path / "run", *extra)))
-    monkeypatch.setattr(Trainer, "_elapsed", lambda self: 0.9 * 60 * 1000)  # 90% spent
+    monkeypatch.setattr(TrainState, "seconds", lambda self: 0.9 * 60 * 1000)  # 90% spent
     assert trainer.run()["stop"] == "max_steps"  # 1000 minutes not reached: no time stop
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["type"] == "train"]
@@ -154,12 +154,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(prepared, tmp_path, monk
         load_config(None, _tiny(prepared, out, "train.max_epochs=3", "train.max_bad_steps=4")),
         resume=True,
     )
-    start = trainer.step
+    start = trainer.state.step
     with pytest.raises(NmtError, match="4 non-finite losses in a row: stopping"):
         trainer.run()
-    assert trainer.bad_steps_total == 5
+    assert trainer.health.total == 5
     # found at the log point (every 2 steps) that follows the 4th bad step in a row
-    assert start + 7 <= trainer.step <= start + 8
+    assert start + 7 <= trainer.state.step <= start + 8
     assert (out / "last.pt").read_bytes() == before  # the last good checkpoint is intact
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     bad = [r for r in records if r["type"] == "bad_step"]
