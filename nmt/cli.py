@@ -75,6 +75,22 @@ def cmd_train(args) -> int:
     return summary["stop"].exit_code  # a signal: the shell's 128 + signal number (130, 143)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
+    p.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="with --resume: fresh optimizer and schedule state (e.g. a new lr)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run (new optimizer, step 0) from this checkpoint's weights; data.dir "
+        "must hold its tokenizer (nmt prepare ... --tokenizer-from CKPT)",
+    )
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, help="beam size (1 = greedy; default from checkpoint)")
     p.add_argument("--alpha", type=float, help="length penalty ((5+|Y|)/6)^alpha")
@@ -188,19 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")
-    _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
-    p.add_argument(
-        "--reset-optimizer",
-        action="store_true",
-        help="with --resume: fresh optimizer and schedule state (e.g. a new lr)",
-    )
-    p.add_argument(
-        "--init-from",
-        metavar="CKPT",
-        help="start a new run (new optimizer, step 0) from this checkpoint's weights; data.dir "
-        "must hold its tokenizer (nmt prepare ... --tokenizer-from CKPT)",
-    )
+    _train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("translate", help="translate a file or stdin, one line in, one line out")
