@@ -40,6 +40,35 @@ def test_train_cli_writes_run_folder(prepared, tmp_path, capsys):
     assert _validate(ckpt["model"], out) == {k: pytest.approx(valid[-1][k]) for k in FIGURES}
     assert ckpt["config"]["train"]["out_dir"] == str(out)
     assert "train_state" in ckpt and "train_state" not in checkpoint.load(out / "best.pt")
+    assert set(ckpt["train_state"]) == {*PREVIOUS_KEYS, "validated_step", "init_from"}
+
+
+# the train_state keys of the checkpoints of the previous version (still resumed), besides
+# rng_by_rank (torchrun only)
+PREVIOUS_KEYS = ("step", "epoch", "best", "bad_validations", "optimizer", "scheduler", "scaler")
+PREVIOUS_KEYS += ("sampler", "rng", "train_seconds")
+
+
+def test_train_state_to_dict_and_from_dict_mirror_each_other():
+    import numpy as np
+
+    from nmt.data import TokenBatchSampler
+
+    def sampler():
+        return TokenBatchSampler(np.arange(2, 60), np.arange(2, 60), 80, seed=3)
+
+    saving = sampler()
+    saving.set_epoch(2)
+    state = TrainState(7, 2, 3, best=1.5, bad_validations=1, train_seconds=10.0)
+    state.validated_step, state.init_from = 6, "a.pt"
+    saved = state.to_dict(saving)
+    assert saved["sampler"] == {"epoch": 2, "position": 3, "world_size": 1}
+    loading = sampler()
+    restored = TrainState.from_dict(saved, loading)
+    assert restored == TrainState(7, 2, 3, 1.5, 1, saved["train_seconds"], 6, "a.pt")
+    assert saved["train_seconds"] >= 10.0 and (loading.epoch, loading.position) == (2, 3)
+    previous = {k: saved[k] for k in ("step", "epoch", "best", "bad_validations", "sampler")}
+    assert TrainState.from_dict(previous, sampler()) == TrainState(7, 2, 3, 1.5, 1)
 
 
 def _weights(path):
