@@ -12,7 +12,7 @@ import torch
 
 from nmt.cli import main
 
-PAUSE_SECONDS = 0.5
+PAUSE_SECONDS = 0.3
 _save = torch.save
 
 
