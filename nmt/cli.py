@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -122,12 +121,26 @@ def cmd_train(args) -> int:
     from nmt import training
 
     cfg = _load_config(args)
-    summary = training.train(cfg, resume=args.resume, reset_optimizer=args.reset_optimizer)
+    summary = training.train(cfg, args.resume, args.reset_optimizer, init_from=args.init_from)
     if summary["rank"] == 0:  # one summary for a torchrun launch
         print(json.dumps(summary))
-    # stopped cleanly by a signal: the shell convention 128 + signal number (130, 143)
-    stop = summary["stop"]
-    return 128 + signal.Signals[stop].value if stop in ("SIGINT", "SIGTERM") else 0
+    return summary["stop"].exit_code  # a signal: the shell's 128 + signal number (130, 143)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
+    p.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="with --resume: fresh optimizer and schedule state (e.g. a new lr)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run (new optimizer, step 0) from this checkpoint's weights; data.dir "
+        "must hold its tokenizer (nmt prepare ... --tokenizer-from CKPT)",
+    )
 
 
 _CALL_OWN = ("n_best",)  # search keys with a flag of their own (`nmt translate --n-best`)
@@ -465,13 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model")
-    _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
-    p.add_argument(
-        "--reset-optimizer",
-        action="store_true",
-        help="with --resume: fresh optimizer and schedule state (e.g. a new lr)",
-    )
+    _train_args(p)
     p.set_defaults(func=cmd_train)
 
     _add_translate(sub)

@@ -173,6 +173,11 @@ class TrainConfig:
         min=0,
     )
     log_every: int = opt(50, "log every N steps", min=1)
+    tensorboard: bool = opt(
+        False,
+        "also write the log's figures as TensorBoard event files under out_dir/tensorboard "
+        "(needs pip install 'nmt[tensorboard]')",
+    )
     seed: int = opt(1, "random seed (model init, batch order, dropout)")
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
     precision: str = opt(

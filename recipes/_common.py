@@ -114,7 +114,7 @@ class Recipe:
         cfg = self.config()
         resume = (Path(cfg.train.out_dir) / "last.pt").exists()
         summary = training.train(cfg, resume=resume)
-        if summary["stop"] in ("SIGINT", "SIGTERM"):
+        if summary["stop"].by_signal:
             raise KeyboardInterrupt
         self.draw_curves()
 

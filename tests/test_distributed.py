@@ -167,9 +167,9 @@ def _train_worker(rank, port, overrides, out_dir, signal_rank, signal_step) -> N
         trainer = Trainer(load_config(None, overrides), dist=dist)
         step = trainer._optimizer_step
 
-        def step_then_signal(batches, window):
-            step(batches, window)
-            if rank == signal_rank and trainer.step == signal_step:
+        def step_then_signal(batches):
+            step(batches)
+            if rank == signal_rank and trainer.state.step == signal_step:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         trainer._optimizer_step = step_then_signal
@@ -243,7 +243,8 @@ def test_torchrun_two_ranks_train_save_once_and_resume_exactly(prepared, tmp_pat
 
     # the same checkpoint, resumed by one process: the epoch goes on after 2 x 2 batches
     trainer = Trainer(load_config(None, _tiny(prepared, one_rank, *constant)), resume=True)
-    assert (trainer.step, trainer.epoch, trainer.batches_done) == (stop_at, 1, 4)
+    state = trainer.state
+    assert (state.step, state.epoch, state.batches_done) == (stop_at, 1, 4)
     summary = trainer.run()
     assert summary["stop"] == "max_epochs"
     assert summary["step"] == stop_at + len(trainer.sampler) - 4

@@ -82,16 +82,16 @@ def test_training_steps_do_not_wait_for_the_gpu(prepared, tmp_path):
     trainer = Trainer(load_config(None, _cuda(prepared, tmp_path / "run")))
     batches = [batch for _, batch in zip(range(6), trainer.loader)]
     assert all(b.src_ids.is_pinned() and b.tgt_out_ids.is_pinned() for b in batches)
-    trainer._optimizer_step(batches[:1], trainer.window)  # lazy set-up: scaler, Adam state
+    trainer._optimizer_step(batches[:1])  # lazy set-up: scaler, Adam state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
     try:
         for batch in batches[1:]:
-            trainer._optimizer_step([batch], trainer.window)
+            trainer._optimizer_step([batch])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     trainer._check_steps()  # the one sync, at a log point
-    assert trainer.window.good_steps == 6 and trainer.bad_steps_total == 0
+    assert trainer.window.good_steps == 6 and trainer.health.total == 0
 
 
 @pytest.mark.parametrize("family, variant", CASES)

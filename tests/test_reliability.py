@@ -1,13 +1,16 @@
 """Reliability: kills, faults and bad input lose nothing and get one clear error.
 
-- A catalogue of user mistakes (`BAD_INPUTS`, 31 cases), each through the real command line
+- A catalogue of user mistakes (`BAD_INPUTS`), each through the real command line
   (`nmt`, or a recipe's script): exit code 2, one `error:` line that names the file (and line or
   key), no traceback, nothing on stdout, no output file or temporary file left behind.
-- SIGTERM stops a training run after its step and writes `last`; a checkpoint write that hits a
-  full disk (a real one: RLIMIT_FSIZE makes the kernel refuse the write) keeps the previous
-  checkpoint and stops with a clear message.
-- SIGKILL at random moments, 20 times in a row (mostly while checkpoints are being written):
-  every checkpoint on disk stays loadable and the resumed run ends with exactly the weights of an
+- SIGINT/SIGTERM stop a training run after its step, write `last` and exit 130/143; a
+  checkpoint write that hits a full disk (a real one: RLIMIT_FSIZE makes the kernel refuse the
+  write) keeps the previous checkpoint and stops with a clear message.
+- The README's promises about runs: a fresh `nmt train` refuses a folder that holds a run,
+  `train.max_minutes` is counted across resumes, a resume refuses a changed tokenizer.
+- SIGKILL, 20 times in a row, each on a live process, half of them in the middle of a
+  checkpoint write (tests/slow_writes.py holds writes open before their rename): every
+  checkpoint on disk stays loadable and the resumed run ends with exactly the weights of an
   uninterrupted one (`slow`; CI runs it).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import random
 import re
@@ -427,10 +431,14 @@ def test_ten_thousand_hostile_lines_give_ten_thousand_lines_in_order(tiny_checkp
 
 
 # ------------------------------------------------------------------ signals and a full disk
-def _train_process(argv: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _train_process(argv: list[str], paused_writes: bool = False, **kwargs) -> subprocess.Popen:
+    """`nmt train ARGV` in a subprocess reading stderr; `paused_writes`: through
+    tests/slow_writes.py, which holds every checkpoint write open before its rename."""
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
+    entry = [str(ROOT / "tests" / "slow_writes.py")] if paused_writes else ["-m", "nmt"]
     return subprocess.Popen(
-        [sys.executable, "-m", "nmt", "train", *argv],
+        [sys.executable, *entry, "train", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -440,26 +448,31 @@ def _train_process(argv: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
-def _wait_for_steps(proc: subprocess.Popen, n: int) -> list[str]:
-    """Read stderr until the n-th `step=` progress line; returns the lines read."""
+def _wait_for_lines(proc: subprocess.Popen, prefix: str, n: int) -> list[str]:
+    """Read stderr up to the n-th line starting with `prefix` (`step=`: a progress line, one
+    per step with train.log_every=1); fails if the process ends before it wrote them."""
     seen, lines = 0, []
     for line in proc.stderr:
         lines.append(line)
-        if line.startswith("step="):
-            seen += 1
-            if seen >= n:
-                break
-    return lines
+        seen += line.startswith(prefix)
+        if seen == n:
+            return lines
+    proc.wait()
+    pytest.fail(
+        f"the process ended (exit {proc.returncode}) after {seen} of {n} lines starting with "
+        f"{prefix!r}; its stderr ended with:\n{''.join(lines[-10:])}"
+    )
 
 
-def test_sigterm_stops_after_the_step_and_writes_last(prepared, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_writes_last_and_exits_128_plus_it(sig, prepared, tmp_path):
     out = tmp_path / "run"
     proc = _train_process(_tiny(prepared, out, "train.max_epochs=50"))
-    _wait_for_steps(proc, 3)
-    proc.send_signal(signal.SIGTERM)
+    _wait_for_lines(proc, "step=", 3)
+    proc.send_signal(sig)
     rest = proc.stderr.read()
-    assert proc.wait() == 128 + signal.SIGTERM
-    assert "stopped on SIGTERM: saved" in rest
+    assert proc.wait() == 128 + sig  # 130, 143
+    assert f"stopped on {sig.name}: saved" in rest
     state = checkpoint.load(out / "last.pt")["train_state"]
     assert f"at step {state['step']}" in rest and state["step"] >= 3
 
@@ -493,30 +506,92 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(prepared, tmp_path, 
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
 
 
+# ------------------------------------------------------------------ the README's promises on runs
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *_tiny(prepared, out, "train.max_steps=2")]) == 0
+    before = _sha(out / "last.pt")
+    capsys.readouterr()
+    assert main(["train", *_tiny(prepared, out, "train.max_steps=4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{out}: already holds a run (last.pt)" in err
+    assert "--resume" in err and _sha(out / "last.pt") == before
+
+
+def _pretend_trained_for(last: Path, seconds: float) -> None:
+    """Rewrite `last` as if its run had trained for `seconds` so far."""
+    ckpt = checkpoint.load(last)
+    ckpt["train_state"]["train_seconds"] = seconds
+    checkpoint.atomic_torch_save(ckpt, last)
+
+
+def test_max_minutes_is_counted_across_resumes(prepared, tmp_path):
+    from nmt.config import load_config
+    from nmt.training import Stop, Trainer
+
+    out = tmp_path / "run"
+    Trainer(load_config(None, _tiny(prepared, out, "train.max_steps=4"))).run()
+    _pretend_trained_for(out / "last.pt", 3600.0)  # an hour before this process
+    budget = ("train.max_steps=0", "train.max_epochs=3")  # forgetting the hour: 3 epochs
+    over = Trainer(load_config(None, _tiny(prepared, out, *budget, "train.max_minutes=30")), True)
+    summary = over.run()
+    assert (summary["stop"], summary["step"]) == (Stop.MAX_MINUTES, 5)  # one step, then the stop
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["type"] == "valid" and records[-1]["step"] == 5  # validated at the stop
+    assert checkpoint.load(out / "last.pt")["train_state"]["train_seconds"] > 3600
+    # the control: with 2 hours, an hour spent is not the end
+    _pretend_trained_for(out / "last.pt", 3600.0)
+    within = ("train.max_steps=7", "train.max_epochs=0", "train.max_minutes=120")
+    summary = Trainer(load_config(None, _tiny(prepared, out, *within)), resume=True).run()
+    assert (summary["stop"], summary["step"]) == (Stop.MAX_STEPS, 7)
+
+
+def test_a_resume_refuses_a_changed_tokenizer(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *_tiny(prepared, out, "train.max_steps=2")]) == 0
+    (tmp_path / "other").mkdir()
+    other = prepare_tiny(tmp_path / "other", "tokenizer.vocab_size=100")
+    capsys.readouterr()
+    argv = ["train", "--resume", *tiny(other, out, "train.max_steps=4", "train.log_every=1")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    data_dir = tmp_path / "other" / "data"
+    assert f"{out / 'last.pt'}: cannot resume: the tokenizer in {data_dir} is not the one" in err
+
+
 # ------------------------------------------------------------------ SIGKILL, 20 times
 @pytest.mark.slow
 def test_twenty_sigkills_then_resume_equal_an_uninterrupted_run(prepared, tmp_path):
+    """20 processes killed while alive, half of them in the middle of a checkpoint write (after
+    the temporary file is written, before its rename); every file under a final name stays
+    loadable, and the resumed run ends with the weights of an uninterrupted one."""
     extra = ("train.max_steps=70", "train.max_epochs=0", "train.save_every=1", "train.keep_last=1")
     reference = tmp_path / "reference"
     assert main(["train", *_tiny(prepared, reference, *extra)]) == 0
     out = tmp_path / "killed"
     argv = _tiny(prepared, out, *extra)
     rng = random.Random(20)
-    kills = 0
-    while True:
+    during_writes = 0
+    for kill in range(20):
         resume = ["--resume"] if (out / "last.pt").exists() else []
-        proc = _train_process([*resume, *argv])
-        if kills == 20:
-            rest = proc.stderr.read()
-            assert proc.wait() == 0, rest
-            break
-        # right after a step's log line the process is writing step_N.pt and last.pt
-        _wait_for_steps(proc, rng.randint(1, 4))
+        in_a_write = kill % 2 == 1
+        proc = _train_process([*resume, *argv], paused_writes=in_a_write)
+        if in_a_write:  # every step writes step_N.pt then last.pt: kill in the k-th write
+            _wait_for_lines(proc, "PAUSED_WRITE", rng.randint(1, 4))
+        else:  # right after a step's log line, when step_N.pt and last.pt are written
+            _wait_for_lines(proc, "step=", rng.randint(1, 4))
         proc.kill()
-        proc.wait()
-        kills += 1
+        assert proc.wait() == -signal.SIGKILL  # the kill landed on a live process
+        temps = list(out.glob(".*.pt.*.tmp"))
+        during_writes += bool(temps)
+        assert bool(temps) or not in_a_write, f"kill {kill}: no unfinished write left behind"
         for path in out.glob("*.pt"):  # every file under a final name is complete
             checkpoint.load(path)
+    assert during_writes >= 10
+    proc = _train_process(["--resume", *argv])
+    rest = proc.stderr.read()
+    assert proc.wait() == 0, rest
     final = checkpoint.load(out / "last.pt")
     expected = checkpoint.load(reference / "last.pt")
     assert final["train_state"]["step"] == expected["train_state"]["step"] == 70
