@@ -53,7 +53,7 @@ MUTANTS = (
         "nmt/optimization.py",
         "self.scaler.step(self.optimizer)",
         "pass  # MUTANT",
-        ("tests/test_training.py", "tests/test_journeys.py"),
+        ("tests/test_learning.py", "tests/test_training.py"),
     ),
     Mutant(
         "loss-gradient-zeroed",
@@ -61,7 +61,15 @@ MUTANTS = (
         "nmt/optimization.py",
         "        return grad, None, None, None",
         "        return torch.zeros_like(grad), None, None, None  # MUTANT",
-        ("tests/test_loss.py", "tests/test_training.py"),
+        ("tests/test_learning.py", "tests/test_loss.py"),
+    ),
+    Mutant(
+        "lr-schedule-not-stepped",
+        "the learning-rate schedule never stepped (the first step's warm-up lr kept throughout)",
+        "nmt/optimization.py",
+        "        self.scheduler.step()",
+        "        pass  # MUTANT",
+        ("tests/test_learning.py", "tests/test_loss.py"),
     ),
     Mutant(
         "length-penalty-ignored",
