@@ -102,6 +102,13 @@ def train_batches(cfg: Config, dist: Distributed, tok: Tokenizer, train_set):
     return sampler, loader
 
 
+def train_dtype(precision: str, dist: Distributed) -> torch.dtype:
+    """train.precision as a dtype; `auto` on a CPU asks the probe (nmt.devices), and under
+    torchrun every rank takes rank 0's answer, so that all ranks compute alike."""
+    dtype = resolve_dtype(precision, dist.device)
+    return dist.broadcast(dtype) if precision == "auto" and dist.enabled else dtype
+
+
 def learn_shortlist(train_set, tok: Tokenizer, dist: Distributed, log: runlog.RunLog):
     """The vocabulary shortlist of the train split (nmt.shortlist), written into every
     checkpoint for `search.shortlist`. Rank 0 only: the others write no checkpoint."""
@@ -229,9 +236,7 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.dist = dist or Distributed.single(resolve_device(t.device))
         self.device = self.dist.device
-        self.dtype = resolve_dtype(t.precision, self.device)
-        if t.precision == "auto" and self.dist.enabled:  # each rank's probe: rank 0's choice
-            self.dtype = self.dist.broadcast(self.dtype)
+        self.dtype = train_dtype(t.precision, self.dist)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.state = TrainState()
