@@ -214,7 +214,7 @@ _IWSLT14_FILES = {
 # Helsinki-NLP/OPUS-MT-testsets, commit ac0f19c, datasets/helsinki_nlp/tatoeba/testsets/deu-eng/,
 # renamed deu/eng -> de/en; see shared/corpora/tatoeba_test_de_en/README.md). Short everyday
 # sentences: v2021-08-07 holds 17,565 pairs, v2020-07-28 10,000, every one of them also in
-# v2021-08-07 (so the two are not independent data). Sorted by the German side.
+# v2021-08-07 (so the two are not independent data). Roughly in alphabetical order of the German.
 _TATOEBA = """
 8ffc137e56a0ac43fae6b1cb840f8aa99a31f5c146d018fd68a111b287d3a73e 163300 v2020-07-28 de
 ffe69e67593af986ed3aab040217946c3c28801059cc2023f55d2e0960bef850 139590 v2020-07-28 en

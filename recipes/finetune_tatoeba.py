@@ -12,9 +12,10 @@ data.tgt_lang); a checkpoint of a language pair other than de/en is refused.
 
 - download: the Tatoeba pairs (nmt.corpora `tatoeba`) and Multi30k test_2016_flickr into RUN/raw.
 - split, by a fixed rule (the same for both directions; RUN/raw/split.json holds the counts): of
-  the N pairs in file order (0-based index i; the file is sorted by its German side), the
-  held-out test set (RUN/raw/heldout.*) is the 2,000 pairs at i = (j+1)·N // 2000 − 1 for
-  j = 0 … 1,999 (every 8.8th pair, over the whole file, the last one included); validation
+  the N pairs in file order (0-based index i; the file runs roughly in alphabetical order of its
+  German side), the held-out test set (RUN/raw/heldout.*) is the 2,000 pairs at
+  i = (j+1)·N // 2000 − 1 for j = 0 … 1,999 (every 8.8th pair, over the whole file, the last one
+  included); validation
   (RUN/raw/valid.*) is, of the other 15,565 pairs in order, the 500 at positions
   (j+1)·15,565 // 500 − 1; training (RUN/raw/train.*) is the remaining 15,065 pairs less every
   pair whose German or English sentence is also that of a held-out or validation pair (535 pairs),
