@@ -598,6 +598,8 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
 def _merge(base: dict, extra: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for section, values in extra.items():
+        if values is None and section in out:  # an empty section (`search:`) changes nothing
+            continue
         if isinstance(out.get(section), dict) and isinstance(values, dict):
             out[section].update(values)
         else:
@@ -665,8 +667,11 @@ def read_yaml(path: str | Path) -> dict:
         raise UsageError(f"{path}:{where}: invalid YAML: {what}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> Config:
+    """Defaults, then `base` (nested sections, e.g. a checkpoint's config: what a fine-tuning
+    run starts from), then the YAML file (if any), then `section.key=value` overrides."""
     raw = read_yaml(path) if path else {}
     extra, problems = parse_overrides(list(overrides))
     source = str(path) if path else None
@@ -674,7 +679,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(
             [f"expected a mapping of sections at the top level, found {type(raw).__name__}"], source
         )
-    return from_dict(_merge(raw, extra), source, problems)
+    return from_dict(_merge(_merge(base or {}, raw), extra), source, problems)
 
 
 def to_yaml(cfg: Config) -> str:

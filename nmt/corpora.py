@@ -210,6 +210,18 @@ _IWSLT14_FILES = {
     "test": "test",
 }
 
+# The mirror's tatoeba_test_de_en/: the Tatoeba Translation Challenge de-en test sets (from
+# Helsinki-NLP/OPUS-MT-testsets, commit ac0f19c, datasets/helsinki_nlp/tatoeba/testsets/deu-eng/,
+# renamed deu/eng -> de/en; see shared/corpora/tatoeba_test_de_en/README.md). Short everyday
+# sentences: v2021-08-07 holds 17,565 pairs, v2020-07-28 10,000, every one of them also in
+# v2021-08-07 (so the two are not independent data). Roughly in alphabetical order of the German.
+_TATOEBA = """
+8ffc137e56a0ac43fae6b1cb840f8aa99a31f5c146d018fd68a111b287d3a73e 163300 v2020-07-28 de
+ffe69e67593af986ed3aab040217946c3c28801059cc2023f55d2e0960bef850 139590 v2020-07-28 en
+9f9e4cfb4f4820ee6f0c81076a9b66f523dabf63b02b57c42e8afb5b49b9dff2 258597 v2021-08-07 de
+94fb7926beb6bec4fb3ffd3ee6e89cc8cc64fb97e9c99326d65a01822786da0a 232750 v2021-08-07 en
+"""
+
 CORPORA: dict[str, Corpus] = {
     "multi30k": Corpus(
         name="multi30k",
@@ -234,6 +246,15 @@ CORPORA: dict[str, Corpus] = {
         files=_table(_IWSLT14, lambda split, lang: f"raw/{_IWSLT14_FILES[split]}.{lang}.gz"),
         default_splits=("test",),
         description="IWSLT14 de-en TED dev/test sets (mirror only: NMT_MIRROR must be set)",
+    ),
+    "tatoeba": Corpus(
+        name="tatoeba",
+        base_url="",
+        mirror_dir="tatoeba_test_de_en",
+        files=_table(_TATOEBA, lambda split, lang: f"tatoeba-test-{split}.{lang}.gz"),
+        default_splits=("v2021-08-07",),
+        description="Tatoeba de-en test sets, everyday sentences (mirror only: NMT_MIRROR must "
+        "be set)",
     ),
 }
 

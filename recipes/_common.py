@@ -44,14 +44,7 @@ def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.Argumen
     )
     p.add_argument("--src", default=src, help=f"source language (default {src})")
     p.add_argument("--tgt", default=tgt, help=f"target language (default {tgt})")
-    p.add_argument("--config", help="config file (default: the recipe's)")
-    p.add_argument("--run-dir", help="output folder (default: runs/RECIPE_SRC_TGT_CONFIG)")
-    p.add_argument(
-        "--start-stage",
-        choices=stages,
-        help="redo this stage and every later one (default: the first stage not done)",
-    )
-    p.add_argument("--end-stage", choices=stages, default=stages[-1], help="stop after this stage")
+    stage_args(p, stages, "runs/RECIPE_SRC_TGT_CONFIG")
     p.add_argument("--test-sets", nargs="+", help="test sets to translate (default: the recipe's)")
     p.add_argument(
         "--beam-sizes",
@@ -64,6 +57,18 @@ def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.Argumen
     return p
 
 
+def stage_args(p: argparse.ArgumentParser, stages, run_dir: str) -> None:
+    """--config, --run-dir (default `run_dir`), --start-stage and --end-stage."""
+    p.add_argument("--config", help="config file (default: the recipe's)")
+    p.add_argument("--run-dir", help=f"output folder (default: {run_dir})")
+    p.add_argument(
+        "--start-stage",
+        choices=stages,
+        help="redo this stage and every later one (default: the first stage not done)",
+    )
+    p.add_argument("--end-stage", choices=stages, default=stages[-1], help="stop after this stage")
+
+
 class Recipe:
     """Stages of one experiment in `run_dir`: raw text in `raw/`, markers in `.done/`."""
 
@@ -73,6 +78,7 @@ class Recipe:
     test_corpus = ""  # the nmt.corpora definition holding the test sets
     valid_name = "valid"  # raw/<valid_name>.<lang>
     bleu: tuple = (BLEU_CASED,)
+    init_from: Path | None = None  # a checkpoint whose weights start the run (fine-tuning)
 
     def __init__(self, args, run_dir: Path, test_sets: list[str], beams: list[int]):
         self.args, self.run_dir = args, Path(run_dir)
@@ -98,7 +104,13 @@ class Recipe:
             f"data.dir={self.run_dir}/data",
             f"train.out_dir={self.run_dir}/model",
         ]
-        return load_config(self.config_file(), paths + list(self.args.overrides))
+        overrides = paths + list(self.args.overrides)
+        return load_config(self.config_file(), overrides, base=self.base_config())
+
+    def base_config(self) -> dict | None:
+        """Settings under the config file's (a checkpoint's config, to fine-tune it); None: the
+        defaults."""
+        return None
 
     def download_test_sets(self) -> dict:
         """{test set: {lang: text file}}, fetched (or verified) into raw/."""
@@ -113,7 +125,8 @@ class Recipe:
 
         cfg = self.config()
         resume = (Path(cfg.train.out_dir) / "last.pt").exists()
-        summary = training.train(cfg, resume=resume)
+        init_from = None if resume else self.init_from  # a resumed run has its weights already
+        summary = training.train(cfg, resume=resume, init_from=init_from)
         if summary["stop"].by_signal:
             raise KeyboardInterrupt
         self.draw_curves()

@@ -1,5 +1,7 @@
 """Config: defaults, YAML loading, overrides and the exact error messages."""
 
+import dataclasses
+
 import pytest
 
 from nmt.config import Config, defaults_yaml, load_config, read_yaml
@@ -41,6 +43,20 @@ def test_overrides_apply_after_file(tmp_path):
     assert cfg.train.lr == 0.5 and cfg.train.seed == 7
     assert Config().model.tie_embeddings is False and cfg.model.tie_embeddings is True
     assert cfg.data.dir == "x/y"
+
+
+def test_a_base_comes_before_the_file_and_the_overrides(tmp_path):
+    # a fine-tuning run: the checkpoint's config, then the fine-tuning file, then the command line
+    base = Config()
+    base.model.hidden, base.train.lr, base.train.seed = 48, 0.002, 3
+    base.search = dataclasses.replace(base.search, beam_size=7)  # frozen: replaced whole
+    path = tmp_path / "ft.yaml"
+    path.write_text("train:\n  lr: 0.0005\n  max_steps: 300\nsearch:\n")  # search: empty
+    cfg = load_config(path, ["train.max_steps=10"], base=base.to_dict())
+    assert (cfg.model.hidden, cfg.train.seed) == (48, 3)  # kept from the base
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.0005, 10)  # the file, then the override
+    assert cfg.search.beam_size == 7  # an empty section keeps the base's
+    assert load_config(path).model.hidden == Config().model.hidden  # no base: the defaults
 
 
 def test_int_accepted_for_float_but_not_bool_for_int():
@@ -89,7 +105,8 @@ def test_missing_and_non_utf8_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "gnmt_iwslt14", "demo", "tcn_small"]
+    "name",
+    ["gnmt_small", "gnmt_v2", "gnmt_paper", "gnmt_iwslt14", "demo", "tcn_small", "finetune"],
 )
 def test_shipped_configs_are_valid(name):
     from pathlib import Path

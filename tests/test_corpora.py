@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,73 @@ def test_iwslt14_test_sets_from_the_mirror(tmp_path, monkeypatch, form):
             assert len(files[split][lang].read_text(encoding="utf-8").splitlines()) == n
     if form == "path":  # the first line of the fairseq test set (mirror README's sample)
         assert files["test"]["en"].read_text(encoding="utf-8").startswith("You know, one of")
+
+
+_STARTED_WITH_MIRROR = os.environ.get(corpora.MIRROR_ENV, "").strip()
+TATOEBA_PAIRS = 17_565  # v2021-08-07 (the mirror README)
+
+
+def _mirror_holding(folder: str) -> Path | None:
+    """The corpus mirror holding `folder`: NMT_MIRROR as the suite was started (the autouse
+    fixture hides it from the tests), else ../shared/corpora beside the checkout, else None."""
+    for place in (_STARTED_WITH_MIRROR, SHARED_CORPORA):
+        if place and (Path(place) / folder).is_dir():
+            return Path(place).resolve()
+    return None
+
+
+def test_tatoeba_definitions_match_the_mirror_files():
+    mirror = _mirror_holding("tatoeba_test_de_en")
+    if mirror is None:
+        pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
+    folder = mirror / "tatoeba_test_de_en"
+    corpus = corpora.CORPORA["tatoeba"]
+    assert (corpus.mirror_dir, corpus.base_url, corpus.default_splits) == (
+        "tatoeba_test_de_en",
+        "",
+        ("v2021-08-07",),
+    )
+    defined = [s for by_lang in corpus.files.values() for s in by_lang.values()]
+    assert {s.path for s in defined} == {p.name for p in folder.glob("*.gz")}  # each one once
+    for spec in defined:
+        data = (folder / spec.path).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (spec.sha256, spec.size)
+
+
+def test_tatoeba_from_the_mirror_over_http(tmp_path, monkeypatch):
+    mirror = _mirror_holding("tatoeba_test_de_en")
+    if mirror is None:
+        pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
+    out = tmp_path / "out"
+    with serve_folder(mirror) as (url, requests):
+        monkeypatch.setenv(corpora.MIRROR_ENV, url)
+        files = corpora.download("tatoeba", ["en", "de"], out, quiet=True)  # default split
+    assert requests == [
+        "/tatoeba_test_de_en/tatoeba-test-v2021-08-07.en.gz",
+        "/tatoeba_test_de_en/tatoeba-test-v2021-08-07.de.gz",
+    ]
+    assert files == {"v2021-08-07": {lang: out / f"v2021-08-07.{lang}" for lang in ("en", "de")}}
+    de = files["v2021-08-07"]["de"].read_text(encoding="utf-8").splitlines()
+    en = files["v2021-08-07"]["en"].read_text(encoding="utf-8").splitlines()
+    assert len(de) == len(en) == TATOEBA_PAIRS
+    # the first and last pairs of the mirror README's sample
+    assert de[0].startswith("1935 erhielt Einstein") and en[0].startswith("In 1935 Einstein")
+    assert (de[-1], en[-1]) == ("Zwischen uns ist alles vorbei.", "It's all over between us.")
+
+
+def test_tatoeba_refuses_a_file_with_another_checksum(tmp_path, monkeypatch):
+    # a mirror whose file has the right size but other bytes: refused, nothing left behind
+    spec = corpora.CORPORA["tatoeba"].files["v2021-08-07"]["de"]
+    fake = tmp_path / "mirror" / "tatoeba_test_de_en" / spec.path
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"x" * spec.size)
+    monkeypatch.setenv(corpora.MIRROR_ENV, str(tmp_path / "mirror"))
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError) as err:
+        corpora.download("tatoeba", ["de", "en"], out, splits=["v2021-08-07"], quiet=True)
+    msg = str(err.value)
+    assert "tatoeba-test-v2021-08-07.de.gz: checksum mismatch" in msg and spec.sha256 in msg
+    assert _looks_complete(out) == []
+    monkeypatch.delenv(corpora.MIRROR_ENV)
+    with pytest.raises(UsageError, match="tatoeba: these files have no public address"):
+        corpora.download("tatoeba", ["de", "en"], out, quiet=True)

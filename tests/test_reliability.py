@@ -298,6 +298,25 @@ def _topk_zero(tmp, ckpt):
     return argv, "search.topk: must be >= 1, found 0"
 
 
+def _finetune_from_a_missing_checkpoint(tmp, ckpt):
+    argv = ["recipes/finetune_tatoeba.py", "--from", str(tmp / "gone.pt")]
+    return [*argv, "--run-dir", str(tmp / "outrun")], "gone.pt: checkpoint not found"
+
+
+def _finetune_a_model_of_another_pair(tmp, ckpt):
+    loaded = checkpoint.load(ckpt)
+    loaded["config"]["data"]["src_lang"] = "fr"  # a fr→de model: Tatoeba here is de-en only
+    checkpoint.save(
+        tmp / "fr_de.pt",
+        config=loaded["config"],
+        model_state=loaded["model"],
+        tokenizer_bytes=checkpoint.tokenizer_bytes(loaded),
+    )
+    argv = ["recipes/finetune_tatoeba.py", "--from", str(tmp / "fr_de.pt")]
+    expected = r"fr_de.pt: a fr→de model .*Tatoeba here has de and en only"
+    return [*argv, "--run-dir", str(tmp / "outrun")], expected
+
+
 def _input(tmp):
     (tmp / "in.txt").write_text("w1 w2\n")
     return tmp / "in.txt"
@@ -360,6 +379,8 @@ BAD_INPUTS = [
     _topp_over_one,
     _temperature_zero,
     _topk_zero,
+    _finetune_from_a_missing_checkpoint,
+    _finetune_a_model_of_another_pair,
 ]
 
 
