@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_speed import machine  # noqa: E402
-from nmt import data  # noqa: E402
+from nmt import batching, data  # noqa: E402
 from nmt.config import load_config  # noqa: E402
 from nmt.tokenizer import Tokenizer  # noqa: E402
 
@@ -92,7 +92,7 @@ def write_synthetic(
     return paths[0], paths[1], marks
 
 
-def check_epoch(sampler: data.TokenBatchSampler, n_examples: int) -> int:
+def check_epoch(sampler: batching.TokenBatchSampler, n_examples: int) -> int:
     """Run one epoch of `sampler`; assert every index in [0, n_examples) comes exactly once.
     Returns the number of batches."""
     counts = np.zeros(n_examples, dtype=np.int64)
@@ -141,12 +141,12 @@ def measure(work: Path, n_pairs: int, max_tokens: int, overrides: list[str], con
     train = data.load_split(cfg.data.dir, "train")
     results["kept"] = len(train)
     lens = data.lengths(train)
-    sampler = data.TokenBatchSampler(*lens, max_tokens, seed=1)
+    sampler = batching.TokenBatchSampler(*lens, max_tokens, seed=1)
     n_batches = len(sampler)
     _timed(results, "sampler_epoch", n_batches, "batches", lambda: check_epoch(sampler, len(train)))
     tok = Tokenizer.load(cfg.data.dir)
     sampler.set_epoch(1)
-    batches = data.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
+    batches = batching.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
     _timed(results, "make_batches_epoch", len(sampler), "batches", lambda: sum(1 for _ in batches))
     results["batches"] = n_batches
     results["settings"] = {

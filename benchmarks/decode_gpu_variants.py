@@ -106,12 +106,16 @@ batch = gpu_check._decode_batches(1, 128, vocab, seed=8)[0]
 wrapped = gpu_check.RunToLimit(model)
 s = cfg.search
 in_place = functools.partial(search_graph.search, mode="in_place")
-kw = dict(bos_id=gpu_check.BOS, eos_id=gpu_check.EOS, pad_id=gpu_check.PAD, beam_size=5)
-kw.update(alpha=s.alpha, max_len_a=s.max_len_a, max_len_b=s.max_len_b, run=in_place)
+settings = search.SearchSettings(
+    bos_id=gpu_check.BOS, eos_id=gpu_check.EOS, pad_id=gpu_check.PAD, beam_size=5,
+    alpha=s.alpha, max_len_a=s.max_len_a, max_len_b=s.max_len_b,
+)  # fmt: skip
 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-    search.beam_search(wrapped, batch[0].to(device), batch[1].to(device), **kw)
+    search.beam_search(wrapped, batch[0].to(device), batch[1].to(device), settings, run=in_place)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        search.beam_search(wrapped, batch[0].to(device), batch[1].to(device), **kw)
+        search.beam_search(
+            wrapped, batch[0].to(device), batch[1].to(device), settings, run=in_place
+        )
         torch.cuda.synchronize()
 (out_dir / "static_eager_profile.txt").write_text(
     prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45)

@@ -3,13 +3,20 @@
 
     python benchmarks/decode_speed.py CHECKPOINT --src runs/.../raw/test_2016_flickr.en \
         [--beam-sizes 1 5] [--batch-size N] [--repeats 3] [--threads 2] [--json OUT]
+    # precisions and shortlists side by side (one process: same-minute ratios), BLEU, the peer
+    python benchmarks/decode_speed.py CHECKPOINT --src test.en --ref test.de \
+        --dtype float32 int8 bfloat16 --shortlist 0 10 --peer ../onmt/onmt.json
     # TCN only: also time the decoder that recomputes the whole prefix at every step
     python benchmarks/decode_speed.py CHECKPOINT --src ... --recompute
     # also one sentence at a time: latency per sentence (median, p95)
     python benchmarks/decode_speed.py CHECKPOINT --src ... --latency 1000
 
 Model loading is excluded; each figure is the median of --repeats full passes over the file
-(spread reported as min-max). Prints the machine (CPU, threads, torch) with the figures.
+(spread reported as min-max). With several --dtype/--shortlist settings, each repeat runs every
+setting in turn, so that all of them meet the same load on a shared machine; the summary gives
+each setting's speed as a ratio to the first one (and to the peer's figures with --peer: the
+JSON that ../shared/bench/peer_onmt.sh writes, `beam5_sents_per_s_median` and
+`greedy_sents_per_s_median`). Prints the machine (CPU, threads, torch) with the figures.
 
 The first pass also counts the search's work (benchmarks/flops.py, `decode_flops`): model GFLOPs,
 their rate, MFU against a 2048³ float32 matrix product measured in the same run, and
@@ -33,7 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.flops import decode_flops, matmul_peak  # noqa: E402
-from nmt.translator import Translator, read_lines  # noqa: E402
+from nmt import metrics  # noqa: E402
+from nmt.devices import cpu_flags, probe  # noqa: E402
+from nmt.textio import read_lines  # noqa: E402
+from nmt.translator import Translator  # noqa: E402
 
 
 def machine() -> dict:
@@ -45,8 +55,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    flags = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8"}
     return {
         "cpu": cpu,
+        "cpu_flags": sorted(cpu_flags() & flags),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": "cpu",
@@ -104,47 +116,99 @@ class WorkCounter:
         return self.model.step(tgt_ids_t, state, enc)
 
 
-def run(translator, lines: list[str], beam: int, batch, repeats: int, peak=None) -> dict:
+def run(translator, lines: list[str], beam: int, batch, repeats: int, peak=None, **search) -> dict:
     """`repeats` timed passes; with the fp32 matmul `peak` (FLOP/s), the first also counts the
-    search's work: model FLOPs, their rate, MFU and the rate that the peak would allow."""
+    search's work: model FLOPs, their rate, MFU and the rate that the peak would allow.
+    `search`: more search settings (shortlist, ...)."""
     times, outputs = [], None
-    model, counter = translator.model, WorkCounter(translator.model)
     for i in range(repeats):
-        translator.model = counter if i == 0 and peak else model
+        seconds, outputs, counter = _one_pass(
+            translator, lines, beam, batch, i == 0 and peak, search
+        )
+        times.append(seconds)
+        if counter is not None:
+            work = counter
+    result = _figures(translator, lines, beam, batch, times, outputs)
+    if peak:
+        result.update(_work_figures(translator.model, work, len(lines), result["seconds"], peak))
+    return result
+
+
+def _one_pass(translator, lines, beam: int, batch, count: bool, search: dict):
+    """(seconds, outputs, the WorkCounter when `count`) of one pass over `lines`."""
+    model = translator.model
+    counter = WorkCounter(model) if count else None
+    translator.model = counter or model
+    try:
         start = time.perf_counter()
-        outputs = translator.translate(lines, beam_size=beam, batch_size=batch)
-        times.append(time.perf_counter() - start)
-    translator.model = model
+        outputs = translator.translate(lines, beam_size=beam, batch_size=batch, **search)
+        return time.perf_counter() - start, outputs, counter
+    finally:
+        translator.model = model
+
+
+def _figures(translator, lines, beam: int, batch, times: list[float], outputs) -> dict:
     tokens = sum(len(p) + 1 for p in translator.tokenizer.encode_tgt(outputs))  # pieces + eos
     med = statistics.median(times)
-    result = {
+    return {
         "beam": beam,
         "batch_size": batch or translator.cfg.search.batch_size,
         "sentences": len(lines),
         "seconds": med,
         "spread": [min(times), max(times)],
         "sents_per_s": len(lines) / med,
+        "sents_per_s_spread": [len(lines) / max(times), len(lines) / min(times)],
         "tgt_tok_per_s": tokens / med,
         "outputs": outputs,
     }
-    if peak:
-        flops = decode_flops(model, counter.src_tokens, counter.row_steps, counter.row_src_pairs)
-        result.update(
-            row_steps=counter.row_steps,
-            model_gflop=flops / 1e9,
-            model_gflop_per_s=flops / med / 1e9,
-            mfu=flops / med / peak,
-            sents_per_s_at_peak=len(lines) / (flops / peak),
-        )
-    return result
 
 
-def latency(translator: Translator, lines: list[str], beam: int) -> dict:
+def _work_figures(model, counter, n_lines: int, seconds: float, peak: float) -> dict:
+    flops = decode_flops(model, counter.src_tokens, counter.row_steps, counter.row_src_pairs)
+    return {
+        "row_steps": counter.row_steps,
+        "model_gflop": flops / 1e9,
+        "model_gflop_per_s": flops / seconds / 1e9,
+        "mfu": flops / seconds / peak,
+        "sents_per_s_at_peak": n_lines / (flops / peak),
+    }
+
+
+def run_settings(settings: list[dict], lines, beam: int, batch, repeats: int, peak=None):
+    """Each setting ({"name", "translator", "search"}) timed over `repeats` rounds that run
+    every setting in turn (the same minute for all); their figures, in `settings`' order. With
+    the fp32 matmul `peak`, the first pass of a float32 full-vocabulary setting also counts its
+    work (MFU; the analytic count knows float32 layers only)."""
+    times = {s["name"]: [] for s in settings}
+    outputs, counters = {}, {}
+    for i in range(repeats):
+        for s in settings:
+            t = s["translator"]
+            count = bool(peak) and i == 0 and t.precision == "float32" and not s["search"]
+            seconds, outputs[s["name"]], counter = _one_pass(
+                t, lines, beam, batch, count, s["search"]
+            )
+            times[s["name"]].append(seconds)
+            counters[s["name"]] = counter or counters.get(s["name"])
+    results = []
+    for s in settings:
+        r = _figures(s["translator"], lines, beam, batch, times[s["name"]], outputs[s["name"]])
+        r.update(setting=s["name"], precision=s["translator"].precision, **s["search"])
+        if counters[s["name"]] is not None:
+            work = _work_figures(
+                s["translator"].model, counters[s["name"]], len(lines), r["seconds"], peak
+            )
+            r.update(work)
+        results.append(r)
+    return results
+
+
+def latency(translator: Translator, lines: list[str], beam: int, **search) -> dict:
     """One sentence at a time (batch 1): per-sentence latency, median and 95th percentile."""
     times, outputs = [], []
     for line in lines:
         start = time.perf_counter()
-        outputs += translator.translate([line], beam_size=beam, batch_size=1)
+        outputs += translator.translate([line], beam_size=beam, batch_size=1, **search)
         times.append(time.perf_counter() - start)
     tokens = sum(len(p) + 1 for p in translator.tokenizer.encode_tgt(outputs))  # pieces + eos
     total = sum(times)
@@ -162,14 +226,31 @@ def latency(translator: Translator, lines: list[str], beam: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--src", required=True)
+    p.add_argument("--ref", help="reference translations of --src: BLEU of every setting")
     p.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 5])
     p.add_argument(
         "--batch-size", type=int, help="sentences per batch (default: the checkpoint's setting)"
     )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32"],
+        choices=("auto", "float32", "bfloat16", "int8"),
+        help="precisions to time, side by side (search.dtype)",
+    )
+    p.add_argument(
+        "--shortlist",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="K",
+        help="search.shortlist values to time (0 = every piece), side by side",
+    )
+    p.add_argument("--peer", help="OpenNMT-py's figures (onmt.json of peer_onmt.sh): ratios")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--recompute", action="store_true", help="TCN: also time prefix recompute")
@@ -181,54 +262,116 @@ def main(argv=None) -> int:
         help="also translate the first N lines one at a time (batch 1): latency median and p95",
     )
     p.add_argument("--json", help="write the figures here")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    translator = Translator.from_checkpoint(args.checkpoint, device="cpu")
-    lines = read_lines(args.src)
-    peak = matmul_peak(torch.float32, torch.device("cpu"))
+    return p.parse_args(argv)
+
+
+def _settings(args) -> list[dict]:
+    """One setting per (precision, shortlist), each precision's model loaded once."""
+    settings = []
+    for dtype in args.dtype:
+        translator = Translator.from_checkpoint(args.checkpoint, device="cpu", dtype=dtype)
+        name = translator.precision if dtype != "auto" else f"auto={translator.precision}"
+        for k in args.shortlist:
+            search = {"shortlist": k} if k else {}
+            settings.append(
+                {
+                    "name": name + (f" shortlist {k}" if k else ""),
+                    "translator": translator,
+                    "search": search,
+                }
+            )
+    return settings
+
+
+def _compare(results: list[dict], refs, peer: dict | None) -> None:
+    """BLEU, the ratio to the first setting of the same beam, and to the peer's figures."""
+    first = {}
+    for r in results:
+        if refs is not None and "outputs" in r:  # batch 1 translates the first lines only
+            r["bleu"] = round(metrics.bleu(r["outputs"], [refs[: len(r["outputs"])]]).score, 2)
+        if r.get("path") != "batch 1":
+            base = first.setdefault(r["beam"], r)
+            r["speedup_vs_first"] = round(r["sents_per_s"] / base["sents_per_s"], 3)
+            key = {1: "greedy", 5: "beam5"}.get(r["beam"])
+            if peer and key and f"{key}_sents_per_s_median" in peer:
+                r["ratio_to_peer"] = round(r["sents_per_s"] / peer[f"{key}_sents_per_s_median"], 3)
+                r["peer_bleu"] = peer.get(f"{key}_bleu")
+
+
+def _run_all(args, settings, lines, peak) -> list[dict]:
     results = []
     for beam in args.beam_sizes:
-        r = run(translator, lines, beam, args.batch_size, args.repeats, peak)
-        r["path"] = "cached"
-        results.append(r)
+        timed = run_settings(settings, lines, beam, args.batch_size, args.repeats, peak)
+        for r in timed:
+            r["path"] = "cached"
+        results += timed
+        translator = settings[0]["translator"]
         if args.recompute:
             cached_model = translator.model
             translator.model = RecomputePrefix(cached_model).eval()
             slow = run(translator, lines, beam, args.batch_size, 1)
             translator.model = cached_model
             slow["path"] = "recompute"
-            slow["same_output"] = slow["outputs"] == r["outputs"]
-            slow["speedup_of_cache"] = slow["seconds"] / r["seconds"]
+            slow["same_output"] = slow["outputs"] == timed[0]["outputs"]
+            slow["speedup_of_cache"] = slow["seconds"] / timed[0]["seconds"]
             results.append(slow)
-        if args.latency:
-            one = latency(translator, lines[: args.latency], beam)
-            one["path"] = "batch 1"
+        for s, r in zip(settings, timed) if args.latency else ():
+            one = latency(s["translator"], lines[: args.latency], beam, **s["search"])
+            one.update(path="batch 1", setting=s["name"], precision=s["translator"].precision)
             one["same_output"] = one["outputs"] == r["outputs"][: args.latency]
             results.append(one)
+    return results
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    lines = read_lines(args.src)
+    refs = read_lines(args.ref) if args.ref else None
+    peer = json.loads(Path(args.peer).read_text()) if args.peer else None
+    counted = any(s["translator"].precision == "float32" and not s["search"] for s in settings)
+    peak = matmul_peak(torch.float32, torch.device("cpu")) if counted else None
+    results = _run_all(args, settings, lines, peak)
+    _compare(results, refs, peer)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = {
         "machine": machine(),
         "checkpoint": args.checkpoint,
         "src": args.src,
         "peak_rss_mib": peak_mib,
-        "matmul_peak_gflop_per_s": peak / 1e9,
+        "matmul_peak_gflop_per_s": peak / 1e9 if peak else None,
+        "probe": probe().describe(),
+        "peer": peer,
     }
     print(json.dumps(info))
     for r in results:
-        row = {k: v for k, v in r.items() if k != "outputs"}
-        print(json.dumps(row))
+        print(json.dumps({k: v for k, v in r.items() if k != "outputs"}))
+    _summary(results)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    **info,
-                    "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
-                },
-                indent=1,
-            )
-        )
+        rows = [{k: v for k, v in r.items() if k != "outputs"} for r in results]
+        Path(args.json).write_text(json.dumps({**info, "results": rows}, indent=1))
     return 0
+
+
+def _summary(results: list[dict]) -> None:
+    """One line per timed setting: sentences/s (min-max), the ratios, BLEU, latency."""
+    for r in results:
+        lo, hi = r.get("sents_per_s_spread", (r["sents_per_s"], r["sents_per_s"]))
+        line = (
+            f"beam {r['beam']:<2} {r.get('setting', r['path']):<28} {r['path']:<9} "
+            f"{r['sents_per_s']:8.1f} sents/s ({lo:.1f}-{hi:.1f})"
+        )
+        for key, label in (("speedup_vs_first", "x first"), ("ratio_to_peer", "x peer")):
+            if key in r:
+                line += f"  {r[key]:.2f} {label}"
+        if "bleu" in r:
+            line += f"  BLEU {r['bleu']:.2f}"
+        if "latency_ms_median" in r:
+            ms = (r["latency_ms_median"], r["latency_ms_p95"])
+            line += f"  latency median {ms[0]:.1f} ms, p95 {ms[1]:.1f} ms"
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -77,14 +77,14 @@ def wmt_like_lengths(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_batch(src_lens, tgt_lens, vocab: int, rng: np.random.Generator):
-    """A collated batch (nmt.data.Batch) of random ids with these lengths (the real `collate`)."""
-    from nmt import data  # pyarrow: imported by the stages that train, not by decode
+    """A collated batch (nmt.batching.Batch) of random ids with these lengths (real `collate`)."""
+    from nmt import batching  # pyarrow: imported by the stages that train, not by decode
 
     examples = {
         "src_ids": [np.append(rng.integers(4, vocab, n - 1), EOS) for n in src_lens],
         "tgt_ids": [rng.integers(4, vocab, n) for n in tgt_lens],
     }
-    return data.collate(examples, list(range(len(src_lens))), PAD, BOS, EOS)
+    return batching.collate(examples, list(range(len(src_lens))), PAD, BOS, EOS)
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +127,7 @@ def run_tests(out_dir: Path, timeout: float) -> dict:
 
 def train_throughput(cfg, device: torch.device, steps: int, warmup: int) -> tuple[dict, object]:
     """The figures, and the model (reused by the decode stage)."""
-    from nmt import data
+    from nmt import batching
     from nmt.distributed import Distributed
     from nmt.optimization import Updater
 
@@ -137,7 +137,7 @@ def train_throughput(cfg, device: torch.device, steps: int, warmup: int) -> tupl
     dtype = resolve_dtype(cfg.train.precision, device)
     updater = Updater(cfg, model, Distributed.single(device), dtype, PAD, total_steps=10**6)
     src_lens, tgt_lens = wmt_like_lengths(60_000, seed=1)
-    sampler = data.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
+    sampler = batching.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
     rng = np.random.default_rng(2)
     pin = device.type == "cuda"
     batches = []  # built ahead, pinned: in training, loader workers overlap this with the GPU
@@ -226,21 +226,16 @@ def decode_throughput(
     model = RunToLimit(model)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    settings = search.SearchSettings(
+        bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=5, alpha=s.alpha, beta=s.beta,
+        max_len_a=s.max_len_a, max_len_b=s.max_len_b,
+    )  # fmt: skip
+    run = search_graph.runner(device, cuda_graph)
+
     def decode(src_ids, src_lens):
         with torch.inference_mode(), autocast:
             return search.beam_search(
-                model,
-                src_ids.to(device),
-                src_lens.to(device),
-                bos_id=BOS,
-                eos_id=EOS,
-                beam_size=5,
-                alpha=s.alpha,
-                beta=s.beta,
-                max_len_a=s.max_len_a,
-                max_len_b=s.max_len_b,
-                pad_id=PAD,
-                run=search_graph.runner(device, cuda_graph),
+                model, src_ids.to(device), src_lens.to(device), settings, run=run
             )
 
     decode(*_decode_batches(1, batch_size, vocab, seed=7)[0])  # warm-up

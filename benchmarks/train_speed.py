@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_speed import machine  # noqa: E402
 from benchmarks.flops import forward_flops, matmul_peak  # noqa: E402
 from benchmarks.gpu_check import random_batch, wmt_like_lengths  # noqa: E402
-from nmt import data  # noqa: E402
+from nmt import batching, data  # noqa: E402
 from nmt.config import load_config  # noqa: E402
 from nmt.devices import resolve_dtype  # noqa: E402
 from nmt.distributed import Distributed  # noqa: E402
@@ -48,15 +48,15 @@ SYNTHETIC_PAD = 0
 def real_batches(cfg, data_dir: Path, n: int):
     tok = Tokenizer.load(data_dir)
     train = data.load_split(data_dir, "train")
-    sampler = data.TokenBatchSampler(*data.lengths(train), cfg.train.max_tokens, seed=1)
-    batches = data.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
+    sampler = batching.TokenBatchSampler(*data.lengths(train), cfg.train.max_tokens, seed=1)
+    batches = batching.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
     return [b for _, b in zip(range(n), batches)], build_model_for(cfg.model, tok), tok.pad_id
 
 
 def synthetic_batches(cfg, n: int):
     vocab = cfg.tokenizer.vocab_size
     src_lens, tgt_lens = wmt_like_lengths(60_000, seed=1)
-    sampler = data.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
+    sampler = batching.TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, seed=1)
     rng = np.random.default_rng(2)
     batches = [
         random_batch(src_lens[idx], tgt_lens[idx], vocab, rng) for _, idx in zip(range(n), sampler)

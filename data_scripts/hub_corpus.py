@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from nmt.corpora import HUB_CORPORA
-from nmt.errors import NmtError
+from nmt.errors import exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,18 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=["train"], help="default: train")
     p.add_argument("--out", help="output folder (default: data/NAME)")
     args = p.parse_args(argv)
+    return exit_code(lambda: _export(args))
+
+
+def _export(args) -> None:
     from nmt.data import export_hub_split
 
     out = Path(args.out or f"data/{args.name}")
-    try:
-        for split in args.splits:
-            paths = [out / f"{split}.{lang}" for lang in args.langs]
-            export_hub_split(args.name, split, *args.langs, *paths)
-            print(*paths, sep="\n")
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    for split in args.splits:
+        paths = [out / f"{split}.{lang}" for lang in args.langs]
+        export_hub_split(args.name, split, *args.langs, *paths)
+        print(*paths, sep="\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from nmt.corpora import download, get_corpus
-from nmt.errors import NmtError
+from nmt.errors import exit_code
 
 
 def main(
@@ -40,22 +40,16 @@ def main(
     parser.add_argument("--retries", type=int, default=3, help="tries per file (default: 3)")
     parser.add_argument("--timeout", type=float, default=30, help="seconds (default: 30)")
     args = parser.parse_args(argv)
-    try:
-        files = download(
-            corpus,
-            args.langs,
-            args.out,
-            splits=args.splits,
-            retries=args.retries,
-            timeout=args.timeout,
-        )
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return exit_code(lambda: _download(corpus, args))
+
+
+def _download(corpus: str, args) -> None:
+    files = download(
+        corpus, args.langs, args.out, splits=args.splits, retries=args.retries, timeout=args.timeout
+    )
     for by_lang in files.values():
         for path in by_lang.values():
             print(path)
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,22 +3,23 @@
 Owns: the file format. A checkpoint is a dict of plain data and tensors only:
 `format_version`, `config` (the resolved config as nested dicts), `model` (state dict),
 `tokenizer` (sentencepiece model bytes as uint8 tensors), and optionally `train_state`
-(optimizer, scheduler, step, sampler position, RNG states...). It is written to a temporary
-file in the same folder, flushed to disk and renamed, so a file under its final name is always
-complete; it is read with `torch.load(weights_only=True)`, so loading can never run code.
-Does not own: what goes into `train_state` (nmt.training does).
+(optimizer, scheduler, step, sampler position, RNG states...) and `shortlist` (the vocabulary
+shortlist's tables, nmt.shortlist: tensors only; a file without it loads as before). It is
+written to a temporary file in the same folder, flushed to disk and renamed, so a file under its
+final name is always complete; it is read with `torch.load(weights_only=True)`, so loading can
+never run code. Does not own: what goes into `train_state` (nmt.training does) or `shortlist`.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nmt.errors import NmtError, UsageError
+from nmt.textio import atomic_write
+from nmt.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "config", "model", "tokenizer")
@@ -33,18 +34,14 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def _atomic_write(path: str | Path, write, what: str) -> None:
-    """Call `write(f)` on a temporary file next to `path`, fsync, then rename onto `path`."""
+    """Call `write(f)` on a file written with nmt.textio.atomic_write; a failed write (a full
+    disk) is an NmtError that says the previous file is unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
         os_error = _os_error(e)
         if os_error is not None:
             raise NmtError(
@@ -93,6 +90,7 @@ def save(
     model_state: dict,
     tokenizer_bytes: dict[str, bytes],
     train_state: dict | None = None,
+    shortlist: dict | None = None,
 ) -> None:
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -102,6 +100,8 @@ def save(
     }
     if train_state is not None:
         ckpt["train_state"] = train_state
+    if shortlist is not None:
+        ckpt["shortlist"] = shortlist
     atomic_torch_save(ckpt, path)
 
 
@@ -145,7 +145,8 @@ def average(paths: list[str | Path]) -> dict:
 
     Floating-point tensors are averaged in float64 and cast back; any other tensor (an integer
     buffer) is taken from the last file. Config and tokenizer come from the last file, and there
-    is no `train_state`: the result translates, it does not resume. Every file must hold the
+    is no `train_state`: the result translates, it does not resume (the last file's
+    `shortlist`, if any, is kept: it depends on the data, not the weights). Every file must hold the
     same model (the same model config, tokenizer and tensor shapes), else one UsageError.
     """
     if not paths:
@@ -167,7 +168,10 @@ def average(paths: list[str | Path]) -> dict:
         del ckpt
     means = {key: (total / len(paths)).to(ref["model"][key].dtype) for key, total in sums.items()}
     state = {key: means.get(alias[key], t) for key, t in ref["model"].items()}
-    return {**{k: ref[k] for k in REQUIRED}, "model": state}
+    averaged = {**{k: ref[k] for k in REQUIRED}, "model": state}
+    if "shortlist" in ref:
+        averaged["shortlist"] = ref["shortlist"]
+    return averaged
 
 
 def _aliases(state: dict) -> dict[str, str]:
@@ -202,3 +206,13 @@ def numbered(folder: str | Path) -> list[Path]:
 
 def tokenizer_bytes(ckpt: dict) -> dict[str, bytes]:
     return {k: tensor_to_bytes(v) for k, v in ckpt["tokenizer"].items()}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The sentencepiece model(s) of the checkpoint file `path`; a missing or unreadable file,
+    or a tokenizer that does not load, is one UsageError naming it."""
+    ckpt = load(path)
+    try:
+        return Tokenizer.from_bytes(tokenizer_bytes(ckpt), name=f"{path} (tokenizer)")
+    except (RuntimeError, OSError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"{path}: cannot load its sentencepiece model ({e})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -22,9 +23,19 @@ import yaml
 from nmt.errors import ConfigError, UsageError
 
 
-def opt(default, help: str, choices: tuple | None = None, min=None, max=None, **kw):  # noqa: A002
-    """A dataclass field carrying its help text and its allowed values."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+def opt(
+    default,
+    help: str,  # noqa: A002
+    choices: tuple | None = None,
+    min=None,  # noqa: A002
+    max=None,  # noqa: A002
+    load_time: bool = False,
+    **kw,
+):
+    """A dataclass field carrying its help text and its allowed values. `load_time`: a search
+    setting read once, when a model is loaded (nmt.translator), not per call (see
+    `load_time_keys`)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "load_time": load_time}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -196,6 +207,11 @@ class TrainConfig:
         min=0,
     )
     log_every: int = opt(50, "log every N steps", min=1)
+    tensorboard: bool = opt(
+        False,
+        "also write the log's figures as TensorBoard event files under out_dir/tensorboard "
+        "(needs pip install 'nmt[tensorboard]')",
+    )
     seed: int = opt(1, "random seed (model init, batch order, dropout)")
     device: str = opt("auto", "auto (cuda if present), cpu, cuda or cuda:N")
     precision: str = opt(
@@ -225,9 +241,17 @@ class TrainConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
-    """Decoding: used by validation, `translate` and `evaluate`."""
+    """Decoding: used by validation, `translate` and `evaluate`.
+
+    Frozen: a search gets it (or nmt.search.SearchSettings, these fields plus the special ids)
+    whole; a change is `dataclasses.replace` then `check_section`, as `override_section` does.
+    Every field is also a flag of `nmt translate` and `nmt evaluate` (nmt.cli) and a keyword of
+    the Translator's calls: adding a field here is all a new search option needs outside search.
+    Fields marked `load_time` (dtype, threads) are read when a model is loaded
+    (`Translator.from_checkpoint(..., dtype=, threads=)`, the same flags) and refused per call.
+    """
 
     beam_size: int = opt(5, "beam size (1 = greedy)", min=1)
     n_best: int = opt(1, "hypotheses returned per sentence (<= beam_size)", min=1)
@@ -242,6 +266,67 @@ class SearchConfig:
     )
     batch_size: int = opt(128, "sentences per decoding batch", min=1)
     max_src_len: int = opt(250, "longer inputs are truncated with a warning", min=1)
+    exact_stop: bool = opt(
+        False,
+        "a sentence is done only when no live hypothesis can still beat its worst finished one "
+        "(exact with length penalties; most sentences then run to their maximum length); "
+        "false: as soon as beam_size hypotheses have finished (fairseq, OpenNMT)",
+    )
+    sampling: str = opt(
+        "none",
+        "draw each output token at random instead of searching (one sample per sentence, "
+        "beam_size 1): topk from the `topk` most probable tokens, topp from the smallest set "
+        "holding `topp` of the probability (nucleus); none: beam or greedy search",
+        choices=("none", "topk", "topp"),
+    )
+    topk: int = opt(10, "sampling topk: how many of the most probable tokens a draw is from", min=1)
+    topp: float = opt(
+        0.9,
+        "sampling topp: the probability mass a draw is from, 0 < topp <= 1 (1: the whole "
+        "distribution, i.e. unrestricted sampling)",
+        min=0.0,
+        max=1.0,
+    )
+    temperature: float = opt(
+        1.0,
+        "sampling: the log-probabilities are divided by this (> 0) before topk/topp truncation "
+        "(< 1 sharper, > 1 flatter)",
+        min=0.0,
+    )
+    seed: int = opt(
+        1,
+        "sampling: random seed; a sentence's sample depends only on the seed, its 0-based line "
+        "number in the input and the model, not on its batch or the other lines",
+        min=0,
+        max=2**32 - 1,
+    )
+    shortlist: int = opt(
+        0,
+        "vocabulary shortlist (Marian's lexical shortlist): per batch, the output layer scores "
+        "only the K best target pieces of each source piece in the checkpoint's table (learned "
+        "when training starts, or added by `nmt shortlist`), the shortlist_frequent most "
+        "frequent target pieces and the special ids; 0 = every piece",
+        min=0,
+    )
+    shortlist_frequent: int = opt(
+        100, "with shortlist: the N most frequent target pieces, always scored", min=0
+    )
+    dtype: str = opt(
+        "auto",
+        "inference precision, chosen when the model is loaded: auto (on a CPU the fastest of "
+        "float32, bfloat16 and int8 by a timed probe at start-up, never one slower than "
+        "float32; on CUDA bfloat16, or float16 before Ampere), float32, bfloat16 (a CPU with "
+        "native bf16, or CUDA), int8 (CPU: dynamic quantization of the decoder), float16 "
+        "(CUDA only)",
+        choices=("auto", "float32", "bfloat16", "int8", "float16"),
+        load_time=True,
+    )
+    threads: int = opt(
+        0,
+        "torch CPU threads, set when the model is loaded (0 = torch's default)",
+        min=0,
+        load_time=True,
+    )
 
 
 @dataclass
@@ -275,19 +360,25 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _resolve_type(cls, f: dataclasses.Field):
-    hints = typing.get_type_hints(cls)
-    return hints[f.name]
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls, f: dataclasses.Field):
+    """The type of field `f` of `cls`, `X | None` read as X."""
+    tp = _hints(cls)[f.name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
-    """Return (value, problem). Ints are accepted where floats are expected; nothing else."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+def _coerce(value: Any, tp, path: str, strict: bool = False) -> tuple[Any, str | None]:
+    """Return (value, problem). Ints are accepted where floats are expected; nothing else, but
+    for YAML input (not `strict`) a float written with an exponent and no dot."""
     if tp is bool:
         if isinstance(value, bool):
             return value, None
@@ -297,7 +388,7 @@ def _coerce(value: Any, tp, path: str) -> tuple[Any, str | None]:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        if not strict and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value), None  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
     elif tp is str:
         if isinstance(value, str):
@@ -356,13 +447,14 @@ def check_receptive_field(cfg: dict, max_len: int) -> str | None:
     )
 
 
-def _cross_checks(cfg: Config) -> list[str]:
+def _data_checks(d: DataConfig) -> list[str]:
+    if d.min_len > d.max_len:
+        return [f"data.min_len: must be <= data.max_len ({d.max_len}), found {d.min_len}"]
+    return []
+
+
+def _model_checks(m: ModelConfig) -> list[str]:
     problems = []
-    m, s = cfg.model, cfg.search
-    if s.n_best > s.beam_size:
-        problems.append(
-            f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"
-        )
     if m.tie_embeddings and m.emb_dim != m.hidden and "gnmt" in (m.decoder or m.arch):
         problems.append(
             f"model.tie_embeddings: needs model.emb_dim == model.hidden, "
@@ -378,22 +470,116 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"model.attention_blocks: must be <= model.levels ({m.levels}), "
             f"found {m.attention_blocks}"
         )
-    rf_problem = check_receptive_field(dataclasses.asdict(m), cfg.data.max_len + 1)
-    if rf_problem:
-        problems.append(rf_problem + " (data.max_len + 1 positions: pieces plus bos/eos)")
-    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.train.betas):
-        problems.append(f"train.betas: expected two numbers, found {cfg.train.betas!r}")
-    t = cfg.train
+    return problems
+
+
+def _train_checks(t: TrainConfig) -> list[str]:
+    problems = []
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) for b in t.betas):
+        problems.append(f"train.betas: expected two numbers, found {t.betas!r}")
     if t.average_last and (not t.save_every or t.average_last > t.keep_last):
         problems.append(
             f"train.average_last: needs train.save_every > 0 and average_last <= train.keep_last "
             f"({t.keep_last}), found average_last {t.average_last}, save_every {t.save_every}"
         )
-    if cfg.data.min_len > cfg.data.max_len:
+    return problems
+
+
+def _search_checks(s: SearchConfig) -> list[str]:
+    problems = []
+    if s.n_best > s.beam_size:
         problems.append(
-            f"data.min_len: must be <= data.max_len ({cfg.data.max_len}), found {cfg.data.min_len}"
+            f"search.n_best: must be <= search.beam_size ({s.beam_size}), found {s.n_best}"
+        )
+    if s.topp <= 0.0:
+        problems.append(f"search.topp: must be in (0, 1], found {s.topp!r}")
+    if s.temperature <= 0.0:
+        problems.append(f"search.temperature: must be > 0, found {s.temperature!r}")
+    if s.sampling != "none" and s.beam_size > 1:
+        problems.append(
+            f"search.sampling: {s.sampling} sampling draws one output per sentence and needs "
+            f"search.beam_size 1 (--beam-size 1), found beam_size {s.beam_size}"
         )
     return problems
+
+
+_SECTION_CHECKS = {
+    "data": _data_checks,
+    "tokenizer": lambda _: [],
+    "model": _model_checks,
+    "train": _train_checks,
+    "search": _search_checks,
+}
+
+
+def check_section(section, name: str) -> list[str]:
+    """Every problem of `section`, an instance of the section `name` (e.g. "search"), one message
+    each: every field's type, choices and range (its `opt()` metadata), then, if those hold, the
+    section's own cross checks (e.g. search.n_best <= search.beam_size). The one checker:
+    `from_dict`, `override_section` and nmt.search.SearchSettings all use it. Fields a subclass
+    adds (SearchSettings' special ids) are the subclass's to check."""
+    cls = _SECTION_TYPES[name]
+    if not isinstance(section, cls):
+        raise TypeError(f"check_section: expected a {cls.__name__}, found {type(section).__name__}")
+    problems = []
+    for f in dataclasses.fields(cls):
+        path = f"{name}.{f.name}"
+        value, problem = _coerce(getattr(section, f.name), field_type(cls, f), path, strict=True)
+        problem = problem or _check_field(f, value, path)
+        if problem:
+            problems.append(problem)
+    return problems or _SECTION_CHECKS[name](section)
+
+
+def override_section(section, name: str, changes: dict, source: str | None = None):
+    """`section` (of the section `name`) with `changes` ({key: value}) applied and checked: one
+    ConfigError listing every problem, unknown keys included. Per-call settings come from here
+    (the Translator's search overrides)."""
+    keys = [f.name for f in dataclasses.fields(_SECTION_TYPES[name])]
+    problems = [
+        f"{name}.{key}: unknown key{_did_you_mean(str(key), keys)}; the keys are {', '.join(keys)}"
+        for key in changes
+        if key not in keys
+    ]
+    section = dataclasses.replace(section, **{k: v for k, v in changes.items() if k in keys})
+    problems += check_section(section, name)
+    if problems:
+        raise ConfigError(problems, source)
+    return section
+
+
+def load_time_keys(name: str = "search") -> tuple[str, ...]:
+    """The fields of section `name` read once, when a model is loaded (`opt(load_time=True)`):
+    a translator takes them at load time and refuses them per call."""
+    return tuple(
+        f.name for f in dataclasses.fields(_SECTION_TYPES[name]) if f.metadata["load_time"]
+    )
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """The checks that read more than one section."""
+    rf_problem = check_receptive_field(dataclasses.asdict(cfg.model), cfg.data.max_len + 1)
+    if rf_problem:
+        return [rf_problem + " (data.max_len + 1 positions: pieces plus bos/eos)"]
+    return []
+
+
+def _read_section(name: str, values: dict) -> tuple[dict, list[str]]:
+    """The known keys of one section as read from YAML, as their fields' types; the problems."""
+    cls = _SECTION_TYPES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    changes, problems = {}, []
+    for key, value in values.items():
+        path = f"{name}.{key}"
+        if key not in fields:
+            problems.append(f"{path}: unknown key{_did_you_mean(str(key), fields)}")
+            continue
+        value, problem = _coerce(value, field_type(cls, fields[key]), path)
+        if problem:
+            problems.append(problem)
+        else:
+            changes[key] = value
+    return changes, problems
 
 
 def from_dict(raw: dict, source: str | None = None, extra_problems=()) -> Config:
@@ -418,23 +604,13 @@ def from_dict(raw: dict, source: str | None = None, extra_problems=()) -> Config
         if not isinstance(values, dict):
             problems.append(f"{section}: expected a mapping, found {type(values).__name__}")
             continue
-        cls = _SECTION_TYPES[section]
-        obj = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            path = f"{section}.{key}"
-            if key not in fields:
-                problems.append(f"{path}: unknown key{_did_you_mean(str(key), fields)}")
-                continue
-            f = fields[key]
-            value, problem = _coerce(value, _resolve_type(cls, f), path)
-            problem = problem or _check_field(f, value, path)
-            if problem:
-                problems.append(problem)
-            else:
-                setattr(obj, key, value)
+        changes, read_problems = _read_section(section, values)
+        problems += read_problems
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **changes))
+    for section in _SECTION_TYPES:
+        problems += check_section(getattr(cfg, section), section)
     if not problems:
-        problems.extend(_cross_checks(cfg))
+        problems += _cross_checks(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -461,6 +637,8 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
 def _merge(base: dict, extra: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for section, values in extra.items():
+        if values is None and section in out:  # an empty section (`search:`) changes nothing
+            continue
         if isinstance(out.get(section), dict) and isinstance(values, dict):
             out[section].update(values)
         else:
@@ -468,8 +646,46 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _check_unique_keys(node: yaml.Node, path: str, seen_nodes: set) -> None:
+    """Refuse a mapping that gives a key twice, naming the key and both lines (PyYAML would keep
+    the last value silently). Merge keys (`<<`) are left to YAML: overriding them is their use."""
+    if id(node) in seen_nodes:  # an alias: checked where its anchor stands
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]", seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        dotted = f"{path}.{key}" if path else str(key)
+        if key is not None and key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {dotted} (first given on line {first_line[key] + 1}; "
+                f"YAML would keep only one value)",
+                key_node.start_mark,
+            )
+        if key is not None:
+            first_line[key] = key_node.start_mark.line
+        _check_unique_keys(value_node, dotted, seen_nodes)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (`_check_unique_keys`)."""
+
+    def construct_document(self, node):
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML file; a syntax error names the file, line and column."""
+    """Read a YAML file; a syntax error or a key given twice names the file, line and column."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -480,7 +696,7 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise UsageError(f"{path}: cannot read config: {e.strerror}") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -490,8 +706,11 @@ def read_yaml(path: str | Path) -> dict:
         raise UsageError(f"{path}:{where}: invalid YAML: {what}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `section.key=value` overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> Config:
+    """Defaults, then `base` (nested sections, e.g. a checkpoint's config: what a fine-tuning
+    run starts from), then the YAML file (if any), then `section.key=value` overrides."""
     raw = read_yaml(path) if path else {}
     extra, problems = parse_overrides(list(overrides))
     source = str(path) if path else None
@@ -499,7 +718,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(
             [f"expected a mapping of sections at the top level, found {type(raw).__name__}"], source
         )
-    return from_dict(_merge(raw, extra), source, problems)
+    return from_dict(_merge(_merge(base or {}, raw), extra), source, problems)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -522,3 +741,42 @@ def defaults_yaml() -> str:
                 )
             lines.append(f"  {f.name}: {value}  # {help_text}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- the server
+# Not a section of Config: a server's settings are not part of a model's config or checkpoint.
+@dataclass
+class ServeConfig:
+    """`nmt serve`: where it listens, how it batches requests, what a request may ask for."""
+
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every IPv4 interface)")
+    port: int = opt(
+        5000, "TCP port (0: any free port; the address is printed at start-up)", min=0, max=65535
+    )
+    max_batch_sentences: int = opt(
+        64, "sentences gathered from concurrent requests into one search call", min=1
+    )
+    max_wait_ms: float = opt(
+        10.0,
+        "longest a request waits for others to share its search call when the model is idle",
+        min=0.0,
+    )
+    max_request_bytes: int = opt(1_048_576, "largest request body (bytes); larger: 413", min=1)
+    max_request_sentences: int = opt(1000, "most sentences in one request; more: 413", min=1)
+    max_beam_size: int = opt(64, "largest beam_size a request may ask for; larger: 400", min=1)
+    shutdown_timeout: float = opt(
+        60.0,
+        "on SIGTERM/SIGINT: seconds the requests in flight have to finish before they are "
+        "cancelled",
+        min=0.0,
+    )
+
+
+def check_fields(obj, name=lambda key: key) -> list[str]:
+    """Every range or choice problem of dataclass `obj`'s fields; `name(key)` labels a field."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        problem = _check_field(f, getattr(obj, f.name), name(f.name))
+        if problem:
+            problems.append(problem)
+    return problems

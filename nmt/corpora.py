@@ -1,11 +1,13 @@
-"""Corpus definitions and their download (layer 1: imports only nmt.errors and the stdlib).
+"""Corpus definitions and their download (layer 1: imports nmt.errors, nmt.textio and the stdlib).
 
 Owns: which files make up each public corpus (path below a public base address, sha256, size),
 fetching them with retries and a timeout, checking size and sha256, unpacking gzip, and the
 `NMT_MIRROR` setting that swaps the public base address for a local (or other) mirror folder while
-keeping the path below it. Every file is written to a temporary name in the output folder and
-renamed only once it is complete and verified, so nothing that looks finished is left behind by a
-failure. Does not own: reading the text (nmt.data) or tokenization (nmt.tokenizer).
+keeping the path below it. Every file is written atomically (nmt.textio.atomic_write), renamed
+only once it is complete and verified, so nothing that looks finished is left behind by a
+failure; a failed download (missing at its source, a checksum mismatch, a corrupt archive) is a
+DownloadError, a runtime failure (exit 1), not a user mistake. Does not own: reading the text
+(nmt.textio, nmt.data) or tokenization (nmt.tokenizer).
 
 Output layout of `download(name, langs, out_dir)`: `<out_dir>/<split>.<lang>` (plain UTF-8 text),
 beside it the verified download (`<split>.<lang>.gz` for gzip files). Directional corpora (test
@@ -23,7 +25,6 @@ import http.client
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from nmt.errors import DataError, NmtError, UsageError
+from nmt.errors import DownloadError, NmtError, UsageError
+from nmt.textio import atomic_write
 
 MIRROR_ENV = "NMT_MIRROR"
 CACHE_ENV = "NMT_CACHE"
@@ -208,6 +210,18 @@ _IWSLT14_FILES = {
     "test": "test",
 }
 
+# The mirror's tatoeba_test_de_en/: the Tatoeba Translation Challenge de-en test sets (from
+# Helsinki-NLP/OPUS-MT-testsets, commit ac0f19c, datasets/helsinki_nlp/tatoeba/testsets/deu-eng/,
+# renamed deu/eng -> de/en; see shared/corpora/tatoeba_test_de_en/README.md). Short everyday
+# sentences: v2021-08-07 holds 17,565 pairs, v2020-07-28 10,000, every one of them also in
+# v2021-08-07 (so the two are not independent data). Roughly in alphabetical order of the German.
+_TATOEBA = """
+8ffc137e56a0ac43fae6b1cb840f8aa99a31f5c146d018fd68a111b287d3a73e 163300 v2020-07-28 de
+ffe69e67593af986ed3aab040217946c3c28801059cc2023f55d2e0960bef850 139590 v2020-07-28 en
+9f9e4cfb4f4820ee6f0c81076a9b66f523dabf63b02b57c42e8afb5b49b9dff2 258597 v2021-08-07 de
+94fb7926beb6bec4fb3ffd3ee6e89cc8cc64fb97e9c99326d65a01822786da0a 232750 v2021-08-07 en
+"""
+
 CORPORA: dict[str, Corpus] = {
     "multi30k": Corpus(
         name="multi30k",
@@ -232,6 +246,15 @@ CORPORA: dict[str, Corpus] = {
         files=_table(_IWSLT14, lambda split, lang: f"raw/{_IWSLT14_FILES[split]}.{lang}.gz"),
         default_splits=("test",),
         description="IWSLT14 de-en TED dev/test sets (mirror only: NMT_MIRROR must be set)",
+    ),
+    "tatoeba": Corpus(
+        name="tatoeba",
+        base_url="",
+        mirror_dir="tatoeba_test_de_en",
+        files=_table(_TATOEBA, lambda split, lang: f"tatoeba-test-{split}.{lang}.gz"),
+        default_splits=("v2021-08-07",),
+        description="Tatoeba de-en test sets, everyday sentences (mirror only: NMT_MIRROR must "
+        "be set)",
     ),
 }
 
@@ -363,7 +386,7 @@ def _open(url: str, label: str, timeout: float):
             if e.code >= 500 or e.code == 429:
                 raise _Retryable(f"HTTP {e.code} {e.reason}") from None
             what = "not found" if e.code == 404 else f"HTTP {e.code} {e.reason}"
-            raise DataError(f"{label}: {what} at {_where(url)}") from None
+            raise DownloadError(f"{label}: {what} at {_where(url)}") from None
         except urllib.error.URLError as e:
             reason = e.reason
             text = getattr(reason, "strerror", None) or str(reason)
@@ -379,7 +402,7 @@ def _open(url: str, label: str, timeout: float):
     try:
         return open(path, "rb")  # noqa: SIM115 (closed by the caller)
     except FileNotFoundError:
-        raise DataError(f"{label}: not found at {_where(path)}") from None
+        raise DownloadError(f"{label}: not found at {_where(path)}") from None
     except OSError as e:
         raise NmtError(f"{label}: cannot read {path}: {e.strerror}") from None
 
@@ -411,32 +434,26 @@ def _is_verified(path: Path, spec: FileSpec) -> bool:
 
 
 def _fetch_once(url: str, spec: FileSpec, dest: Path, label: str, timeout: float) -> None:
-    """Stream `url` into a temp file beside `dest`, verify it, then rename it to `dest`."""
+    """Stream `url` into `dest` atomically, renamed into place only once verified."""
     stream = _open(url, label, timeout)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
+    with stream, atomic_write(dest) as out:
         digest, size = hashlib.sha256(), 0
-        with stream, os.fdopen(fd, "wb") as out:
-            try:
-                while chunk := stream.read(_CHUNK):
-                    size += len(chunk)
-                    if size > spec.size:  # no point reading a wrong file to its end
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
-            except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                raise _Retryable(f"transfer interrupted: {e or type(e).__name__}") from None
+        try:
+            while chunk := stream.read(_CHUNK):
+                size += len(chunk)
+                if size > spec.size:  # no point reading a wrong file to its end
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            raise _Retryable(f"transfer interrupted: {e or type(e).__name__}") from None
         found = digest.hexdigest()
         if size != spec.size or found != spec.sha256:
             got = f"more than {spec.size}" if size > spec.size else str(size)
-            raise DataError(
+            raise DownloadError(
                 f"{label}: checksum mismatch for {_where(url)}: expected sha256 {spec.sha256} "
                 f"({spec.size} bytes), found {found if size <= spec.size else '?'} ({got} bytes)"
             )
-        os.replace(tmp, dest)
-        tmp = None
-    finally:
-        _remove(tmp)
 
 
 def _fetch(url, spec, dest, label, retries: int, timeout: float, backoff: float) -> None:
@@ -456,17 +473,12 @@ def _fetch(url, spec, dest, label, retries: int, timeout: float, backoff: float)
 
 
 def _gunzip(src: Path, dest: Path) -> None:
-    """Unpack `src` into `dest` through a temp file; a bad gzip is a DataError naming `src`."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    """Unpack `src` into `dest` atomically; a bad gzip is a DownloadError naming `src`."""
     try:
-        with gzip.open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        with gzip.open(src, "rb") as f, atomic_write(dest) as out:
             shutil.copyfileobj(f, out, _CHUNK)
-        os.replace(tmp, dest)
-        tmp = None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{src}: truncated or corrupt gzip file ({e})") from None
-    finally:
-        _remove(tmp)
+        raise DownloadError(f"{src}: truncated or corrupt gzip file ({e})") from None
 
 
 def _check_request(corpus: Corpus, langs: list[str], splits: list[str] | None) -> list[str]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from nmt.batching import Batch
 from nmt.config import Config
-from nmt.data import Batch
 from nmt.distributed import Distributed
 
 FP16_INIT_SCALE = 2.0**16

@@ -22,12 +22,14 @@ def _fmt(record: dict) -> str:
 
 
 class Progress:
-    """`update(step, lr)` after each step, `log(record)` at logging points."""
+    """`update(step, lr)` after each step, `log(record)` at logging points; `show=False`: nothing
+    (ranks other than 0)."""
 
-    def __init__(self, total: int, initial: int = 0, stream=None):
+    def __init__(self, total: int, initial: int = 0, stream=None, show: bool = True):
         self.stream = stream or sys.stderr
         self.total = total or None
-        self.fancy = self.stream.isatty()
+        self.show = show
+        self.fancy = show and self.stream.isatty()
         self._bar = None
         if self.fancy:
             self._bar = RichProgress(
@@ -58,5 +60,5 @@ class Progress:
             info = f"loss {record['loss']:.3f} ppl {record['ppl']:.1f} "
             info += f"{record['tgt_tok_s']:.0f} tgt tok/s lr {record['lr']:.2e}"
             self._bar.update(self._task, info=info)
-        else:
+        elif self.show:
             print(_fmt(record), file=self.stream, flush=True)

@@ -13,9 +13,12 @@ Results equal nmt.search's: the same candidate scores and the same tie rules. Fi
 the kept hypotheses and the new ones (in rank order) with one stable sort, which keeps exactly
 what nmt.search's one-by-one insertion keeps. On the CPU the same step runs eagerly; the tests
 compare it with nmt.search there, and tests/test_gpu.py compares the graphs on a GPU. Not
-supported (nmt.search's loop runs instead): `return_attn`. The price of static shapes: rows of
-finished sentences are computed until the next shrink (at most half of the batch).
-Does not own: the settings and helpers it shares with nmt.search.
+supported (nmt.search's loop runs instead): `return_attn`, sampling. The price of static
+shapes: rows of finished sentences are computed until the next shrink (at most half of the
+batch).
+Does not own: the settings (nmt.search.SearchSettings) and the rules it shares with nmt.search
+(blocked ids, live beam, coverage penalty, done rule, output limits, length penalties): it calls
+nmt.search's pure functions for them.
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from nmt.search import (
-    _COVERAGE_FLOOR,
     Hypothesis,
+    SearchSettings,
     _search,
-    _Settings,
-    length_penalty,
-    max_output_lens,
+    blocked_ids,
+    coverage_penalty,
+    ends_in_eos,
+    length_penalty_table,
+    live_beam,
+    output_limits,
+    sentences_done,
 )
 
 CHECK_EVERY = 4  # steps between two host checks of which sentences are done
@@ -42,20 +49,15 @@ MIN_LEFT = 16  # shrink the batch only when at least this many steps may remain
 class _Consts:
     """What every step reads and none changes, all on the device."""
 
-    def __init__(self, src_lens, cfg: _Settings, steps: int, device):
+    def __init__(self, src_lens, cfg: SearchSettings, steps: int, device):
         n, k = src_lens.size(0), cfg.beam_size
         self.cfg, self.n, self.k = cfg, n, k
         self.src_lens = src_lens  # (n,)
-        self.max_lens = max_output_lens(src_lens, cfg.max_len_a, cfg.max_len_b)  # (n,)
-        self.lp_at_max = length_penalty(self.max_lens.double() + 1.0, cfg.alpha)  # (n,)
-        # lp_table[t] = lp(t + 1): |Y| = t + 1 for a hypothesis ending at step t (eos counted)
-        lps = [length_penalty(float(t + 1), cfg.alpha) for t in range(steps + 2)]
-        self.lp_table = torch.tensor(lps, dtype=torch.float64, device=device)
+        self.max_lens, self.lp_at_max = output_limits(src_lens, cfg)  # (n,), (n,)
+        self.lp_table = length_penalty_table(steps + 2, cfg.alpha, device)  # (steps + 2,)
         self.sent_rows = torch.arange(n, device=device) * k  # (n,) first row of each sentence
-        self.row_src_lens = src_lens.repeat_interleave(k)[:, None]  # (n*K, 1)
-        blocked = {i for i in (cfg.bos_id, cfg.pad_id) if i is not None and i >= 0}
-        blocked = sorted(blocked - {cfg.eos_id})
-        self.blocked = torch.tensor(blocked, dtype=torch.long, device=device) if blocked else None
+        self.row_src_lens = src_lens.repeat_interleave(k)  # (n*K,)
+        self.blocked = blocked_ids(cfg, device)
         # nmt.search divides by a Python float, which CUDA kernels do as a multiplication by its
         # float32 reciprocal: the same arithmetic here keeps the scores bit-identical
         self.reciprocal = device.type == "cuda"
@@ -71,7 +73,7 @@ def runner(device: torch.device, cuda_graph: bool = True):
     return search if cuda_graph and torch.device(device).type == "cuda" else None
 
 
-def search(model, src_ids, src_lens, cfg: _Settings, mode: str | None = None):
+def search(model, src_ids, src_lens, cfg: SearchSettings, mode: str | None = None):
     """nmt.search's result for (src_ids (n, S), src_lens (n,)).
 
     `mode`: "graph" (capture and replay), "in_place" (eagerly, what a replay does: every step
@@ -80,10 +82,10 @@ def search(model, src_ids, src_lens, cfg: _Settings, mode: str | None = None):
     device, n, k = src_ids.device, src_ids.size(0), cfg.beam_size
     if n == 0:
         return []
-    if cfg.return_attn:  # attention histories have a growing shape: nmt.search keeps them
+    if cfg.return_attn or cfg.sampling != "none":  # growing attention histories; sampling
         return _search(model, src_ids, src_lens, cfg)
     src_lens = src_lens.to(device)
-    max_len = int(max_output_lens(src_lens, cfg.max_len_a, cfg.max_len_b).max())
+    max_len = int(output_limits(src_lens, cfg)[0].max())
     steps = max_len + 1 + CHECK_EVERY  # every sentence is done at step max_len; slack to check
     consts = _Consts(src_lens, cfg, steps, device)
     enc = model.encode(src_ids, src_lens)
@@ -122,7 +124,7 @@ def _step(model, enc, carry: dict, c: _Consts) -> dict:
     at_max = (c.max_lens == t)[:, None].expand(n, k).reshape(-1)  # (n*K,)
     scores = c.block(end_at_max(log_probs.float(), carry["cum"].view(-1, 1), at_max, cfg.eos_id))
     cand_scores, cand_beams, cand_tokens = _top_candidates_per_sentence(scores, n, k)
-    is_eos = (cand_tokens == cfg.eos_id) & torch.isfinite(cand_scores)  # (n, 2K)
+    is_eos = ends_in_eos(cand_scores, cand_tokens, cfg.eos_id)  # (n, 2K)
     attn = attn.float()  # (n*K, S)
 
     # finished: the eos candidates among the k best of the sentences not done before
@@ -130,20 +132,16 @@ def _step(model, enc, carry: dict, c: _Consts) -> dict:
     lp = c.lp_table.index_select(0, t.view(1)).float()  # (1,) lp(t + 1)
     new_scores = cand_scores[:, :k] * (1.0 / lp) if c.reciprocal else cand_scores[:, :k] / lp
     if "coverage" in carry:
-        total = (carry["coverage"] + attn).index_select(0, rows).clamp(_COVERAGE_FLOOR, 1.0)
+        attn_sums = (carry["coverage"] + attn).index_select(0, rows)  # (n*K, S)
         # rows of sentence i are i*k .. i*k+k-1, so position j of `rows` is sentence j // k
-        real = torch.arange(total.size(1), device=total.device) < c.row_src_lens  # (n*K, S)
-        penalty = cfg.beta * torch.where(real, total.log(), 0.0).sum(dim=1)  # (n*K,)
+        penalty = coverage_penalty(attn_sums, c.row_src_lens, cfg.beta)  # (n*K,)
         new_scores = new_scores + penalty.view(n, k)
     new_fin = is_eos[:, :k] & ~carry["done"][:, None]  # (n, K)
     new_scores = new_scores.masked_fill(~new_fin, -math.inf)
     fin = _merge_finished(carry, new_scores, cand_scores[:, :k], rows, t, k)
 
-    # the live beam: the k best candidates that do not end in eos, in rank order
-    live = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :k]  # (n, K)
-    live_scores = cand_scores.gather(1, live).masked_fill(is_eos.gather(1, live), -math.inf)
-    live_tokens = cand_tokens.gather(1, live)  # (n, K)
-    parents = (c.sent_rows[:, None] + cand_beams.gather(1, live)).view(-1)  # (n*K,)
+    live_scores, live_tokens, parents = live_beam(cand_scores, cand_beams, cand_tokens, is_eos, k)
+    parents = parents.view(-1)  # (n*K,)
     done = carry["done"] | _done(c, fin["fin_scores"], live_scores, t)  # (n,)
 
     if k > 1:
@@ -171,7 +169,7 @@ def _top_candidates_per_sentence(scores, n, k):
     """nmt.search._top_candidates, (n, 2K) (score, beam, token), by one top-k over each
     sentence's K*V scores instead of one per hypothesis then one over the survivors: the same
     2k best (the same order: by score, ties by the lower beam * V + token), and on a GPU one
-    top-k kernel over n slices is faster than two over n*K (H200, GNMT v2: about 8% of a step)."""
+    top-k kernel over n slices is faster than two over n*K (measured: benchmarks/README.md)."""
     vocab = scores.size(1)
     top_scores, flat = scores.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
     flat, order = flat.sort(dim=1)  # ties: the lower (beam, token) first, as nmt.search
@@ -202,15 +200,13 @@ def _merge_finished(carry, new_scores, new_log_probs, rows, t, k) -> dict:
 
 
 def _done(c: _Consts, fin_scores, live_scores, t) -> torch.Tensor:
-    """nmt.search._done on the device: at the maximum length, no live hypothesis, or k kept
-    (with exact_stop: and no live one can still beat the worst kept)."""
-    best_live = live_scores.max(dim=1).values  # (n,)
-    full = torch.isfinite(fin_scores).sum(dim=1) >= c.k  # (n,)
-    if not c.cfg.greedy and c.cfg.exact_stop:
+    """nmt.search.sentences_done on the device, from the kept hypotheses (n, K), best first."""
+    lp_next = None
+    if c.cfg.exact_stop:  # read only then: no lookup in the other steps' graphs
         lp_next = c.lp_table.index_select(0, (t + 1).view(1))  # (1,) lp(t + 2)
-        lp_max = c.lp_at_max.clamp(min=lp_next)  # (n,)
-        full &= (best_live.double() / lp_max).float() <= fin_scores[:, -1]
-    return (c.max_lens <= t) | ~torch.isfinite(best_live) | full
+    num_finished = torch.isfinite(fin_scores).sum(dim=1)  # (n,)
+    limits = (c.max_lens, c.lp_at_max)
+    return sentences_done(live_scores, num_finished, fin_scores[:, -1], limits, t, c.cfg, lp_next)
 
 
 class _Eager:
@@ -335,7 +331,7 @@ def _write_back(leaves: list, spec, out: dict) -> None:
         dst.copy_(src)
 
 
-def _results(carry: dict, cfg: _Settings) -> list[list[Hypothesis]]:
+def _results(carry: dict, cfg: SearchSettings) -> list[list[Hypothesis]]:
     scores = carry["fin_scores"].tolist()
     log_probs = carry["fin_log_probs"].tolist()
     lens = carry["fin_lens"].tolist()

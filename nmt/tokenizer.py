@@ -21,6 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from nmt.errors import DataError, UsageError
+from nmt.textio import atomic_write_bytes
 
 JOINT_FILE = "spm.model"
 SRC_FILE = "spm.src.model"
@@ -115,6 +116,85 @@ def _train_one(
         ) from None
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _fields(data: bytes):
+    """(field number, raw bytes of the whole field, payload of a length-delimited one) of a
+    protobuf message, in order (the wire format: varint key, then the value)."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        payload = None
+        wire = key & 7
+        if wire == 0:
+            pos = _varint(data, pos)[1]
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            payload, pos = data[pos : pos + size], pos + size
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated protobuf")
+        yield key >> 3, data[start:pos], payload
+
+
+_TRAINER_SPEC, _TRAINER_PATHS = 2, (1, 2)  # ModelProto.trainer_spec; its input, model_prefix
+
+
+def comparable_bytes(model: bytes) -> bytes:
+    """A sentencepiece model's bytes without the file paths its trainer recorded
+    (trainer_spec.input and .model_prefix): two models learned alike from the same text in two
+    folders (two `nmt prepare` runs) tokenize alike but differ in those paths alone. Everything
+    that decides tokenization stays. Bytes that do not parse are returned whole."""
+    try:
+        out = bytearray()
+        for number, raw, payload in _fields(model):
+            if number != _TRAINER_SPEC or payload is None:
+                out += raw
+                continue
+            kept = b"".join(r for n, r, _ in _fields(payload) if n not in _TRAINER_PATHS)
+            out += raw[: len(raw) - len(payload) - len(_encode_varint(len(payload)))]  # the key
+            out += _encode_varint(len(kept)) + kept
+        return bytes(out)
+    except (ValueError, IndexError):
+        return bytes(model)
+
+
+def _vocab_file(model_file: str) -> str:
+    return model_file.replace(".model", ".vocab")
+
+
+def _install(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name: bytes) into `out_dir`, each atomically, after removing the model and
+    vocab files not among them: a folder never holds two tokenizers."""
+    for model in (JOINT_FILE, SRC_FILE, TGT_FILE):
+        for name in (model, _vocab_file(model)):
+            if name not in files:
+                (out_dir / name).unlink(missing_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(out_dir / name, data)
+
+
 class Tokenizer:
     """One joint sentencepiece model, or a source and a target model."""
 
@@ -175,14 +255,21 @@ class Tokenizer:
                 _train_one(_plain_inputs(src_files, tmp), tmp / "spm.src", **opts)
                 _train_one(_plain_inputs(tgt_files, tmp), tmp / "spm.tgt", **opts)
                 built = {SRC_FILE: "spm.src", TGT_FILE: "spm.tgt"}
-            for stale in (JOINT_FILE, SRC_FILE, TGT_FILE):  # never leave both kinds around
-                if stale not in built:
-                    (out_dir / stale).unlink(missing_ok=True)
-                    (out_dir / stale.replace(".model", ".vocab")).unlink(missing_ok=True)
+            files = {}
             for final, prefix in built.items():
-                os.replace(tmp / f"{prefix}.vocab", out_dir / final.replace(".model", ".vocab"))
-                os.replace(tmp / f"{prefix}.model", out_dir / final)
+                files[final] = (tmp / f"{prefix}.model").read_bytes()
+                files[_vocab_file(final)] = (tmp / f"{prefix}.vocab").read_bytes()
+        _install(out_dir, files)
         return cls.load(out_dir)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write the model bytes, unchanged, into `out_dir` (`spm.model`, or `spm.src.model` and
+        `spm.tgt.model`), where `load` finds them; files of the other kind, and `.vocab` files
+        that would no longer describe the models, are removed."""
+        if self.joint:
+            _install(Path(out_dir), {JOINT_FILE: self._src_bytes})
+        else:
+            _install(Path(out_dir), {SRC_FILE: self._src_bytes, TGT_FILE: self._tgt_bytes})
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -202,6 +289,12 @@ class Tokenizer:
         raise UsageError(
             f"{path}: no tokenizer found (expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE})"
         )
+
+    def comparable(self) -> dict[str, bytes]:
+        """`to_bytes` through `comparable_bytes`: equal for two tokenizers that tokenize alike
+        (the same pieces, scores, special ids, normalization and algorithm), wherever they were
+        learned."""
+        return {side: comparable_bytes(data) for side, data in self.to_bytes().items()}
 
     def to_bytes(self) -> dict[str, bytes]:
         """{"joint": model} or {"src": model, "tgt": model}: what a checkpoint stores."""

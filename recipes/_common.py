@@ -4,7 +4,9 @@ A recipe is a `Recipe` subclass that names its stages and adds one method per st
 (download, and prepare or tokenizer + encode); train, translate and score live here. `run` writes
 a stage's completion marker (`RUN/.done/STAGE`) only after the stage returns, and skips a stage
 whose marker is there, unless --start-stage names it or an earlier one, or an earlier stage ran:
-once a stage runs, every later one runs too. --end-stage stops after a stage.
+once a stage runs, every later one runs too. --end-stage stops after a stage. Training draws
+`RUN/curves.png` (nmt.plots); the score stage prints the table, five test sentences with their
+translation and reference, the path of the curves, and last how to translate your own file.
 
 `HubRecipe` is a recipe whose training text comes from a Hugging Face hub dataset (streamed into
 plain text files by nmt.data.export_hub_split) and whose test sets come from an nmt.corpora
@@ -29,23 +31,20 @@ if str(ROOT) not in sys.path:
 BLEU_CASED = ("bleu", False, "13a")  # detokenized, cased: sacreBLEU's default
 BLEU_LC_INTL = ("bleu_lc_intl", True, "intl")  # `-lc -tok intl`: what GNMT v2 / MLPerf quote
 BLEU_LABELS = {"bleu": "BLEU", "bleu_lc_intl": "BLEU lc intl"}
+EXAMPLES = 5  # test sentences printed with their translation and reference at the end
 
 
 def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.ArgumentParser:
-    """The arguments every recipe takes; `doc` is the recipe's module docstring."""
-    p = argparse.ArgumentParser(
+    """The arguments every recipe takes; `doc` is the recipe's module docstring. Config overrides
+    (`section.key=value`) may stand anywhere, as in `nmt train`."""
+    from nmt.cli import Parser, add_overrides
+
+    p = Parser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--src", default=src, help=f"source language (default {src})")
     p.add_argument("--tgt", default=tgt, help=f"target language (default {tgt})")
-    p.add_argument("--config", help="config file (default: the recipe's)")
-    p.add_argument("--run-dir", help="output folder (default: runs/RECIPE_SRC_TGT_CONFIG)")
-    p.add_argument(
-        "--start-stage",
-        choices=stages,
-        help="redo this stage and every later one (default: the first stage not done)",
-    )
-    p.add_argument("--end-stage", choices=stages, default=stages[-1], help="stop after this stage")
+    stage_args(p, stages, "runs/RECIPE_SRC_TGT_CONFIG")
     p.add_argument("--test-sets", nargs="+", help="test sets to translate (default: the recipe's)")
     p.add_argument(
         "--beam-sizes",
@@ -54,8 +53,20 @@ def parser(doc: str, stages, src: str, tgt: str, beams: str) -> argparse.Argumen
         default=None,
         help=f"beam sizes to translate with (default: {beams})",
     )
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_overrides(p)
     return p
+
+
+def stage_args(p: argparse.ArgumentParser, stages, run_dir: str) -> None:
+    """--config, --run-dir (default `run_dir`), --start-stage and --end-stage."""
+    p.add_argument("--config", help="config file (default: the recipe's)")
+    p.add_argument("--run-dir", help=f"output folder (default: {run_dir})")
+    p.add_argument(
+        "--start-stage",
+        choices=stages,
+        help="redo this stage and every later one (default: the first stage not done)",
+    )
+    p.add_argument("--end-stage", choices=stages, default=stages[-1], help="stop after this stage")
 
 
 class Recipe:
@@ -67,6 +78,7 @@ class Recipe:
     test_corpus = ""  # the nmt.corpora definition holding the test sets
     valid_name = "valid"  # raw/<valid_name>.<lang>
     bleu: tuple = (BLEU_CASED,)
+    init_from: Path | None = None  # a checkpoint whose weights start the run (fine-tuning)
 
     def __init__(self, args, run_dir: Path, test_sets: list[str], beams: list[int]):
         self.args, self.run_dir = args, Path(run_dir)
@@ -92,7 +104,13 @@ class Recipe:
             f"data.dir={self.run_dir}/data",
             f"train.out_dir={self.run_dir}/model",
         ]
-        return load_config(self.config_file(), paths + list(self.args.overrides))
+        overrides = paths + list(self.args.overrides)
+        return load_config(self.config_file(), overrides, base=self.base_config())
+
+    def base_config(self) -> dict | None:
+        """Settings under the config file's (a checkpoint's config, to fine-tune it); None: the
+        defaults."""
+        return None
 
     def download_test_sets(self) -> dict:
         """{test set: {lang: text file}}, fetched (or verified) into raw/."""
@@ -107,9 +125,27 @@ class Recipe:
 
         cfg = self.config()
         resume = (Path(cfg.train.out_dir) / "last.pt").exists()
-        summary = training.train(cfg, resume=resume)
-        if summary["stop"] in ("SIGINT", "SIGTERM"):
+        init_from = None if resume else self.init_from  # a resumed run has its weights already
+        summary = training.train(cfg, resume=resume, init_from=init_from)
+        if summary["stop"].by_signal:
             raise KeyboardInterrupt
+        self.draw_curves()
+
+    def draw_curves(self):
+        """RUN/curves.png from the training log (a picture: its failure only warns)."""
+        from nmt import plots
+        from nmt.errors import NmtError
+
+        try:
+            path = plots.curves(self.run_dir, self.curves_path)
+        except (NmtError, OSError) as e:
+            print(f"warning: no learning curves: {e}", file=sys.stderr)
+            return
+        print(f"learning curves: {path}", file=sys.stderr)
+
+    @property
+    def curves_path(self) -> Path:
+        return self.run_dir / "curves.png"
 
     def translate(self):
         from nmt.translator import Translator, translate_stream
@@ -136,6 +172,7 @@ class Recipe:
 
     def score(self):
         from nmt.evaluation import score_files
+        from nmt.textio import atomic_write_text
 
         tests = self.download_test_sets()
         rows = []
@@ -151,10 +188,10 @@ class Recipe:
                     row["signature" + key.removeprefix("bleu")] = result["bleu"]["signature"]
                 row["chrf"] = result["chrf"]["score"]
                 rows.append(row)
-        (self.run_dir / "scores.json").write_text(json.dumps(rows, indent=1))
-        self._print_table(rows)
+        atomic_write_text(self.run_dir / "scores.json", json.dumps(rows, indent=1))
+        self._print_table(rows, tests)
 
-    def _print_table(self, rows):
+    def _print_table(self, rows, tests=None):
         from rich.console import Console
         from rich.table import Table
 
@@ -173,6 +210,11 @@ class Recipe:
         for key in keys if rows else ():
             signature = rows[0]["signature" + key.removeprefix("bleu")]
             console.print(f"sacreBLEU ({BLEU_LABELS[key]}): {signature}")
+        if rows and tests:  # the first test set, at its largest beam
+            row = max((r for r in rows if r["test"] == rows[0]["test"]), key=lambda r: r["beam"])
+            self._print_examples(console, row, tests[row["test"]])
+        if self.curves_path.is_file():
+            console.print(f"Learning curves: {os.path.relpath(self.curves_path)}", soft_wrap=True)
         model = self.run_dir / "model" / "best.pt"
         nmt_bin = Path(sys.executable).with_name("nmt")  # the nmt of the Python running this
         command = os.path.relpath(nmt_bin) if nmt_bin.exists() else "nmt"
@@ -181,6 +223,28 @@ class Recipe:
             f"  {command} translate {os.path.relpath(model)} -i FILE -o OUT",
             soft_wrap=True,  # a long path must stay one line that can be pasted
         )
+
+    def _print_examples(self, console, row: dict, files: dict, count: int = EXAMPLES):
+        """`count` sentences of the test set of `row`, spread over it, each with its translation
+        (at the beam of `row`) and its reference."""
+        from nmt.textio import read_lines
+
+        src, tgt = self.langs
+        sources, refs = read_lines(files[src]), read_lines(files[tgt])
+        hyps = read_lines(self._hyp(row["test"], row["beam"]))
+        if not sources or not len(sources) == len(refs) == len(hyps):
+            return
+        console.print(f"\n{count} sentences of {row['test']} (beam {row['beam']}):")
+        for i in sorted({k * len(sources) // count for k in range(count)}):
+            for label, text in (
+                ("source", sources[i]),
+                ("translation", hyps[i]),
+                ("reference", refs[i]),
+            ):
+                console.print(
+                    f"  {label:<12} {text}", markup=False, highlight=False, soft_wrap=True
+                )
+            console.print()
 
     # -- the runner ---------------------------------------------------------------------------
 
@@ -282,6 +346,7 @@ class HubRecipe(Recipe):
     def _export(self, split: str, name: str):
         """raw/<name>.<lang> from the hub split, kept if an earlier export of it completed."""
         from nmt import data
+        from nmt.textio import atomic_write_text
 
         paths = [self.raw / f"{name}.{lang}" for lang in self.langs]
         stamp = self.raw / f".{name}.export.json"
@@ -292,7 +357,7 @@ class HubRecipe(Recipe):
             return
         stamp.unlink(missing_ok=True)
         data.export_hub_split(self.hub.name, split, *self.langs, *paths)
-        stamp.write_text(json.dumps({"what": what, "sizes": _sizes(paths)}))
+        atomic_write_text(stamp, json.dumps({"what": what, "sizes": _sizes(paths)}))
 
     def _valid_from_test_corpus(self):
         from nmt import corpora
@@ -317,13 +382,13 @@ def _read_stamp(path: Path):
 
 
 def _concat(parts, out: Path) -> None:
-    """`parts` one after the other into `out`, renamed into place when complete."""
-    tmp = out.with_name(f".{out.name}.part")
-    with open(tmp, "wb") as f:
+    """`parts` one after the other into `out`, written atomically."""
+    from nmt.textio import atomic_write
+
+    with atomic_write(out) as f:
         for part in parts:
             text = Path(part).read_bytes()
             f.write(text if not text or text.endswith(b"\n") else text + b"\n")
-    os.replace(tmp, out)
 
 
 def hub_recipe(setup: HubSetup, doc: str, argv=None) -> HubRecipe:
@@ -340,14 +405,8 @@ def hub_main(setup: HubSetup, doc: str, argv=None) -> int:
 
 def run_recipe(build) -> int:
     """Build the recipe (`build()`) and run it; errors become one line and an exit code."""
-    from nmt.errors import NmtError
+    from nmt.errors import exit_code
 
-    try:
-        build().run()
-    except NmtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code(
+        lambda: build().run(), interrupted="interrupted: rerun the same command to continue"
+    )

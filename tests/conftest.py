@@ -1,12 +1,14 @@
 """Shared fixtures.
 
 `tiny_checkpoint`: a real checkpoint file built without training (synthetic parallel text, a
-sentencepiece model of ~100 pieces, a randomly initialised tiny GNMT). Its weights are random,
+sentencepiece model of ~100 pieces, a randomly initialised tiny GNMT, the vocabulary shortlist
+learned from the text). Its weights are random,
 so tests using it assert alignment, order and format invariants, never translation quality.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -35,7 +37,7 @@ def write_parallel(folder, n: int, seed: int) -> tuple:
 
 def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search):
     """Train a tokenizer, build a random tiny GNMT and save both as `folder/tiny.pt`."""
-    from nmt import checkpoint
+    from nmt import checkpoint, shortlist
     from nmt.config import Config
     from nmt.models import build_model_for
     from nmt.tokenizer import Tokenizer
@@ -49,18 +51,52 @@ def build_tiny_checkpoint(folder, vocab_size: int = 100, seed: int = 0, **search
     m.emb_dim, m.hidden, m.bi_hidden, m.enc_layers, m.dec_layers = 16, 32, 16, 1, 2
     m.init_scale = 1.0  # large random weights: outputs that differ from line to line
     # Short outputs keep the tests fast: random weights rarely choose eos early.
-    s = cfg.search
-    s.beam_size, s.batch_size, s.max_src_len, s.max_len_a, s.max_len_b = 2, 64, 40, 0.5, 4
-    for key, value in search.items():
-        setattr(s, key, value)
+    short = dict(beam_size=2, batch_size=64, max_src_len=40, max_len_a=0.5, max_len_b=4)
+    cfg.search = dataclasses.replace(cfg.search, **{**short, **search})  # frozen: replaced whole
     torch.manual_seed(seed)
     model = build_model_for(cfg.model, tok)
     path = folder / "tiny.pt"
+    src_lines = src_path.read_text(encoding="utf-8").splitlines()
+    tgt_lines = tgt_path.read_text(encoding="utf-8").splitlines()
+    src_ids = [ids + [tok.eos_id] for ids in tok.encode_src(src_lines)]
+    table = shortlist.learn(
+        src_ids, tok.encode_tgt(tgt_lines), tok.src_vocab_size, tok.tgt_vocab_size
+    )
     checkpoint.save(
         path,
         config=cfg.to_dict(),
         model_state=model.state_dict(),
         tokenizer_bytes=tok.to_bytes(),
+        shortlist=table,
+    )
+    return path
+
+
+def build_retokenized_checkpoint(tiny_path, folder, special_ids=(0, 1, 2, 3)):
+    """`folder/retokenized.pt`: the tiny checkpoint's config and weights with another
+    sentencepiece model of the same size, learned from other text, with `special_ids` (pad, unk,
+    bos, eos). It loads and translates alone; an ensemble with the tiny checkpoint is refused."""
+    import sentencepiece as spm
+
+    from nmt import checkpoint
+
+    ckpt = checkpoint.load(tiny_path)
+    src_path, tgt_path = write_parallel(folder, 300, seed=5)
+    pad, unk, bos, eos = special_ids
+    spm.SentencePieceTrainer.train(
+        input=[str(src_path), str(tgt_path)],
+        model_prefix=str(folder / "retokenized"),
+        vocab_size=ckpt["model"]["encoder.embed.weight"].shape[0],
+        model_type="bpe",
+        **dict(pad_id=pad, unk_id=unk, bos_id=bos, eos_id=eos, minloglevel=2),
+    )
+    path = folder / "retokenized.pt"
+    model_bytes = (folder / "retokenized.model").read_bytes()
+    checkpoint.save(
+        path,
+        config=ckpt["config"],
+        model_state=ckpt["model"],
+        tokenizer_bytes={"joint": model_bytes},
     )
     return path
 

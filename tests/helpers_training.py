@@ -17,26 +17,27 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(40)]
 
 
-def write_corpus(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
+def write_corpus(folder: Path, n: int, seed: int, words=WORDS) -> tuple[Path, Path]:
+    """`n` pairs of 2-8 random `words` and the same words reversed in upper case."""
     rng = random.Random(seed)
     src, tgt = [], []
     for _ in range(n):
-        words = rng.choices(WORDS, k=rng.randint(2, 8))
-        src.append(" ".join(words))
-        tgt.append(" ".join(reversed(words)).upper())
+        words_ = rng.choices(words, k=rng.randint(2, 8))
+        src.append(" ".join(words_))
+        tgt.append(" ".join(reversed(words_)).upper())
     (folder / f"s{seed}.src").write_text("\n".join(src) + "\n")
     (folder / f"s{seed}.tgt").write_text("\n".join(tgt) + "\n")
     return folder / f"s{seed}.src", folder / f"s{seed}.tgt"
 
 
-def prepare_tiny(folder: Path, *extra: str) -> list[str]:
-    """Prepare the tiny dataset under `folder` (`extra`: more `data.*` overrides); returns its
-    `data.*`/`tokenizer.*` overrides."""
+def prepare_tiny(folder: Path, *extra: str, words=WORDS) -> list[str]:
+    """Prepare the tiny dataset under `folder` (`extra`: more `data.*` overrides; `words`: the
+    vocabulary of its sentences); returns its `data.*`/`tokenizer.*` overrides."""
     from nmt import data
     from nmt.config import load_config
 
-    train_src, train_tgt = write_corpus(folder, 300, 1)
-    valid_src, valid_tgt = write_corpus(folder, 20, 2)
+    train_src, train_tgt = write_corpus(folder, 300, 1, words)
+    valid_src, valid_tgt = write_corpus(folder, 20, 2, words)
     overrides = [
         f"data.train_src={train_src}",
         f"data.train_tgt={train_tgt}",
@@ -66,6 +67,9 @@ def tiny(prepared: list[str], out_dir, *extra: str) -> list[str]:
         "train.warmup_steps=3",
         "train.device=cpu",
         "train.lr=0.01",
+        # auto is the machine's choice (bf16 on a CPU where the probe finds it faster): the
+        # tests' figures and tolerances are float32's
+        "train.precision=fp32",
         *extra,
     ]
 

@@ -1,10 +1,10 @@
-"""`data.batch_loader`: background workers give the batches the training process would build."""
+"""`batching.batch_loader`: background workers give the batches the training process would build."""
 
 import pytest
 import torch
 from helpers_training import prepare_tiny
 
-from nmt import data
+from nmt import batching, data
 from nmt.config import load_config
 from nmt.tokenizer import Tokenizer
 
@@ -17,7 +17,7 @@ def split(tmp_path_factory):
     return data.load_split(data_dir, "train"), (tok.pad_id, tok.bos_id, tok.eos_id)
 
 
-def _same(a: data.Batch, b: data.Batch) -> bool:
+def _same(a: batching.Batch, b: batching.Batch) -> bool:
     return all(
         torch.equal(getattr(a, f), getattr(b, f))
         for f in ("src_ids", "tgt_in_ids", "tgt_out_ids", "src_lens", "tgt_lens", "indices")
@@ -26,12 +26,12 @@ def _same(a: data.Batch, b: data.Batch) -> bool:
 
 def test_workers_give_the_in_process_batches_from_the_sampler_position(split):
     train, ids = split
-    sampler = data.TokenBatchSampler(*data.lengths(train), 200, seed=3, rank=1, world_size=2)
+    sampler = batching.TokenBatchSampler(*data.lengths(train), 200, seed=3, rank=1, world_size=2)
     sampler.set_epoch(2)
-    expected = list(data.make_batches(train, sampler, *ids))
+    expected = list(batching.make_batches(train, sampler, *ids))
     assert len(expected) == len(sampler) > 4
 
-    loader = data.batch_loader(train, sampler, *ids, workers=2)
+    loader = batching.batch_loader(train, sampler, *ids, workers=2)
     assert isinstance(loader, torch.utils.data.DataLoader)
     for start in (0, 3):  # a fresh epoch, then a resumed one; the workers are kept
         sampler.position = start
@@ -42,9 +42,9 @@ def test_workers_give_the_in_process_batches_from_the_sampler_position(split):
 
 def test_without_workers_the_loader_builds_batches_in_process(split):
     train, ids = split
-    sampler = data.TokenBatchSampler(*data.lengths(train), 200, seed=3)
-    loader = data.batch_loader(train, sampler, *ids)
+    sampler = batching.TokenBatchSampler(*data.lengths(train), 200, seed=3)
+    loader = batching.batch_loader(train, sampler, *ids)
     assert not isinstance(loader, torch.utils.data.DataLoader)
     first = list(loader)
     sampler.position = 0
-    assert all(_same(a, b) for a, b in zip(first, data.make_batches(train, sampler, *ids)))
+    assert all(_same(a, b) for a, b in zip(first, batching.make_batches(train, sampler, *ids)))

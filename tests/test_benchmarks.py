@@ -8,7 +8,9 @@ import torch
 from helpers_models import BOS, EOS, PAD, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from nmt.search import beam_search
+from nmt import metrics
+from nmt.search import SearchSettings, beam_search
+from nmt.translator import Translator
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -60,18 +62,57 @@ def test_tcn_decode_count_equals_torch_flop_counter_over_a_search(beam_size):
     src = torch.randint(4, 23, (1, 7))
     counter = FlopCounterMode(display=False)
     with counter:
-        beam_search(
-            counted,
-            src,
-            torch.tensor([7]),
-            bos_id=BOS,
-            eos_id=EOS,
-            pad_id=PAD,
-            beam_size=beam_size,
-            max_len_a=0.0,
-            max_len_b=6,
+        s = SearchSettings(
+            bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, max_len_a=0.0, max_len_b=6
         )
+        beam_search(counted, src, torch.tensor([7]), s)
     assert counted.src_tokens == 7
     assert counted.row_steps >= beam_size * 2  # the beam ran a few steps
     work = (counted.src_tokens, counted.row_steps, counted.row_src_pairs)
     assert decode_flops(model, *work) == counter.get_total_flops()
+
+
+def test_decode_speed_times_settings_side_by_side_with_bleu_and_the_peer(tiny_checkpoint, tmp_path):
+    import json
+
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text("the cat sat\nw1 w2 w3\n\na dog\n", encoding="utf-8")
+    ref.write_text("THE CAT\nW3 W2 W1\n\nA DOG\n", encoding="utf-8")
+    peer = tmp_path / "onmt.json"
+    peer.write_text(json.dumps({"beam5_sents_per_s_median": 2.0, "greedy_sents_per_s_median": 4.0}))
+    out = tmp_path / "figures.json"
+    args = [str(tiny_checkpoint), "--src", str(src), "--ref", str(ref), "--peer", str(peer)]
+    args += ["--dtype", "int8", "--shortlist", "0", "3", "--beam-sizes", "1", "5"]
+    decode_speed.main([*args, "--repeats", "2", "--latency", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    timed = [r for r in rows if r["path"] == "cached"]
+    assert [(r["beam"], r["setting"]) for r in timed] == [
+        (1, "int8"),
+        (1, "int8 shortlist 3"),
+        (5, "int8"),
+        (5, "int8 shortlist 3"),
+    ]
+    translator = Translator.from_checkpoint(tiny_checkpoint, device="cpu", dtype="int8")
+    lines, refs = src.read_text().splitlines(), ref.read_text().splitlines()
+    for r in timed:
+        hyps = translator.translate(lines, beam_size=r["beam"], shortlist=r.get("shortlist", 0))
+        assert r["bleu"] == round(metrics.bleu(hyps, [refs]).score, 2)
+        assert r["sentences"] == 4 and r["precision"] == "int8"
+        first = next(f for f in timed if f["beam"] == r["beam"])
+        assert r["speedup_vs_first"] == round(r["sents_per_s"] / first["sents_per_s"], 3)
+        rate = 4.0 if r["beam"] == 1 else 2.0
+        assert r["ratio_to_peer"] == round(r["sents_per_s"] / rate, 3)
+    latency = [r for r in rows if r["path"] == "batch 1"]
+    assert len(latency) == 4 and all(r["latency_ms_p95"] >= r["latency_ms_median"] for r in latency)
+
+
+def test_cpu_precision_times_every_offered_precision():
+    from nmt.devices import cpu_offers
+
+    cpu_precision = _load("cpu_precision")
+    figures = cpu_precision.main(["--rows", "3"])["ms_per_call"][3]
+    offered = [n for n, why in cpu_offers().items() if not why and n != "float32"]
+    layer = {"nn.LSTM float32", *(f"CellStep {n}" for n in offered)}
+    layer |= {"nn.LSTM bf16 autocast"} if "bfloat16" in offered else set()
+    assert set(figures["decoder layer step"]) == layer
+    assert set(figures["output projection 256 -> 8000"]) == {"float32", *offered}

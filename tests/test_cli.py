@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from nmt.cli import main
+from nmt.errors import DataError, DownloadError, NmtError, UsageError, exit_code
 
 SUBCOMMANDS = ("download", "config", "prepare", "train", "translate", "evaluate", "score")
 
@@ -67,3 +68,48 @@ def test_download_from_the_mirror(tmp_path, monkeypatch, capsys):
         assert len((tmp_path / f"test_2017_mscoco.{lang}").read_text().splitlines()) == 461
     assert main([*args, "--splits", "test_2099"]) == 2
     assert "test_2099" in capsys.readouterr().err
+
+
+def _raises(error):
+    def run():
+        raise error
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("run", "code", "err"),
+    [
+        (lambda: None, 0, ""),
+        (lambda: 3, 3, ""),
+        (_raises(UsageError("bad flag")), 2, "error: bad flag\n"),
+        (_raises(DataError("f.txt: line 2: not valid UTF-8")), 2, "error: f.txt: line 2"),
+        (_raises(NmtError("disk full")), 1, "error: disk full\n"),
+        (_raises(DownloadError("x.gz: checksum mismatch")), 1, "error: x.gz: checksum mismatch"),
+        (_raises(KeyboardInterrupt()), 130, "stopped\n"),
+        (_raises(BrokenPipeError()), 0, ""),
+    ],
+)
+def test_one_rule_turns_errors_into_exit_codes(capsys, run, code, err):
+    # the rule of the `nmt` command, the recipes and the data scripts (nmt.errors.exit_code)
+    assert exit_code(run, interrupted="stopped") == code
+    captured = capsys.readouterr()
+    assert captured.err.startswith(err) and bool(captured.err) == bool(err)
+    assert captured.out == ""
+
+
+def test_overrides_work_in_any_position(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n")
+    assert main(["config", "train.seed=9", str(path), "model.hidden=32"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.1" in out and "seed: 9" in out and "hidden: 32" in out
+    from nmt.cli import build_parser
+
+    argv = ["train", str(path), "--resume", "train.lr=1", "--reset-optimizer", "train.seed=2"]
+    args = build_parser().parse_args(argv)
+    assert args.resume and args.reset_optimizer and args.config == str(path)
+    assert args.overrides == ["train.lr=1", "train.seed=2"]  # in their order: the last one wins
+    # a command without overrides reads every argument as it is
+    args = build_parser().parse_args(["translate", "m.pt", "-i", "a.b=c.txt"])
+    assert args.input == "a.b=c.txt"

@@ -1,5 +1,7 @@
 """Config: defaults, YAML loading, overrides and the exact error messages."""
 
+import dataclasses
+
 import pytest
 
 from nmt.config import Config, defaults_yaml, load_config, read_yaml
@@ -39,8 +41,22 @@ def test_overrides_apply_after_file(tmp_path):
     path.write_text("train:\n  lr: 0.1\n  seed: 7\n")
     cfg = load_config(path, ["train.lr=0.5", "model.tie_embeddings=true", "data.dir=x/y"])
     assert cfg.train.lr == 0.5 and cfg.train.seed == 7
-    assert cfg.model.tie_embeddings is False or cfg.model.emb_dim == cfg.model.hidden
+    assert Config().model.tie_embeddings is False and cfg.model.tie_embeddings is True
     assert cfg.data.dir == "x/y"
+
+
+def test_a_base_comes_before_the_file_and_the_overrides(tmp_path):
+    # a fine-tuning run: the checkpoint's config, then the fine-tuning file, then the command line
+    base = Config()
+    base.model.hidden, base.train.lr, base.train.seed = 48, 0.002, 3
+    base.search = dataclasses.replace(base.search, beam_size=7)  # frozen: replaced whole
+    path = tmp_path / "ft.yaml"
+    path.write_text("train:\n  lr: 0.0005\n  max_steps: 300\nsearch:\n")  # search: empty
+    cfg = load_config(path, ["train.max_steps=10"], base=base.to_dict())
+    assert (cfg.model.hidden, cfg.train.seed) == (48, 3)  # kept from the base
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.0005, 10)  # the file, then the override
+    assert cfg.search.beam_size == 7  # an empty section keeps the base's
+    assert load_config(path).model.hidden == Config().model.hidden  # no base: the defaults
 
 
 def test_int_accepted_for_float_but_not_bool_for_int():
@@ -89,7 +105,8 @@ def test_missing_and_non_utf8_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["gnmt_small", "gnmt_v2", "gnmt_paper", "gnmt_iwslt14", "demo", "tcn_small"]
+    "name",
+    ["gnmt_small", "gnmt_v2", "gnmt_paper", "gnmt_iwslt14", "demo", "tcn_small", "finetune"],
 )
 def test_shipped_configs_are_valid(name):
     from pathlib import Path
@@ -112,3 +129,34 @@ def test_tcn_receptive_field_must_cover_max_len():
 def test_gnmt_decoder_needs_two_layers():
     with pytest.raises(ConfigError, match="model.dec_layers: the GNMT decoder needs >= 2"):
         load_config(None, ["model.dec_layers=1"])
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "first"),
+    [
+        ("model:\n  hidden: 256\n  emb_dim: 64\n  hidden: 512\n", 4, "model.hidden", 2),
+        ("train:\n  lr: 0.1\nmodel:\n  hidden: 8\ntrain:\n  seed: 3\n", 5, "train", 1),
+        ("search: {beam_size: 2, alpha: 0.6, beam_size: 5}\n", 1, "search.beam_size", 1),
+    ],
+)
+def test_a_key_given_twice_is_one_error_naming_its_line(tmp_path, text, line, key, first):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: line {line}, column ")
+    assert f"duplicate key {key} (first given on line {first};" in msg
+
+
+def test_the_same_key_in_other_mappings_and_yaml_merges_are_fine(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("a: {x: 1, y: [{x: 2}, {x: 3}]}\nb:\n  x: 4\n")
+    assert read_yaml(path) == {"a": {"x": 1, "y": [{"x": 2}, {"x": 3}]}, "b": {"x": 4}}
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("a: &base {hidden: 8, emb_dim: 8}\nmodel:\n  <<: *base\n  hidden: 32\n")
+    assert read_yaml(merged)["model"] == {"hidden": 32, "emb_dim": 8}  # a merge may be overridden
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("a: {x: 1, y: [{x: 2, x: 3}]}\n")
+    with pytest.raises(UsageError, match=r"line 1, column 22: .*duplicate key a\.y\[0\]\.x"):
+        read_yaml(twice)

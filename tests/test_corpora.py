@@ -5,14 +5,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 from helpers_http import closed_port, serve_folder
 
 from nmt import corpora
+from nmt.cli import main
 from nmt.corpora import Corpus, FileSpec
-from nmt.errors import DataError, NmtError, UsageError
+from nmt.errors import DownloadError, NmtError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
@@ -68,7 +70,7 @@ def test_download_verifies_unpacks_and_is_idempotent(tmp_path, monkeypatch):
             assert files[split][lang] == out / f"{split}.{lang}"
             assert files[split][lang].read_text(encoding="utf-8") == text
         assert len(requests) == 4
-        assert not [p for p in _looks_complete(out) if p.endswith(".part")]
+        assert not [p for p in _looks_complete(out) if Path(p).name.startswith(".")]
 
         again = corpora.download("tiny", ["en", "de"], out, splits=["train", "test"], quiet=True)
         assert again == files
@@ -83,22 +85,53 @@ def test_download_verifies_unpacks_and_is_idempotent(tmp_path, monkeypatch):
 def test_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     srv = tmp_path / "srv"
     srv.mkdir()
-    wrong = FileSpec("data/train.en.gz", "0" * 64, len(gzip.compress(b"x")))
     with serve_folder(srv) as (url, _):
         corpus = _tiny(srv, url, monkeypatch)
         good = corpus.files["train"]["en"]
         corpus.files["train"]["en"] = FileSpec(good.path, "0" * 64, good.size)
         out = tmp_path / "out"
-        with pytest.raises(DataError) as err:
+        with pytest.raises(DownloadError) as err:
             corpora.download("tiny", ["en"], out, splits=["train"], quiet=True)
         msg = str(err.value)
         assert "checksum mismatch" in msg and "train.en.gz" in msg
         assert "0" * 64 in msg and good.sha256 in msg  # expected and found
         assert _looks_complete(out) == []
-        corpus.files["train"]["en"] = wrong  # a wrong size is caught the same way
-        with pytest.raises(DataError, match="checksum mismatch"):
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_wrong_size_alone_is_caught(tmp_path, monkeypatch, extra):
+    # the right sha256 with a size one byte off: only the size check can refuse the file
+    # (+1: the server's file is shorter than promised; -1: longer, read no further than that)
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with serve_folder(srv) as (url, _):
+        corpus = _tiny(srv, url, monkeypatch)
+        good = corpus.files["train"]["en"]
+        corpus.files["train"]["en"] = FileSpec(good.path, good.sha256, good.size + extra)
+        out = tmp_path / "out"
+        with pytest.raises(DownloadError) as err:
             corpora.download("tiny", ["en"], out, splits=["train"], quiet=True)
+        got = f"({good.size} bytes)" if extra > 0 else f"(more than {good.size - 1} bytes)"
+        assert f"({good.size + extra} bytes), found " in str(err.value) and got in str(err.value)
         assert _looks_complete(out) == []
+
+
+def test_failed_downloads_exit_1_and_user_mistakes_exit_2(tmp_path, monkeypatch, capsys):
+    # a server's missing or bad file is no mistake of the user's: a runtime failure
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with serve_folder(srv) as (url, _):
+        corpus = _tiny(srv, url, monkeypatch)
+        args = ["download", "tiny", "--langs", "en", "de", "--out", str(tmp_path / "out")]
+        (srv / "data" / "test.de.gz").unlink()
+        assert main([*args, "--splits", "test"]) == 1
+        assert "test.de.gz: not found at http" in capsys.readouterr().err
+        good = corpus.files["train"]["en"]
+        corpus.files["train"]["en"] = FileSpec(good.path, "0" * 64, good.size)
+        assert main([*args, "--splits", "train"]) == 1
+        assert "checksum mismatch" in capsys.readouterr().err
+        assert main([*args, "--splits", "valid"]) == 2  # the user's mistake
+        assert "unknown split 'valid'" in capsys.readouterr().err
 
 
 def test_connection_refused_is_clear(tmp_path, monkeypatch):
@@ -120,7 +153,7 @@ def test_missing_file_names_file_and_url(tmp_path, monkeypatch):
         _tiny(srv, url, monkeypatch)
         (srv / "data" / "test.de.gz").unlink()
         out = tmp_path / "out"
-        with pytest.raises(DataError) as err:
+        with pytest.raises(DownloadError) as err:
             corpora.download("tiny", ["en", "de"], out, splits=["test"], quiet=True)
         msg = str(err.value)
         assert "test.de.gz" in msg and "not found" in msg and f"{url}data/test.de.gz" in msg
@@ -136,10 +169,10 @@ def test_truncated_gzip_is_a_clear_error(tmp_path, monkeypatch):
         (srv / "data" / "train.en.gz").write_bytes(data)
         corpus.files["train"]["en"] = _spec(data, "data/train.en.gz")
         out = tmp_path / "out"
-        with pytest.raises(DataError, match=r"train\.en\.gz: truncated or corrupt gzip"):
+        with pytest.raises(DownloadError, match=r"train\.en\.gz: truncated or corrupt gzip"):
             corpora.download("tiny", ["en"], out, quiet=True)
         assert not (out / "train.en").exists()
-        assert not [p for p in _looks_complete(out) if p.endswith(".part")]
+        assert not [p for p in _looks_complete(out) if Path(p).name.startswith(".")]
 
 
 @pytest.mark.parametrize("form", ["path", "file_url", "http_url"])
@@ -164,7 +197,7 @@ def test_file_missing_in_mirror_names_file_and_mirror(tmp_path, monkeypatch):
     _tiny(mirror / "tinymirror", "https://example.invalid/", monkeypatch)
     (mirror / "tinymirror" / "data" / "test.en.gz").unlink()
     monkeypatch.setenv(corpora.MIRROR_ENV, str(mirror))
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DownloadError) as err:
         corpora.download("tiny", ["en"], tmp_path / "out", splits=["test"], quiet=True)
     assert str(mirror / "tinymirror" / "data" / "test.en.gz") in str(err.value)
     assert "test.en.gz: not found" in str(err.value)
@@ -272,7 +305,7 @@ def test_real_multi30k_and_wmt_from_the_mirror(tmp_path, monkeypatch):
     src, ref = corpora.resolve_testset("wmt:newstest2014", "en", "de", tmp_path / "cache")
     assert len(src.read_text(encoding="utf-8").splitlines()) == 3003
     assert len(ref.read_text(encoding="utf-8").splitlines()) == 3003
-    with pytest.raises(DataError, match="test_2018_flickr.en.gz: not found"):
+    with pytest.raises(DownloadError, match="test_2018_flickr.en.gz: not found"):
         corpora.download("multi30k", ["en", "de"], tmp_path / "m30k", splits=["test_2018_flickr"])
 
 
@@ -322,3 +355,73 @@ def test_iwslt14_test_sets_from_the_mirror(tmp_path, monkeypatch, form):
             assert len(files[split][lang].read_text(encoding="utf-8").splitlines()) == n
     if form == "path":  # the first line of the fairseq test set (mirror README's sample)
         assert files["test"]["en"].read_text(encoding="utf-8").startswith("You know, one of")
+
+
+_STARTED_WITH_MIRROR = os.environ.get(corpora.MIRROR_ENV, "").strip()
+TATOEBA_PAIRS = 17_565  # v2021-08-07 (the mirror README)
+
+
+def _mirror_holding(folder: str) -> Path | None:
+    """The corpus mirror holding `folder`: NMT_MIRROR as the suite was started (the autouse
+    fixture hides it from the tests), else ../shared/corpora beside the checkout, else None."""
+    for place in (_STARTED_WITH_MIRROR, SHARED_CORPORA):
+        if place and (Path(place) / folder).is_dir():
+            return Path(place).resolve()
+    return None
+
+
+def test_tatoeba_definitions_match_the_mirror_files():
+    mirror = _mirror_holding("tatoeba_test_de_en")
+    if mirror is None:
+        pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
+    folder = mirror / "tatoeba_test_de_en"
+    corpus = corpora.CORPORA["tatoeba"]
+    assert (corpus.mirror_dir, corpus.base_url, corpus.default_splits) == (
+        "tatoeba_test_de_en",
+        "",
+        ("v2021-08-07",),
+    )
+    defined = [s for by_lang in corpus.files.values() for s in by_lang.values()]
+    assert {s.path for s in defined} == {p.name for p in folder.glob("*.gz")}  # each one once
+    for spec in defined:
+        data = (folder / spec.path).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (spec.sha256, spec.size)
+
+
+def test_tatoeba_from_the_mirror_over_http(tmp_path, monkeypatch):
+    mirror = _mirror_holding("tatoeba_test_de_en")
+    if mirror is None:
+        pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
+    out = tmp_path / "out"
+    with serve_folder(mirror) as (url, requests):
+        monkeypatch.setenv(corpora.MIRROR_ENV, url)
+        files = corpora.download("tatoeba", ["en", "de"], out, quiet=True)  # default split
+    assert requests == [
+        "/tatoeba_test_de_en/tatoeba-test-v2021-08-07.en.gz",
+        "/tatoeba_test_de_en/tatoeba-test-v2021-08-07.de.gz",
+    ]
+    assert files == {"v2021-08-07": {lang: out / f"v2021-08-07.{lang}" for lang in ("en", "de")}}
+    de = files["v2021-08-07"]["de"].read_text(encoding="utf-8").splitlines()
+    en = files["v2021-08-07"]["en"].read_text(encoding="utf-8").splitlines()
+    assert len(de) == len(en) == TATOEBA_PAIRS
+    # the first and last pairs of the mirror README's sample
+    assert de[0].startswith("1935 erhielt Einstein") and en[0].startswith("In 1935 Einstein")
+    assert (de[-1], en[-1]) == ("Zwischen uns ist alles vorbei.", "It's all over between us.")
+
+
+def test_tatoeba_refuses_a_file_with_another_checksum(tmp_path, monkeypatch):
+    # a mirror whose file has the right size but other bytes: refused, nothing left behind
+    spec = corpora.CORPORA["tatoeba"].files["v2021-08-07"]["de"]
+    fake = tmp_path / "mirror" / "tatoeba_test_de_en" / spec.path
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"x" * spec.size)
+    monkeypatch.setenv(corpora.MIRROR_ENV, str(tmp_path / "mirror"))
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError) as err:
+        corpora.download("tatoeba", ["de", "en"], out, splits=["v2021-08-07"], quiet=True)
+    msg = str(err.value)
+    assert "tatoeba-test-v2021-08-07.de.gz: checksum mismatch" in msg and spec.sha256 in msg
+    assert _looks_complete(out) == []
+    monkeypatch.delenv(corpora.MIRROR_ENV)
+    with pytest.raises(UsageError, match="tatoeba: these files have no public address"):
+        corpora.download("tatoeba", ["de", "en"], out, quiet=True)

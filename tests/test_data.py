@@ -1,18 +1,20 @@
-"""Data layer: validated reading, prepare() end to end, collate, and the token batch sampler."""
+"""Preparing data: prepare() end to end, its cache, bad inputs, and batches of a prepared split."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from nmt import data
+from nmt import batching, checkpoint, data
+from nmt.batching import TokenBatchSampler
+from nmt.cli import main
 from nmt.config import Config
-from nmt.data import Batch, TokenBatchSampler, collate, load_split, prepare, read_parallel
+from nmt.data import load_split, prepare
 from nmt.errors import DataError, UsageError
 from nmt.tokenizer import Tokenizer
 
@@ -23,48 +25,6 @@ def _write(path, lines, gz=False):
     text = "".join(f"{line}\n" for line in lines).encode("utf-8")
     path.write_bytes(gzip.compress(text) if gz else text)
     return path
-
-
-# -- read_parallel -------------------------------------------------------------------------------
-
-
-def test_read_parallel_streams_pairs(tmp_path):
-    src = _write(tmp_path / "a.en", ["\ufeffone", "two", ""])
-    tgt = _write(tmp_path / "a.de.gz", ["eins", "zwei", "leer"], gz=True)
-    pairs = read_parallel(src, tgt)
-    assert next(pairs) == ("one", "eins")  # a generator: nothing is read ahead in bulk
-    assert list(pairs) == [("two", "zwei"), ("", "leer")]
-
-
-def test_read_parallel_errors_name_the_file(tmp_path):
-    good = _write(tmp_path / "good.txt", ["a", "b", "c"])
-    short = _write(tmp_path / "short.txt", ["a", "b"])
-    with pytest.raises(DataError) as err:
-        list(read_parallel(good, short))
-    assert f"{good} has 3 lines but {short} has 2" in str(err.value)
-    with pytest.raises(DataError, match=f"{short} has 2 lines but {good} has 3"):
-        list(read_parallel(short, good))
-
-    empty = _write(tmp_path / "empty.txt", [])
-    with pytest.raises(DataError, match=f"{empty}: empty file"):
-        list(read_parallel(empty, good))
-    with pytest.raises(DataError, match=f"{empty}: empty file"):
-        list(read_parallel(good, empty))
-
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine\nalso fine\ncaf\xe9 latin-1\n")
-    with pytest.raises(DataError, match=rf"{bad}, line 3: not UTF-8"):
-        list(read_parallel(bad, good))
-
-    with pytest.raises(DataError, match=f"{tmp_path / 'nope.txt'}: file not found"):
-        list(read_parallel(tmp_path / "nope.txt", good))
-    with pytest.raises(DataError, match="is a folder"):
-        list(read_parallel(good, tmp_path))
-
-    cut = tmp_path / "cut.txt.gz"
-    cut.write_bytes(gzip.compress(b"a\nb\nc\n" * 1000)[:-20])
-    with pytest.raises(DataError, match=f"{cut}: truncated or corrupt gzip"):
-        list(read_parallel(cut, good))
 
 
 # -- prepare -------------------------------------------------------------------------------------
@@ -161,31 +121,6 @@ def test_load_split_missing(tmp_path):
         load_split(tmp_path, "valid")
 
 
-# -- collate and Batch ---------------------------------------------------------------------------
-
-
-def test_collate_pads_right_and_adds_bos_eos():
-    pad, bos, eos = 0, 2, 3
-    examples = {"src_ids": [[5, 6, eos], [7, eos]], "tgt_ids": [[8, 9], [10]]}
-    batch = collate(examples, [4, 1], pad, bos, eos)
-    assert batch.src_ids.tolist() == [[5, 6, 3], [7, 3, 0]]
-    assert batch.src_lens.tolist() == [3, 2]
-    assert batch.tgt_in_ids.tolist() == [[2, 8, 9], [2, 10, 0]]
-    assert batch.tgt_out_ids.tolist() == [[8, 9, 3], [10, 3, 0]]
-    assert batch.tgt_lens.tolist() == [3, 2]
-    assert batch.indices.tolist() == [4, 1]
-    assert batch.src_mask.tolist() == [[True, True, True], [True, True, False]]
-    assert batch.tgt_mask.tolist() == [[True, True, True], [True, True, False]]
-    assert (batch.num_src_tokens, batch.num_tgt_tokens, len(batch)) == (5, 5, 2)
-    assert all(t.dtype == torch.long for t in vars(batch).values())
-    moved = batch.to("cpu")
-    assert isinstance(moved, Batch) and torch.equal(moved.tgt_out_ids, batch.tgt_out_ids)
-    # an empty target gets bos / eos only
-    assert collate({"src_ids": [[3]], "tgt_ids": [[]]}, [0], pad, bos, eos).tgt_in_ids.tolist() == [
-        [2]
-    ]
-
-
 def test_make_batches_rebuild_the_dataset(tmp_path):
     src, tgt = _corpus(tmp_path, n=120)
     data_dir = prepare(_config(tmp_path, src, tgt))
@@ -193,7 +128,7 @@ def test_make_batches_rebuild_the_dataset(tmp_path):
     train = load_split(data_dir, "train")
     sampler = TokenBatchSampler(*data.lengths(train), max_tokens=80, seed=3)
     seen = []
-    for batch in data.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id):
+    for batch in batching.make_batches(train, sampler, tok.pad_id, tok.bos_id, tok.eos_id):
         assert batch.src_ids.numel() <= 80 or len(batch) == 1
         for row in range(len(batch)):
             i = int(batch.indices[row])
@@ -202,116 +137,6 @@ def test_make_batches_rebuild_the_dataset(tmp_path):
             assert batch.src_ids[row, : int(batch.src_lens[row])].tolist() == train[i]["src_ids"]
             seen.append(i)
     assert sorted(seen) == list(range(len(train)))
-
-
-# -- TokenBatchSampler ---------------------------------------------------------------------------
-
-
-def _lens(n=1000, seed=0):
-    rng = np.random.default_rng(seed)
-    src = rng.integers(1, 60, size=n)
-    tgt = np.clip(src + rng.integers(-5, 6, size=n), 1, None)
-    src[7] = 500  # over budget on its own: must come as a batch of one
-    return src, tgt
-
-
-def _cost(batch, src, tgt):
-    return len(batch) * max(max(src[batch]), max(tgt[batch]) + 1)
-
-
-def test_sampler_covers_each_example_once_within_budget():
-    src, tgt = _lens()
-    sampler = TokenBatchSampler(src, tgt, max_tokens=400, seed=1)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    flat = sorted(i for b in batches for i in b)
-    assert flat == list(range(len(src)))
-    assert all(_cost(b, src, tgt) <= 400 or len(b) == 1 for b in batches)
-    assert [7] in batches
-    # batches are not tiny: length sorting within pools packs them well
-    padded = sum(_cost(b, src, tgt) for b in batches)
-    assert padded < 1.3 * sum(np.maximum(src, tgt + 1))
-
-
-def test_sampler_order_depends_on_seed_and_epoch_only():
-    src, tgt = _lens()
-    a = TokenBatchSampler(src, tgt, max_tokens=400, seed=1)
-    b = TokenBatchSampler(src, tgt, max_tokens=400, seed=1)
-    c = TokenBatchSampler(src, tgt, max_tokens=400, seed=2)
-    epoch0 = list(a)
-    assert list(b) == epoch0
-    assert list(c) != epoch0
-    a.set_epoch(1)
-    epoch1 = list(a)
-    assert epoch1 != epoch0
-    assert sorted(i for x in epoch1 for i in x) == list(range(len(src)))
-    b.set_epoch(1)
-    assert list(b) == epoch1
-
-
-def test_sampler_without_shuffle_is_sorted_and_repeatable():
-    src, tgt = _lens()
-    sampler = TokenBatchSampler(src, tgt, max_tokens=400, shuffle=False)
-    first = list(sampler)
-    assert list(sampler) == first  # a finished pass starts over (validation reuses it)
-    costs = [int(np.maximum(src[b], tgt[b] + 1).max()) for b in first]
-    assert costs == sorted(costs)
-    sampler.set_epoch(5)
-    assert list(sampler) == first
-
-
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_sampler_rank_shards_are_disjoint_covering_and_even(world_size):
-    src, tgt = _lens(n=997)
-    for shuffle in (True, False):
-        shards = [
-            list(
-                TokenBatchSampler(
-                    src, tgt, 400, shuffle=shuffle, seed=4, rank=r, world_size=world_size
-                )
-            )
-            for r in range(world_size)
-        ]
-        assert len({len(s) for s in shards}) == 1  # the same number of batches on every rank
-        flat = [i for s in shards for b in s for i in b]
-        assert sorted(flat) == list(range(len(src)))  # disjoint and covering
-        assert all(_cost(b, src, tgt) <= 400 or len(b) == 1 for s in shards for b in s)
-
-
-def test_sampler_tiny_data_on_many_ranks_repeats_rather_than_starves():
-    src, tgt = np.array([3, 4]), np.array([3, 4])
-    shards = [list(TokenBatchSampler(src, tgt, 100, rank=r, world_size=4)) for r in range(4)]
-    assert all(len(s) == 1 for s in shards)
-    assert {i for s in shards for b in s for i in b} == {0, 1}
-
-
-def test_sampler_resumes_mid_epoch_exactly():
-    src, tgt = _lens()
-    full = TokenBatchSampler(src, tgt, max_tokens=400, seed=9)
-    full.set_epoch(2)
-    expected = list(full)
-
-    first = TokenBatchSampler(src, tgt, max_tokens=400, seed=9)
-    first.set_epoch(2)
-    it = iter(first)
-    head = [next(it) for _ in range(7)]
-    state = first.state_dict()
-    assert state == {"epoch": 2, "position": 7, "world_size": 1}
-
-    resumed = TokenBatchSampler(src, tgt, max_tokens=400, seed=9)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(2)  # a training loop may call this again: it keeps the position
-    assert head + list(resumed) == expected
-    assert resumed.state_dict() == {"epoch": 2, "position": len(expected), "world_size": 1}
-    resumed.set_epoch(3)
-    assert resumed.state_dict() == {"epoch": 3, "position": 0, "world_size": 1}
-
-
-def test_sampler_rejects_bad_settings():
-    with pytest.raises(ValueError):
-        TokenBatchSampler(np.ones(3), np.ones(4), 10)
-    with pytest.raises(ValueError):
-        TokenBatchSampler(np.ones(3), np.ones(3), 10, rank=2, world_size=2)
 
 
 @pytest.mark.slow
@@ -335,5 +160,110 @@ def test_prepare_real_multi30k(tmp_path, monkeypatch):
     valid = load_split(data_dir, "valid")
     tok = Tokenizer.load(data_dir)
     sampler = TokenBatchSampler(*data.lengths(valid), max_tokens=2000, shuffle=False)
-    n = sum(len(b) for b in data.make_batches(valid, sampler, tok.pad_id, tok.bos_id, tok.eos_id))
+    n = sum(
+        len(b) for b in batching.make_batches(valid, sampler, tok.pad_id, tok.bos_id, tok.eos_id)
+    )
     assert n == 1014
+
+
+# -- prepare --tokenizer-from CKPT -------------------------------------------------------------
+
+
+def _spm_files(data_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(data_dir.glob("spm*"))}
+
+
+def _ckpt_models(path) -> dict[str, bytes]:
+    return checkpoint.tokenizer_bytes(checkpoint.load(path))
+
+
+def test_prepare_with_a_checkpoints_tokenizer(tiny_checkpoint, parallel_text, tmp_path, capsys):
+    src, tgt = parallel_text(120, seed=5)
+    data_dir = tmp_path / "data"
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"data:\n  train_src: {src}\n  train_tgt: {tgt}\n")
+    more = [f"data.dir={data_dir}", "tokenizer.vocab_size=40", "tokenizer.joint=false"]
+    # the issue's order: CONFIG --tokenizer-from CKPT, then overrides
+    assert main(["prepare", str(config), "--tokenizer-from", str(tiny_checkpoint), *more]) == 0
+    err = capsys.readouterr().err
+    assert "nothing learned" in err and "learned Tokenizer" not in err
+    models = _ckpt_models(tiny_checkpoint)
+    assert _spm_files(data_dir) == {"spm.model": models["joint"]}  # byte for byte, nothing else
+    tok = Tokenizer.load(data_dir)
+    assert tok.to_bytes() == models  # what training and --init-from will compare
+    settings = json.loads((data_dir / data.TOKENIZER_SETTINGS).read_text())
+    assert settings["checkpoint"] == str(tiny_checkpoint.resolve())
+
+    # the split is encoded with the checkpoint's model (joint, ~100 pieces, not 40 separate)
+    rows = load_split(data_dir, "train")[:]
+    src_lines = src.read_text().splitlines()
+    assert rows["src_ids"] == [
+        tok.encode_src([src_lines[i]])[0] + [tok.eos_id] for i in rows["line"]
+    ]
+
+    # a later prepare without the flag keeps that tokenizer: it never relearns over it
+    spm_time = (data_dir / "spm.model").stat().st_mtime_ns
+    assert main(["prepare", str(config), *more, "data.max_len=30"]) == 0
+    err = capsys.readouterr().err
+    assert f"the model of the checkpoint {tiny_checkpoint.resolve()}" in err
+    assert "train: kept" not in err  # the new length limit re-encodes, with the same tokenizer
+    assert _spm_files(data_dir) == {"spm.model": models["joint"]}
+    assert (data_dir / "spm.model").stat().st_mtime_ns == spm_time
+    assert main(["prepare", str(config), "--tokenizer-from", str(tiny_checkpoint), *more]) == 0
+    assert (data_dir / "spm.model").stat().st_mtime_ns == spm_time  # the same: kept as it is
+
+
+def test_prepare_refuses_a_tokenizer_that_is_no_longer_the_checkpoints(
+    tiny_checkpoint, parallel_text, tmp_path, capsys
+):
+    src, tgt = parallel_text(120, seed=5)
+    data_dir = tmp_path / "data"
+    argv = ["prepare", f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.dir={data_dir}"]
+    assert main([*argv, "--tokenizer-from", str(tiny_checkpoint)]) == 0
+    other = Tokenizer.train([src], [tgt], tmp_path / "other", vocab_size=60)
+    other.save(data_dir)  # someone copied another model in
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "not the model of the checkpoint" in err
+    assert f"--tokenizer-from {tiny_checkpoint.resolve()}" in err  # how to repair it
+    assert main([*argv, "--tokenizer-from", str(tiny_checkpoint)]) == 0
+    assert Tokenizer.load(data_dir).to_bytes() == _ckpt_models(tiny_checkpoint)
+
+
+def test_prepare_tokenizer_from_replaces_a_learned_one_of_either_kind(
+    tiny_checkpoint, parallel_text, tmp_path
+):
+    src, tgt = parallel_text(120, seed=5)
+    data_dir = tmp_path / "data"
+    argv = ["prepare", f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.dir={data_dir}"]
+    assert main([*argv, "tokenizer.vocab_size=60"]) == 0  # a learned joint model, with .vocab
+    assert set(_spm_files(data_dir)) == {"spm.model", "spm.vocab"}
+    separate = Tokenizer.train([src], [tgt], tmp_path / "sep", vocab_size=50, joint=False)
+    ckpt = checkpoint.load(tiny_checkpoint)
+    path = tmp_path / "separate.pt"
+    checkpoint.save(
+        path,
+        config=ckpt["config"],
+        model_state=ckpt["model"],
+        tokenizer_bytes=separate.to_bytes(),
+    )
+    assert main([*argv, "--tokenizer-from", str(path)]) == 0
+    assert _spm_files(data_dir) == {
+        "spm.src.model": separate.to_bytes()["src"],
+        "spm.tgt.model": separate.to_bytes()["tgt"],
+    }
+    assert len(load_split(data_dir, "train")) > 0
+
+
+@pytest.mark.parametrize("bad", ["missing.pt", "notes.txt", "folder"])
+def test_prepare_tokenizer_from_a_bad_checkpoint_is_one_error(parallel_text, tmp_path, bad, capsys):
+    src, tgt = parallel_text(20, seed=5)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "folder").mkdir()
+    data_dir = tmp_path / "data"
+    argv = ["prepare", f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.dir={data_dir}"]
+    assert main([*argv, "--tokenizer-from", str(tmp_path / bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{tmp_path / bad}:" in err and "Traceback" not in err
+    assert not data_dir.exists()  # refused before anything was written

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nmt import data
+from nmt import batching, data
 from nmt.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _check_shards(src_lens, tgt_lens, max_tokens: int, world_size: int, epoch: i
     counts = np.zeros(len(src_lens), dtype=np.int64)
     sizes = []
     for rank in range(world_size):
-        sampler = data.TokenBatchSampler(
+        sampler = batching.TokenBatchSampler(
             src_lens, tgt_lens, max_tokens, seed=5, rank=rank, world_size=world_size
         )
         sampler.set_epoch(epoch)
@@ -79,5 +79,5 @@ def test_prepare_and_sampler_at_a_million_pairs(tmp_path):
     assert src_lens.max() <= 1351 and tgt_lens.max() <= 1350
     for world_size, epoch in ((1, 0), (1, 1), (2, 0)):
         _check_shards(src_lens, tgt_lens, 16_000, world_size, epoch)
-    one = data.TokenBatchSampler(src_lens, tgt_lens, 16_000, seed=5)
+    one = batching.TokenBatchSampler(src_lens, tgt_lens, 16_000, seed=5)
     assert bench.check_epoch(one, len(train)) == len(one)

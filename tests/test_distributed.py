@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from helpers_training import prepare_tiny, torchrun
 from helpers_training import tiny as _tiny
 
-from nmt import checkpoint, data
+from nmt import batching, checkpoint
 from nmt.config import load_config
 from nmt.distributed import LaunchEnv, launch_env, rank_device
 from nmt.errors import UsageError
@@ -73,17 +73,17 @@ def test_one_gpu_named_for_several_ranks_is_a_usage_error():
 # -------------------------------------------------------------------- sampler positions
 def test_sampler_position_maps_through_the_global_count_when_ranks_change():
     lens = torch.randint(2, 30, (500,), generator=torch.Generator().manual_seed(0)).numpy()
-    two = [data.TokenBatchSampler(lens, lens, 300, rank=r, world_size=2) for r in (0, 1)]
+    two = [batching.TokenBatchSampler(lens, lens, 300, rank=r, world_size=2) for r in (0, 1)]
     for s in two:
         s.load_state_dict({"epoch": 1, "position": 5, "world_size": 2})
         assert s.position == 5  # same number of ranks: exact
-    one = data.TokenBatchSampler(lens, lens, 300)
+    one = batching.TokenBatchSampler(lens, lens, 300)
     one.load_state_dict(two[0].state_dict())
     assert (one.epoch, one.position) == (1, 10)  # 2 ranks x 5 batches consumed
-    three = data.TokenBatchSampler(lens, lens, 300, rank=2, world_size=3)
+    three = batching.TokenBatchSampler(lens, lens, 300, rank=2, world_size=3)
     three.load_state_dict({"epoch": 1, "position": 5, "world_size": 2})
     assert three.position == 3  # 10 // 3: one batch is seen again, none is skipped
-    old = data.TokenBatchSampler(lens, lens, 300, rank=1, world_size=2)
+    old = batching.TokenBatchSampler(lens, lens, 300, rank=1, world_size=2)
     old.load_state_dict({"epoch": 0, "position": 8})  # a single-process state, before ranks
     assert old.position == 4
 
@@ -96,7 +96,9 @@ def _split_batches(trainer) -> tuple[list, list[list]]:
     tok = trainer.tokenizer
 
     def batch(indices):
-        return data.collate(trainer.train_set[indices], indices, tok.pad_id, tok.bos_id, tok.eos_id)
+        return batching.collate(
+            trainer.train_set[indices], indices, tok.pad_id, tok.bos_id, tok.eos_id
+        )
 
     whole = [batch(list(range(16)))]
     shares = [
@@ -165,9 +167,9 @@ def _train_worker(rank, port, overrides, out_dir, signal_rank, signal_step) -> N
         trainer = Trainer(load_config(None, overrides), dist=dist)
         step = trainer._optimizer_step
 
-        def step_then_signal(batches, window):
-            step(batches, window)
-            if rank == signal_rank and trainer.step == signal_step:
+        def step_then_signal(batches):
+            step(batches)
+            if rank == signal_rank and trainer.state.step == signal_step:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         trainer._optimizer_step = step_then_signal
@@ -241,7 +243,8 @@ def test_torchrun_two_ranks_train_save_once_and_resume_exactly(prepared, tmp_pat
 
     # the same checkpoint, resumed by one process: the epoch goes on after 2 x 2 batches
     trainer = Trainer(load_config(None, _tiny(prepared, one_rank, *constant)), resume=True)
-    assert (trainer.step, trainer.epoch, trainer.batches_done) == (stop_at, 1, 4)
+    state = trainer.state
+    assert (state.step, state.epoch, state.batches_done) == (stop_at, 1, 4)
     summary = trainer.run()
     assert summary["stop"] == "max_epochs"
     assert summary["step"] == stop_at + len(trainer.sampler) - 4

@@ -1,6 +1,7 @@
 """Evaluation: BLEU/chrF on files with sacreBLEU signatures, alignment checks, `evaluate`."""
 
 import json
+import types
 
 import pytest
 
@@ -8,6 +9,7 @@ from nmt import evaluation
 from nmt.cli import main
 from nmt.errors import UsageError
 from nmt.evaluation import evaluate, format_report, score, score_files
+from nmt.translator import Translator
 
 REFS = [
     "the quick brown fox jumps over the lazy dog",
@@ -74,6 +76,13 @@ def test_only_newline_ends_a_line(tmp_path):
     assert result["n"] == 3
 
 
+def test_crlf_references_score_as_their_lf_copy(tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_bytes("".join(line + "\r\n" for line in REFS).encode("utf-8"))
+    result = score_files(_write(tmp_path / "hyp.txt", REFS), [str(ref)])
+    assert result["n"] == 3 and result["bleu"]["score"] == pytest.approx(100.0)
+
+
 def test_invalid_utf8_and_empty_files(tmp_path):
     ref = tmp_path / "ref.txt"
     ref.write_bytes(b"fine\nalso fine\nbroken \xe2\x28 here\n")
@@ -89,7 +98,19 @@ def test_invalid_utf8_and_empty_files(tmp_path):
         score([], [[]])
 
 
-def test_evaluate_files_writes_hypotheses_and_scores_them(tiny_checkpoint, tmp_path):
+def test_evaluate_files_writes_hypotheses_and_scores_them(tiny_checkpoint, tmp_path, monkeypatch):
+    # A clock that moves only while the Translator translates, by 2.5 s: the time reported must
+    # be the translation's, and the speed 4 lines / 2.5 s.
+    now = [100.0]
+    translate = Translator.run
+
+    def timed_run(self, lines, settings):
+        results = translate(self, lines, settings)
+        now[0] += 2.5
+        return results
+
+    monkeypatch.setattr(Translator, "run", timed_run)
+    monkeypatch.setattr(evaluation, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     src_lines = ["the cat sat on the mat", "", "w1 w2 w3 w4", "a dog"]
     src = _write(tmp_path / "src.txt", src_lines)
     ref = _write(tmp_path / "ref.txt", ["DIE KATZE", "", "W4 W3 W2 W1", "EIN HUND"])
@@ -99,7 +120,7 @@ def test_evaluate_files_writes_hypotheses_and_scores_them(tiny_checkpoint, tmp_p
     )
     assert result["n"] == 4 and result["src"] == src and result["testset"] is None
     assert result["search"]["beam_size"] == 2 and result["search"]["batch_size"] == 3
-    assert result["seconds"] >= 0 and result["sents_per_s"] > 0
+    assert result["seconds"] == 2.5 and result["sents_per_s"] == 1.6
     assert "nrefs:1" in result["bleu"]["signature"]
     hyps = out.read_text(encoding="utf-8").split("\n")
     assert len(hyps) == 5 and hyps[1] == "" and hyps[-1] == ""

@@ -82,16 +82,16 @@ def test_training_steps_do_not_wait_for_the_gpu(prepared, tmp_path):
     trainer = Trainer(load_config(None, _cuda(prepared, tmp_path / "run")))
     batches = [batch for _, batch in zip(range(6), trainer.loader)]
     assert all(b.src_ids.is_pinned() and b.tgt_out_ids.is_pinned() for b in batches)
-    trainer._optimizer_step(batches[:1], trainer.window)  # lazy set-up: scaler, Adam state
+    trainer._optimizer_step(batches[:1])  # lazy set-up: scaler, Adam state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
     try:
         for batch in batches[1:]:
-            trainer._optimizer_step([batch], trainer.window)
+            trainer._optimizer_step([batch])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     trainer._check_steps()  # the one sync, at a log point
-    assert trainer.window.good_steps == 6 and trainer.bad_steps_total == 0
+    assert trainer.window.good_steps == 6 and trainer.health.total == 0
 
 
 @pytest.mark.parametrize("family, variant", CASES)
@@ -147,13 +147,13 @@ def test_cuda_graph_search_equals_the_eager_searches(
     torch.manual_seed(0)
     model = tiny_model(family, **variant).cuda().eval()
     src_ids, src_lens = (t.cuda() for t in random_batch([7, 4, 9, 1, 6], [1] * 5, VOCAB)[:2])
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, alpha=0.6, beta=beta)
-    kw.update(max_len_a=1.5, max_len_b=5)
+    s = search.SearchSettings(bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=beam_size, beta=beta,
+                              alpha=0.6, max_len_a=1.5, max_len_b=5)  # fmt: skip
     # the Translator's way on CUDA: search_graph.runner, graphs (beam_size 1: greedy search)
-    graphed = search.beam_search(model, src_ids, src_lens, run=search_graph.runner("cuda"), **kw)
+    graphed = search.beam_search(model, src_ids, src_lens, s, run=search_graph.runner("cuda"))
     in_place = functools.partial(search_graph.search, mode="in_place")
-    eager = search.beam_search(model, src_ids, src_lens, run=in_place, **kw)
+    eager = search.beam_search(model, src_ids, src_lens, s, run=in_place)
     assert [[(h.tokens, h.score) for h in r] for r in graphed] == [
         [(h.tokens, h.score) for h in r] for r in eager
     ]
-    assert_same_results(graphed, search.beam_search(model, src_ids, src_lens, **kw))
+    assert_same_results(graphed, search.beam_search(model, src_ids, src_lens, s))

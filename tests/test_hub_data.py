@@ -61,7 +61,7 @@ def _read(path) -> list[str]:
 
 
 def _no_leftovers(folder) -> None:
-    assert not [p.name for p in folder.iterdir() if p.name.endswith(".part")]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file
 
 
 def test_dataset_rows_become_aligned_lines(tmp_path):

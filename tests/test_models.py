@@ -1,7 +1,8 @@
 """The Seq2Seq contract, tested for every family in FAMILIES and every encoder/decoder mix
 (a new family gets these for free).
 
-- incremental decoding (`step` T times) gives the log-softmax of teacher-forced `forward`;
+- incremental decoding (`step` T times) gives the log-softmax of teacher-forced `forward`, and
+  `target_log_probs` (forced scoring) picks the same log-probs;
 - padding invariance: a sentence's outputs do not depend on its batch-mates;
 - `reorder_state` / `reorder_encoder_out` with a permutation and with repeated rows give the same
   step outputs as building the reordered batch from scratch;
@@ -81,6 +82,13 @@ def test_step_equals_forward(family, variant):
     log_probs, attn = run_steps(model, src_ids, src_lens, tgt_in_ids)
     assert log_probs.shape == expected.shape == (4, 8, VOCAB)
     torch.testing.assert_close(log_probs, expected, atol=ATOL, rtol=0)
+    # forced scoring's teacher-forced log-prob of each next token is the step's
+    tgt_out_ids = torch.randint(
+        4, VOCAB, tgt_in_ids.shape, generator=torch.Generator().manual_seed(0)
+    )
+    got = model.target_log_probs(src_ids, src_lens, tgt_in_ids, tgt_out_ids)  # (B, T)
+    chosen = log_probs.gather(2, tgt_out_ids.unsqueeze(2)).squeeze(2)  # (B, T)
+    torch.testing.assert_close(got, chosen, atol=ATOL, rtol=0)
     # attention is a distribution over the real source positions only
     src_mask = torch.arange(src_ids.size(1))[None, :] < src_lens[:, None]  # (B, S)
     assert attn.shape == (4, 8, src_ids.size(1))
@@ -133,6 +141,40 @@ def test_reorder_matches_reordered_batch(family, variant, index):
         model, src_ids[index], src_lens[index], tgt_in_ids[index, : prefix + 2]
     )
     torch.testing.assert_close(lp2, expected_lp2[:, prefix + 1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family, variant", CASES)
+@torch.no_grad()
+def test_inspect_attention_is_what_step_attends_with(family, variant):
+    """A GNMT decoder has one attention: `inspect_attention` (teacher forcing) gives what `step`
+    returns, so pictures and alignments show what search saw. A TCN decoder gives its last
+    attention's, which with one attending block is `step`'s mean of the attentions too."""
+    decoder = variant.get("decoder", family)
+    one = {"attention_blocks": 1} if decoder == "tcn" else {}
+    model = tiny_model(family, **{**variant, **one})
+    src_ids, src_lens, tgt_in_ids = random_batch([7, 4, 9, 1], [6, 8, 3, 5], VOCAB)
+    _, expected = run_steps(model, src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+    got = model.inspect_attention(src_ids, src_lens, tgt_in_ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("zeroed", [-1, 0], ids=["last", "first"])
+@torch.no_grad()
+def test_tcn_inspect_attention_is_the_last_blocks(zeroed):
+    """A zero query makes a block attend uniformly (the other's is made peaked):
+    `inspect_attention` is uniform when it is the last block's, never `step`'s mean."""
+    model = tiny_model("tcn", levels=2)
+    for query in model.decoder.queries:
+        query.weight.mul_(30.0)  # peaked attention: far from uniform
+    torch.nn.init.zeros_(model.decoder.queries[zeroed].weight)
+    torch.nn.init.zeros_(model.decoder.queries[zeroed].bias)
+    src_ids, src_lens, tgt_in_ids = random_batch([7, 4, 9], [6, 8, 3], VOCAB)
+    got = model.inspect_attention(src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+    _, mean = run_steps(model, src_ids, src_lens, tgt_in_ids)  # (B, T, S)
+    for i, n in enumerate(src_lens.tolist()):
+        uniform = torch.full_like(got[i, :, :n], 1 / n)
+        assert torch.allclose(got[i, :, :n], uniform, atol=ATOL) == (zeroed == -1)
+        assert not torch.allclose(mean[i, :, :n], uniform, atol=1e-3)
 
 
 def test_every_family_the_config_offers_is_there():

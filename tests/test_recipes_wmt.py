@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import pytest
 from conftest import WORDS
+from helpers_pictures import assert_picture
 from test_hub_data import make_hub_folder, use_local_hub
 
 from nmt import corpora, data
@@ -31,13 +32,20 @@ search: {beam_size: 1, max_len_a: 0.5, max_len_b: 3, batch_size: 128}
 
 
 @pytest.fixture(autouse=True)
-def _offline_with_mirror(monkeypatch, tmp_path):
-    if not (SHARED_CORPORA / "opus-mt-testsets").is_dir():
-        pytest.skip(f"{SHARED_CORPORA} not present")
+def _offline(monkeypatch, tmp_path):
+    # every test: no hub, no internet (the mirror, present or not, stands for the network)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv(corpora.MIRROR_ENV, str(SHARED_CORPORA))
     monkeypatch.setenv(corpora.CACHE_ENV, str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def mirror():
+    """Skips a test that reads corpus files when the shared mirror is absent."""
+    for folder in ("opus-mt-testsets", "multi30k", "iwslt14_de_en"):
+        if not (SHARED_CORPORA / folder).is_dir():
+            pytest.skip(f"{SHARED_CORPORA / folder} not present")
 
 
 def recipe(name: str):
@@ -72,7 +80,7 @@ def _markers(run: Path) -> list[str]:
 
 
 def test_stages_skip_what_is_done_and_redo_from_the_start_stage(
-    tmp_path, monkeypatch, capsys, tiny_config
+    mirror, tmp_path, monkeypatch, capsys, tiny_config
 ):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
     use_local_hub(monkeypatch, "iwslt14", hub)
@@ -105,7 +113,9 @@ def test_stages_skip_what_is_done_and_redo_from_the_start_stage(
     assert "iwslt14 validation: kept" in err
 
 
-def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
+def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(
+    mirror, tmp_path, monkeypatch, capsys
+):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(50, 1)})  # no validation split
     use_local_hub(monkeypatch, "iwslt14", hub)
     run = tmp_path / "run"
@@ -127,7 +137,9 @@ def test_a_failing_stage_writes_no_marker_and_a_rerun_continues(tmp_path, monkey
     ("name", "valid_sets"),
     [("wmt16_en_de", ["newstest2013"]), ("wmt14_en_de", ["newstest2012", "newstest2013"])],
 )
-def test_wmt_recipes_validate_on_newstest_and_test_on_2014(tmp_path, monkeypatch, name, valid_sets):
+def test_wmt_recipes_validate_on_newstest_and_test_on_2014(
+    mirror, tmp_path, monkeypatch, name, valid_sets
+):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(20, 1)})
     use_local_hub(monkeypatch, name[:5], hub)
     run = tmp_path / "run"
@@ -142,7 +154,7 @@ def test_wmt_recipes_validate_on_newstest_and_test_on_2014(tmp_path, monkeypatch
     assert _markers(run) == ["download"]
 
 
-def test_the_language_pair_is_a_parameter(tmp_path, monkeypatch):
+def test_the_language_pair_is_a_parameter(mirror, tmp_path, monkeypatch):
     use_local_hub(monkeypatch, "wmt16", make_hub_folder(tmp_path / "hub", {"train": pairs(5, 1)}))
     run = tmp_path / "run"
     argv = ["--src", "de", "--tgt", "en", "--run-dir", str(run), "--end-stage", "download"]
@@ -183,7 +195,7 @@ def _mark_done(run: Path, stages) -> None:
         (run / ".done" / stage).write_text("0\n")
 
 
-def test_score_gives_cased_and_lowercased_intl_bleu(tmp_path):
+def test_score_gives_cased_and_lowercased_intl_bleu(mirror, tmp_path):
     run = tmp_path / "run"
     _mark_done(run, ["download", "tokenizer", "encode", "train", "translate"])
     refs = corpora.download("iwslt14", ["de", "en"], run / "raw", splits=["tst2011"])
@@ -208,7 +220,44 @@ def test_score_gives_cased_and_lowercased_intl_bleu(tmp_path):
     assert row["bleu_lc_intl"] == pytest.approx(100) and row["bleu"] < 20  # only case differs
 
 
-def test_multi30k_recipe_keeps_its_layout(tmp_path):
+def test_training_draws_the_learning_curves(mirror, tmp_path, monkeypatch, capsys, tiny_config):
+    hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
+    use_local_hub(monkeypatch, "iwslt14", hub)
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--config", str(tiny_config), "--test-sets", "tst2011"]
+    assert recipe("iwslt14_de_en").main([*argv, "--end-stage", "train", "train.log_every=1"]) == 0
+    assert f"learning curves: {run / 'curves.png'}" in capsys.readouterr().err
+    assert_picture(run / "curves.png", 800, 600)
+
+
+def test_the_score_stage_shows_five_sentences_the_curves_and_then_the_hint(
+    mirror, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    _mark_done(run, ["download", "tokenizer", "encode", "train", "translate"])
+    files = corpora.download("iwslt14", ["de", "en"], run / "raw", splits=["tst2011"])
+    (run / "hyps").mkdir()
+    for beam in (1, 5):  # the hypotheses: the references, marked with their beam
+        hyps = [f"{line} (beam {beam})" for line in _lines(files["tst2011"]["en"])]
+        (run / "hyps" / f"tst2011.beam{beam}.en").write_text("\n".join(hyps) + "\n")
+    (run / "curves.png").write_bytes(b"drawn by the train stage")
+    argv = ["--run-dir", str(run), "--test-sets", "tst2011", "--beam-sizes", "1", "5"]
+    assert recipe("iwslt14_de_en").main([*argv, "--start-stage", "score"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    sources, refs = _lines(files["tst2011"]["de"]), _lines(files["tst2011"]["en"])
+    start = out.index("5 sentences of tst2011 (beam 5):")
+    shown = [line.split(None, 1) for line in out[start + 1 :] if line.startswith("  ")][:15]
+    assert [label for label, _ in shown] == ["source", "translation", "reference"] * 5
+    picks = [k * len(sources) // 5 for k in range(5)]  # spread over the test set
+    assert [text for _, text in shown[0::3]] == [sources[i] for i in picks]
+    assert [text for _, text in shown[1::3]] == [f"{refs[i]} (beam 5)" for i in picks]
+    assert [text for _, text in shown[2::3]] == [refs[i] for i in picks]
+    curves = [line for line in out if line.startswith("Learning curves: ")]
+    assert len(curves) == 1 and Path(curves[0].split(": ", 1)[1]).resolve() == run / "curves.png"
+    assert out.index(curves[0]) > start and out[-2] == "Translate your own file with this model:"
+
+
+def test_multi30k_recipe_keeps_its_layout(mirror, tmp_path):
     run = tmp_path / "run"
     m30k = recipe("multi30k")
     assert m30k.main(["--run-dir", str(run), "--end-stage", "download"]) == 0
@@ -218,6 +267,9 @@ def test_multi30k_recipe_keeps_its_layout(tmp_path):
     cfg = m30k.Multi30k(args).config()
     assert cfg.data.valid_src == f"{run}/raw/val.en" and cfg.data.corpus == "multi30k"
     assert m30k.Multi30k(args).beams == [5] and m30k.Multi30k(m30k._parse([])).beams == [1, 5]
+    assert m30k.Multi30k(args).test_sets == ["test_2016_flickr"]  # the demo keeps to its minutes
+    assert len(m30k.Multi30k(m30k._parse([])).test_sets) == 3
+    assert cfg.train.max_minutes > 0  # a time budget, not an epoch count
 
 
 def test_the_closing_hint_is_one_line_that_runs_from_the_current_folder(
@@ -238,7 +290,7 @@ def test_the_closing_hint_is_one_line_that_runs_from_the_current_folder(
 
 
 @pytest.mark.slow
-def test_iwslt14_recipe_end_to_end(tmp_path, monkeypatch, tiny_config):
+def test_iwslt14_recipe_end_to_end(mirror, tmp_path, monkeypatch, tiny_config):
     hub = make_hub_folder(tmp_path / "hub", {"train": pairs(300, 1), "validation": pairs(30, 2)})
     use_local_hub(monkeypatch, "iwslt14", hub)
     run = tmp_path / "run"
@@ -250,3 +302,33 @@ def test_iwslt14_recipe_end_to_end(tmp_path, monkeypatch, tiny_config):
     for beam in (1, 2):
         assert len(_lines(run / f"hyps/dev2010.beam{beam}.en")) == 887
     assert all(0 <= r["bleu"] <= 100 and 0 <= r["bleu_lc_intl"] <= 100 for r in rows)
+
+
+def test_overrides_work_in_any_position_with_the_real_recipe_parsers(tmp_path, capsys):
+    # after a list option they used to be read as its values: "invalid int value: 'train...'"
+    m30k = recipe("multi30k")
+    argv = [
+        "--beam-sizes",
+        "1",
+        "5",
+        "train.max_minutes=5",
+        "--preset",
+        "demo",
+        "model.dropout=0.3",
+    ]
+    args = m30k._parse(["--run-dir", str(tmp_path / "run"), *argv])
+    assert args.beam_sizes == [1, 5] and args.preset == "demo"
+    cfg = m30k.Multi30k(args).config()
+    assert (cfg.train.max_minutes, cfg.model.dropout) == (5, 0.3)
+
+    wmt16 = recipe("wmt16_en_de")
+    argv = ["--test-sets", "newstest2014", "train.lr=0.5", "--beam-sizes", "2", "model.hidden=64"]
+    built = sys.modules["_common"].hub_recipe(wmt16.SETUP, wmt16.__doc__, argv)
+    assert built.test_sets == ["newstest2014"] and built.beams == [2]
+    assert (built.config().train.lr, built.config().model.hidden) == (0.5, 64)
+
+    # through main: a bad value given after a list option is the config's one clear error
+    run = tmp_path / "run2"
+    assert m30k.main(["--run-dir", str(run), "--beam-sizes", "1", "5", "train.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: expected float, found str 'fast'" in err and "--beam-sizes" not in err

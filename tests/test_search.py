@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.config import ModelConfig
 from nmt.errors import UsageError
 from nmt.models.base import EncoderOut, Seq2Seq
-from nmt.search import Hypothesis, beam_search, greedy_search, max_output_lens
+from nmt.search import Hypothesis, SearchSettings, beam_search, greedy_search, max_output_lens
 
 PAD, BOS, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 VOCAB = 6
@@ -82,14 +82,19 @@ def _src(*specs):
     return src_ids, torch.tensor([n for _, n in specs])
 
 
+def settings(**kw) -> SearchSettings:
+    """The product's search settings (the `search` config defaults: beam 5, alpha 0.6, the early
+    stop) with the tables' special ids; `kw` overrides any of them."""
+    return SearchSettings(bos_id=BOS, eos_id=EOS, pad_id=PAD, **kw)
+
+
 def _beam(model, src_ids, src_lens, **kw):
-    """Beam search with the exact stopping bound (the hand-worked tables assume it)."""
-    kw.setdefault("exact_stop", True)
-    return beam_search(model, src_ids, src_lens, bos_id=BOS, eos_id=EOS, pad_id=PAD, **kw)
+    return beam_search(model, src_ids, src_lens, settings(**kw))
 
 
 def _greedy(model, src_ids, src_lens, **kw):
-    return greedy_search(model, src_ids, src_lens, bos_id=BOS, eos_id=EOS, pad_id=PAD, **kw)
+    """Greedy search; alpha 0 unless given, so that the score is the plain log-probability."""
+    return greedy_search(model, src_ids, src_lens, settings(**{"alpha": 0.0, **kw}))
 
 
 def _summary(hyps: list[Hypothesis]):
@@ -117,8 +122,8 @@ def test_greedy_and_beam_differ_scripted():
     assert greedy[0].log_prob == pytest.approx(ln(0.2), abs=1e-6)
     # Beam 2, alpha 0. Step 0: A ln .5, B ln .4 (EOS ln .1 ranks 3rd: outside the beam, dropped).
     # Step 1: [B]+EOS ln .36 = -1.022, [A]+EOS ln .2 = -1.609, [A,B] ln .175 = -1.743,
-    # [A,C] ln .125, [B,A] ln .04. The 2 best end in EOS: finished [B] and [A]; live [A,B] and
-    # [A,C], whose best (-1.743) cannot beat the worst finished (-1.609): done.
+    # [A,C] ln .125, [B,A] ln .04. The 2 best end in EOS: finished [B] and [A]; two finished
+    # hypotheses fill the beam: done.
     (beam,) = _beam(
         ScriptedModel(GREEDY_VS_BEAM), src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0
     )
@@ -131,7 +136,48 @@ def test_greedy_and_beam_differ_scripted():
     assert _summary(beam1) == _summary(beam)[:1]
 
 
-# Table 3: a long hypothesis against a short one.
+# Table 9: a short hypothesis against longer ones, EOS late enough for beam 2 to reach them.
+#   ()      : A .6, EOS .4
+#   (A,)    : B .6, C .3, EOS .1
+#   (A,B), (A,C): EOS 1 (default)
+# Complete hypotheses (|Y| counts the EOS):
+#   []       log P = ln .4  = -0.9163  |Y| = 1
+#   [A,B]    log P = ln .36 = -1.0217  |Y| = 3
+#   [A,C]    log P = ln .18 = -1.7148  |Y| = 3
+# Beam 2: step 0 finishes [] (EOS ranks 2nd), [A] lives; step 1: [A,B] and [A,C] live, [A]+EOS
+# (ln .06) ranks 3rd and is dropped; step 2 finishes both: three finished, the best two kept.
+LATE_EOS = {
+    9: {
+        (): {A: 0.6, EOS: 0.4},
+        (A,): {B: 0.6, C: 0.3, EOS: 0.1},
+    }
+}
+
+
+def test_length_penalty_changes_the_winner():
+    src_ids, src_lens = _src((9, 3))
+    # alpha = 0: [] (-0.9163) beats [A,B] (-1.0217).
+    (plain,) = _beam(ScriptedModel(LATE_EOS), src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0)
+    assert _summary(plain) == [
+        ([], pytest.approx(ln(0.4), abs=1e-6)),
+        ([A, B], pytest.approx(ln(0.36), abs=1e-6)),
+    ]
+    # alpha = 1: lp = (5 + |Y|) / 6. [] scores -0.9163 / 1, [A,B] -1.0217 / (8/6) = -0.7662,
+    # which now wins; [A,C] -1.7148 / (8/6) = -1.2861 stays third. log_prob stays the plain sum.
+    (penalised,) = _beam(
+        ScriptedModel(LATE_EOS), src_ids, src_lens, beam_size=2, n_best=2, alpha=1.0
+    )
+    assert _summary(penalised) == [
+        ([A, B], pytest.approx(ln(0.36) * 6 / 8, abs=1e-6)),
+        ([], pytest.approx(ln(0.4), abs=1e-6)),
+    ]
+    assert penalised[0].log_prob == pytest.approx(ln(0.36), abs=1e-6)
+    # alpha = 0.6 (the default): lp(3) = (8/6)^0.6 = 1.1884, -1.0217 / 1.1884 = -0.8597 > -0.9163.
+    (default,) = _beam(ScriptedModel(LATE_EOS), src_ids, src_lens, beam_size=2)
+    assert _summary(default) == [([A, B], pytest.approx(ln(0.36) / (8 / 6) ** 0.6, abs=1e-6))]
+
+
+# Table 3: a long hypothesis against a short one, EOS early.
 #   ()      : A .55, EOS .45
 #   (A,)    : B .8, EOS .2
 #   (A,B)   : C .8, EOS .2
@@ -151,51 +197,34 @@ LONG_VS_SHORT = {
 }
 
 
-def test_length_penalty_changes_the_winner():
+def test_early_stop_and_exact_stop():
     src_ids, src_lens = _src((3, 3))
-    # alpha = 0: step 0 finishes [] (-0.7985); step 1 finishes [A] (-2.207), now 2 finished;
-    # live [A,B] (-0.821) can still beat -2.207; step 2: [A,B] (-2.430) is worse than the worst
-    # finished, dropped; step 3 finishes [A,B,C] (-1.044), which replaces [A]. Best: [].
-    (plain,) = _beam(
-        ScriptedModel(LONG_VS_SHORT), src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0
-    )
-    assert _summary(plain) == [
-        ([], pytest.approx(ln(0.45), abs=1e-6)),
-        ([A, B, C], pytest.approx(ln(0.352), abs=1e-6)),
-    ]
-    # alpha = 1: lp = (5 + |Y|) / 6. [] scores -0.7985 / 1 = -0.7985, [A] -2.2073 / (7/6) =
-    # -1.892, [A,B] -2.4304 / (8/6) = -1.823 (replaces [A]), [A,B,C] -1.0441 / (9/6) = -0.6961,
-    # which now wins. log_prob stays the plain sum.
-    (penalised,) = _beam(
-        ScriptedModel(LONG_VS_SHORT), src_ids, src_lens, beam_size=2, n_best=2, alpha=1.0
-    )
-    assert _summary(penalised) == [
-        ([A, B, C], pytest.approx(ln(0.352) / 1.5, abs=1e-6)),
-        ([], pytest.approx(ln(0.45), abs=1e-6)),
-    ]
-    assert penalised[0].log_prob == pytest.approx(ln(0.352), abs=1e-6)
-    # alpha = 0.6 (the default): lp(4) = 1.5^0.6 = 1.2754, -1.0441 / 1.2754 = -0.8186 < -0.7985.
-    (default,) = _beam(ScriptedModel(LONG_VS_SHORT), src_ids, src_lens, beam_size=2, alpha=0.6)
-    assert default[0].tokens == []
-
-
-def test_default_early_stop_ends_at_beam_size_finished():
-    src_ids, src_lens = _src((3, 3))
-    # Default (fairseq/OpenNMT early stop), beam 2, alpha 1: step 0 finishes [] (-0.7985),
-    # step 1 finishes [A] (-1.892): two finished, so the sentence is done before [A,B,C]
-    # (-0.6961, the exact winner above) is reached.
-    (early,) = _beam(
-        ScriptedModel(LONG_VS_SHORT),
-        src_ids,
-        src_lens,
-        beam_size=2,
-        n_best=2,
-        alpha=1.0,
-        exact_stop=False,
-    )
+    model = ScriptedModel(LONG_VS_SHORT)
+    # The default (fairseq/OpenNMT early stop), beam 2, alpha 1: step 0 finishes [] (-0.7985),
+    # step 1 finishes [A] (-2.2073 / (7/6) = -1.892): two finished, so the sentence is done
+    # before [A,B,C] (-1.0441 / (9/6) = -0.6961) is reached.
+    (early,) = _beam(model, src_ids, src_lens, beam_size=2, n_best=2, alpha=1.0)
     assert _summary(early) == [
         ([], pytest.approx(ln(0.45), abs=1e-6)),
         ([A], pytest.approx(ln(0.11) / (7 / 6), abs=1e-6)),
+    ]
+    # exact_stop: a live log-prob L can reach at best L / lp(max_len + 1), the largest length
+    # penalty left (max_len = floor(1.5 * 3 + 10) = 14: lp(15) = 20/6). After step 1 the live
+    # [A,B] (ln .44 = -0.821) could reach -0.246 > -1.892: go on. Step 2 finishes [A,B]
+    # (-2.4304 / (8/6) = -1.823, replaces [A]); the live [A,B,C] (-1.0441) could reach -0.313 >
+    # -1.823: go on. Step 3 finishes [A,B,C] (-1.0441 / (9/6) = -0.6961): the best.
+    (exact,) = _beam(model, src_ids, src_lens, beam_size=2, n_best=2, alpha=1.0, exact_stop=True)
+    assert _summary(exact) == [
+        ([A, B, C], pytest.approx(ln(0.352) / 1.5, abs=1e-6)),
+        ([], pytest.approx(ln(0.45), abs=1e-6)),
+    ]
+    # exact_stop, alpha = 0: after step 1 the live [A,B] (-0.821) can still beat [A] (-2.207);
+    # step 2: [A,B] (-2.430) is worse than the worst finished, dropped; step 3 finishes [A,B,C]
+    # (-1.044), which replaces [A]. Best: [].
+    (plain,) = _beam(model, src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0, exact_stop=True)
+    assert _summary(plain) == [
+        ([], pytest.approx(ln(0.45), abs=1e-6)),
+        ([A, B, C], pytest.approx(ln(0.352), abs=1e-6)),
     ]
 
 
@@ -203,36 +232,42 @@ def test_coverage_penalty_counts_real_source_positions_only():
     # Attention .3, .2, .1 on columns 0, 1, 2 at every step. Sentence 0 has 3 real tokens;
     # sentence 1 has 2, its column 2 is padding and must not count.
     # cp = beta * sum_i ln min(n * w_i, 1) after n steps (|Y| = n, the EOS step included), beta 1:
-    #   sentence 1: n=1 ln.3+ln.2 = -2.8134   n=2 ln.6+ln.4 = -1.4271
-    #               n=3 ln.9+ln.6 = -0.6162   n=4 ln 1+ln.8 = -0.2231
-    #   sentence 0 adds ln min(.1n, 1): -2.3026, -1.6094, -1.2040, -0.9163.
-    # Scores (alpha 0) = log P + cp:
-    #   sentence 1: [] -3.612, [A] -3.634, [A,B] -3.046, [A,B,C] -1.044-0.223 = -1.267
-    #   sentence 0: [] -5.915, [A] -5.244, [A,B] -4.251, [A,B,C] -1.044-1.139 = -2.184
-    # Beam 2: [] then [A] finish; [A,B] replaces the worse of them, [A,B,C] the next: best two
-    # [A,B,C], [A,B]; coverage turns the alpha-0 winner [] into the last.
-    src_ids, src_lens = _src((3, 3), (3, 2))
-    model = ScriptedModel(LONG_VS_SHORT, attn_weights=[0.3, 0.2, 0.1])
-    long0, long1 = ln(0.352), ln(0.352)
-    cov1 = {1: ln(0.3) + ln(0.2), 3: ln(0.9) + ln(0.6), 4: ln(0.8)}
+    #   sentence 1: n=1 ln.3+ln.2 = -2.8134   n=3 ln.9+ln.6 = -0.6162
+    #   sentence 0 adds ln min(.1n, 1): -2.3026, -1.2040.
+    # Scores on table 9 (alpha 0) = log P + cp:
+    #   sentence 1: [] -0.9163-2.8134 = -3.7297, [A,B] -1.0217-0.6162 = -1.6379,
+    #               [A,C] -1.7148-0.6162 = -2.3310
+    #   sentence 0: [] -6.0323, [A,B] -2.8419, [A,C] -3.5350
+    # Beam 2 keeps [A,B] and [A,C]: coverage turns the alpha-0 winner [] into the one dropped.
+    src_ids, src_lens = _src((9, 3), (9, 2))
+    model = ScriptedModel(LATE_EOS, attn_weights=[0.3, 0.2, 0.1])
+    cov1 = {1: ln(0.3) + ln(0.2), 3: ln(0.9) + ln(0.6)}
     cov0 = {n: c + ln(min(0.1 * n, 1.0)) for n, c in cov1.items()}
-    ab = ln(0.088)
+    ab, ac = ln(0.36), ln(0.18)
     results = _beam(model, src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0, beta=1.0)
     assert _summary(results[0]) == [
-        ([A, B, C], pytest.approx(long0 + cov0[4], abs=1e-5)),
         ([A, B], pytest.approx(ab + cov0[3], abs=1e-5)),
+        ([A, C], pytest.approx(ac + cov0[3], abs=1e-5)),
     ]
     assert _summary(results[1]) == [
-        ([A, B, C], pytest.approx(long1 + cov1[4], abs=1e-5)),
         ([A, B], pytest.approx(ab + cov1[3], abs=1e-5)),
+        ([A, C], pytest.approx(ac + cov1[3], abs=1e-5)),
     ]
-    assert results[1][0].log_prob == pytest.approx(long1, abs=1e-6)
-    # With alpha 1 too: [A,B,C] = -1.0441 / 1.5 - 0.2231 = -0.9192 for sentence 1.
+    assert results[1][0].log_prob == pytest.approx(ab, abs=1e-6)
+    # With alpha 1 too: [A,B] = -1.0217 / (8/6) - 0.6162 = -1.3824 for sentence 1.
     results = _beam(model, src_ids, src_lens, beam_size=2, alpha=1.0, beta=1.0)
-    assert results[1][0].score == pytest.approx(long1 / 1.5 + cov1[4], abs=1e-5)
-    # Greedy (A .55 > EOS .45, then B, C, EOS) reports the penalised score of its choice too.
+    assert results[1][0].score == pytest.approx(ab * 6 / 8 + cov1[3], abs=1e-5)
+    # Greedy (A .6 > EOS .4, then B, EOS) reports the penalised score of its choice too.
     greedy = _greedy(model, src_ids, src_lens, beta=1.0)
-    assert _summary(greedy[1]) == [([A, B, C], pytest.approx(long1 + cov1[4], abs=1e-5))]
+    assert _summary(greedy[1]) == [([A, B], pytest.approx(ab + cov1[3], abs=1e-5))]
+    # A source word never attended costs beta * ln 1e-10 = -23.03 (the floor), not -inf: all
+    # attention on column 0 of sentence (9, 2), so every hypothesis pays it once; [] wins.
+    model = ScriptedModel(LATE_EOS, attn_weights=[1.0, 0.0])
+    (results,) = _beam(model, *_src((9, 2)), beam_size=2, n_best=2, alpha=0.0, beta=1.0)
+    assert _summary(results) == [
+        ([], pytest.approx(ln(0.4) + ln(1e-10), abs=1e-4)),
+        ([A, B], pytest.approx(ab + ln(1e-10), abs=1e-4)),
+    ]
 
 
 def test_nbest_is_sorted_and_of_size_n_best():
@@ -250,6 +285,42 @@ def test_nbest_is_sorted_and_of_size_n_best():
         _beam(ScriptedModel(tables), src_ids, src_lens, beam_size=0)
 
 
+# Table 11: EOS among the k best at step 0, a finite candidate behind it.
+#   ()   : A .5, EOS .3, B .2
+#   (A,) : C .9, EOS .1
+#   (B,), (A,C): EOS 1 (default)
+REFILL = {11: {(): {A: 0.5, EOS: 0.3, B: 0.2}, (A,): {C: 0.9, EOS: 0.1}}}
+
+
+def test_finished_hypotheses_never_starve_the_beam():
+    # Beam 2, alpha 0. Step 0: A ln .5 and EOS ln .3 are the 2 best: [] finishes (-1.204), and
+    # the live beam is refilled with A and B (ranked 3rd, ln .2 = -1.609), not left one short.
+    # Step 1: [A,C] ln .45 = -0.799, [B]+EOS -1.609, [A]+EOS ln .05 = -2.996: [B] finishes, two
+    # finished: done. Had B been lost at step 0, [A] (-2.996) would be the second.
+    src_ids, src_lens = _src((11, 2))
+    (beam,) = _beam(ScriptedModel(REFILL), src_ids, src_lens, beam_size=2, n_best=2, alpha=0.0)
+    assert _summary(beam) == [
+        ([], pytest.approx(ln(0.3), abs=1e-6)),
+        ([B], pytest.approx(ln(0.2), abs=1e-6)),
+    ]
+
+
+# Table 12: one way to finish. ()  : A 1;  (A,): EOS 1.
+ONE_WAY = {12: {(): {A: 1.0}, (A,): {EOS: 1.0}}}
+
+
+def test_impossible_hypotheses_are_never_kept_and_a_sentence_without_live_ones_ends():
+    # Beam 4. Step 0: A (ln 1 = 0), then candidates of probability 0 (-inf): PAD, BOS, EOS of
+    # beam 0 (ties: the lower (beam, token) first), so an EOS scored -inf is among the 4 best;
+    # it is not a finished hypothesis. Step 1 finishes [A] (0); nothing finite is left alive,
+    # so the sentence ends there, one hypothesis short of n_best, after 2 steps.
+    model = ScriptedModel(ONE_WAY)
+    src_ids, src_lens = _src((12, 2))
+    (beam,) = _beam(model, src_ids, src_lens, beam_size=4, n_best=4)
+    assert _summary(beam) == [([A], 0.0)]
+    assert model.rows_per_step == [4, 4]
+
+
 def test_ties_go_to_the_lower_token_id_and_bos_pad_are_never_generated():
     # (): BOS .3, PAD .3, B .2, A .2 -> BOS and PAD are blocked; A and B tie, A (lower id) first.
     tables = {5: {(): {BOS: 0.3, PAD: 0.3, B: 0.2, A: 0.2}}}
@@ -263,17 +334,17 @@ def test_ties_go_to_the_lower_token_id_and_bos_pad_are_never_generated():
 
 def test_finished_sentences_leave_the_batch():
     # Sentence 0 (table 7) is done after step 1 (see test_greedy_and_beam_differ_scripted);
-    # sentence 1 (table 3) runs 4 steps, so the last two steps see its beam alone.
-    src_ids, src_lens = _src((7, 3), (3, 3))
-    model = ScriptedModel({**GREEDY_VS_BEAM, **LONG_VS_SHORT})
+    # sentence 1 (table 9) runs 3 steps, so the last step sees its beam alone.
+    src_ids, src_lens = _src((7, 3), (9, 3))
+    model = ScriptedModel({**GREEDY_VS_BEAM, **LATE_EOS})
     results = _beam(model, src_ids, src_lens, beam_size=2, alpha=0.0)
-    assert model.rows_per_step == [4, 4, 2, 2]
+    assert model.rows_per_step == [4, 4, 2]
     assert [r[0].tokens for r in results] == [[B], []]
-    # Greedy, order swapped: table 7 gives [A] (2 steps), table 3 gives [A,B,C] (4 steps).
+    # Greedy, order swapped: table 9 gives [A,B] (3 steps), table 7 gives [A] (2 steps).
     model.rows_per_step.clear()
     results = _greedy(model, src_ids.flip(0), src_lens)
-    assert model.rows_per_step == [2, 2, 1, 1]
-    assert [r[0].tokens for r in results] == [[A, B, C], [A]]
+    assert model.rows_per_step == [2, 2, 1]
+    assert [r[0].tokens for r in results] == [[A, B], [A]]
 
 
 def test_max_length_is_respected():
@@ -288,19 +359,35 @@ def test_max_length_is_respected():
         assert hyp.tokens == [A] * n
         assert hyp.log_prob == pytest.approx(n * ln(0.95) + ln(0.05), abs=1e-5)
     assert model.rows_per_step == [3, 3, 3, 2, 2, 1, 1, 1]  # steps 0..max_len per sentence
-    # Beam 3 with a strong length penalty (alpha 30) prefers the longest hypotheses, which are
-    # cut at the limit: n ln .95 + ln .05 over lp(n + 1) grows with n.
-    results = _beam(
-        model, src_ids, src_lens, beam_size=3, n_best=3, alpha=30.0, max_len_a=1.5, max_len_b=1
-    )
+    # Beam 2 (the default stop) with A .6, B .35, EOS .05: EOS never ranks among the 2 best, so
+    # both hypotheses run to the limit, where EOS is forced. The best is all A; the second has
+    # one B, and of the equally likely places for it the tie rule (lower beam first) keeps the
+    # extension of the all-A prefix: A..AB. Scores: (n ln .6 + ln .05) and
+    # ((n-1) ln .6 + ln .35 + ln .05), both over lp(n + 1).
+    model = ScriptedModel({4: {}}, default={A: 0.6, B: 0.35, EOS: 0.05})
+    results = _beam(model, src_ids, src_lens, beam_size=2, n_best=2, max_len_a=1.5, max_len_b=1)
+    for hyps, n in zip(results, max_lens.tolist()):
+        assert [h.tokens for h in hyps] == [[A] * n, [A] * (n - 1) + [B]]
+        log_probs = [n * ln(0.6) + ln(0.05), (n - 1) * ln(0.6) + ln(0.35) + ln(0.05)]
+        assert [h.log_prob for h in hyps] == pytest.approx(log_probs, abs=1e-5)
+    # exact_stop, beam 3, a strong length penalty (alpha 30): the longest hypotheses win, cut at
+    # the limit: n ln .95 + ln .05 over lp(n + 1) grows with n.
+    model = ScriptedModel({4: {}}, default={A: 0.95, EOS: 0.05})
+    kw = dict(beam_size=3, n_best=3, alpha=30.0, max_len_a=1.5, max_len_b=1, exact_stop=True)
+    results = _beam(model, src_ids, src_lens, **kw)
     for hyps, n in zip(results, max_lens.tolist()):
         assert [h.tokens for h in hyps] == [[A] * n, [A] * (n - 1), [A] * (n - 2)]
-    # max_len 0: only EOS is allowed at the first step.
-    results = _greedy(model, src_ids, src_lens, max_len_a=0.0, max_len_b=0)
-    assert [r[0].tokens for r in results] == [[], [], []]
-    # max_len 0: only EOS is allowed at the first step.
-    results = _greedy(model, src_ids, src_lens, max_len_a=0.0, max_len_b=0)
-    assert [r[0].tokens for r in results] == [[], [], []]
+    # The smallest limit the settings allow, 1 token (max_len_b >= 1): greedy writes A, then
+    # EOS is forced; beam 3 also keeps [] (EOS ranks 2nd at step 0), scored below [A] by alpha
+    # 0.6: (ln .95 + ln .05) / (7/6)^0.6 = -2.778 > ln .05 = -2.996.
+    results = _greedy(model, src_ids, src_lens, max_len_a=0.0, max_len_b=1)
+    assert [r[0].tokens for r in results] == [[A], [A], [A]]
+    results = _beam(model, src_ids, src_lens, beam_size=3, n_best=3, max_len_a=0.0, max_len_b=1)
+    for hyps in results:
+        assert _summary(hyps) == [
+            ([A], pytest.approx((ln(0.95) + ln(0.05)) / (7 / 6) ** 0.6, abs=1e-5)),
+            ([], pytest.approx(ln(0.05), abs=1e-5)),
+        ]
 
 
 def test_return_attn_gives_one_row_per_output_token_over_the_real_source():
@@ -465,11 +552,13 @@ def test_beam_size_one_equals_greedy(name):
 
 
 @pytest.mark.parametrize("name", ["tiny", "gnmt", "tcn"])
-@pytest.mark.parametrize("alpha, beta", [(0.6, 0.2), (1.0, 0.0)])
-def test_batched_beam_equals_one_by_one(name, alpha, beta):
+@pytest.mark.parametrize(
+    "alpha, beta, exact_stop", [(0.6, 0.2, False), (1.0, 0.0, False), (1.0, 0.0, True)]
+)
+def test_batched_beam_equals_one_by_one(name, alpha, beta, exact_stop):
     model = _random_model(name)
     sentences = _random_sentences()
-    kw = dict(beam_size=4, n_best=2, alpha=alpha, beta=beta, **SEARCH)
+    kw = dict(beam_size=4, n_best=2, alpha=alpha, beta=beta, exact_stop=exact_stop, **SEARCH)
     alone = [_beam(model, *_batch([s]), **kw)[0] for s in sentences]
     rng = random.Random(1)
     orders = [list(range(8)), list(range(8))[::-1], rng.sample(range(8), 8)]
@@ -500,12 +589,19 @@ def record_rows(model) -> list[int]:
 
 def test_beam_beats_or_matches_greedy_and_work_shrinks_on_a_random_model():
     model = _random_model("tiny")
-    src_ids, src_lens = _batch(_random_sentences())
+    sentences = _random_sentences()
+    src_ids, src_lens = _batch(sentences)
     rows = record_rows(model)
     beam = _beam(model, src_ids, src_lens, beam_size=4, alpha=0.0, **SEARCH)
-    assert rows[0] == 4 * len(src_ids)
-    assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
-    assert len(rows) == int(max_output_lens(src_lens, **SEARCH).max()) + 1 or rows[-1] >= 4
+    batched, steps_alone = list(rows), []
+    for sentence in sentences:
+        rows.clear()
+        _beam(model, *_batch([sentence]), beam_size=4, alpha=0.0, **SEARCH)
+        steps_alone.append(len(rows))
+    # Each sentence leaves the batch right after its last step: step t runs the 4 beams of the
+    # sentences that, decoded alone, need more than t steps.
+    assert batched == [4 * sum(n > t for n in steps_alone) for t in range(max(steps_alone))]
+    assert len(set(steps_alone)) > 1  # not trivial: the sentences end at different steps
     greedy = _greedy(model, src_ids, src_lens, **SEARCH)
     for b, g in zip(beam, greedy):
         assert b[0].score >= g[0].score - 1e-5  # alpha 0: beam search never does worse here

@@ -18,8 +18,11 @@ from test_search import (
     BOS,
     EOS,
     GREEDY_VS_BEAM,
+    LATE_EOS,
     LONG_VS_SHORT,
+    ONE_WAY,
     PAD,
+    REFILL,
     SEARCH,
     A,
     B,
@@ -29,6 +32,7 @@ from test_search import (
     _random_sentences,
     _src,
     record_rows,
+    settings,
 )
 
 from nmt import search_graph
@@ -40,8 +44,7 @@ def _search(model, src_ids, src_lens, mode=None, **kw):
     search_graph's loop in `mode` ("eager", "in_place") or, for None, nmt.search's own."""
     run = None if mode is None else functools.partial(search_graph.search, mode=mode)
     with torch.no_grad():
-        return beam_search(model, src_ids, src_lens, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-                           run=run, **kw)  # fmt: skip
+        return beam_search(model, src_ids, src_lens, settings(**kw), run=run)
 
 
 def _both(model, src_ids, src_lens, in_place=True, **kw):
@@ -91,7 +94,11 @@ def test_static_search_equals_search_on_random_models(name, beam_size, n_best, a
     assert any(len(h.tokens) > 1 for hyps in dynamic for h in hyps)  # not a trivial decode
 
 
-@pytest.mark.parametrize("tables, spec", [(GREEDY_VS_BEAM, (7, 3)), (LONG_VS_SHORT, (3, 3))])
+@pytest.mark.parametrize(
+    "tables, spec",
+    [(GREEDY_VS_BEAM, (7, 3)), (LONG_VS_SHORT, (3, 3)), (LATE_EOS, (9, 3)), (REFILL, (11, 2)),
+     (ONE_WAY, (12, 2))],
+)  # fmt: skip
 @pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (2, 0.0), (2, 1.0), (3, 0.6)])
 @pytest.mark.parametrize("exact_stop", [False, True])
 def test_static_search_equals_search_on_scripted_tables(tables, spec, beam_size, alpha,

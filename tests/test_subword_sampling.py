@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers_training import prepare_tiny
 
-from nmt import data
+from nmt import batching, data
 from nmt.config import load_config
 from nmt.errors import UsageError
 from nmt.tokenizer import Tokenizer
@@ -25,7 +25,7 @@ def prepared(folder):
     return data.load_split(data_dir, "train"), Tokenizer.load(data_dir), src_lines
 
 
-def _rows(batch: data.Batch, tok: Tokenizer) -> tuple[list[str], list[str]]:
+def _rows(batch: batching.Batch, tok: Tokenizer) -> tuple[list[str], list[str]]:
     """The (source, target) text of each row of a batch."""
     src = [ids[:n].tolist() for ids, n in zip(batch.src_ids, batch.src_lens)]
     tgt = [ids[:n].tolist() for ids, n in zip(batch.tgt_out_ids, batch.tgt_lens)]
@@ -70,12 +70,12 @@ def test_prepare_keeps_the_text_only_for_sampling(tmp_path, capsys):
 def test_sampled_batches_are_reproducible_and_hold_the_same_sentences(prepared):
     train, tok, _ = prepared
     ids = (tok.pad_id, tok.bos_id, tok.eos_id)
-    sampling = data.SubwordSampling(tok, 0.1, seed=3)
-    sampler = data.TokenBatchSampler(*data.lengths(train), 200, seed=3)
+    sampling = batching.SubwordSampling(tok, 0.1, seed=3)
+    sampler = batching.TokenBatchSampler(*data.lengths(train), 200, seed=3)
     sampler.set_epoch(1)
-    fixed = list(data.make_batches(train, sampler, *ids))
-    sampled = list(data.make_batches(train, sampler, *ids, sampling=sampling))
-    again = list(data.make_batches(train, sampler, *ids, sampling=sampling))
+    fixed = list(batching.make_batches(train, sampler, *ids))
+    sampled = list(batching.make_batches(train, sampler, *ids, sampling=sampling))
+    again = list(batching.make_batches(train, sampler, *ids, sampling=sampling))
     assert len(fixed) == len(sampled) == len(again) > 4
     differ = 0
     for f, s, a in zip(fixed, sampled, again):
@@ -86,18 +86,18 @@ def test_sampled_batches_are_reproducible_and_hold_the_same_sentences(prepared):
         assert (s.src_ids.gather(1, s.src_lens[:, None] - 1) == tok.eos_id).all()
         differ += f.src_ids.shape != s.src_ids.shape or not torch.equal(f.src_ids, s.src_ids)
     assert differ > len(fixed) // 2
-    other = data.SubwordSampling(tok, 0.1, seed=4)
-    first = next(iter(data.make_batches(train, sampler, *ids, sampling=other)))
+    other = batching.SubwordSampling(tok, 0.1, seed=4)
+    first = next(iter(batching.make_batches(train, sampler, *ids, sampling=other)))
     assert not torch.equal(first.src_ids, sampled[0].src_ids)
 
 
 def test_workers_draw_the_in_process_segmentation(prepared):
     train, tok, _ = prepared
     ids = (tok.pad_id, tok.bos_id, tok.eos_id)
-    sampling = data.SubwordSampling(tok, 0.1, seed=3)
-    sampler = data.TokenBatchSampler(*data.lengths(train), 200, seed=3)
-    expected = list(data.make_batches(train, sampler, *ids, sampling=sampling))
-    got = list(data.batch_loader(train, sampler, *ids, workers=2, sampling=sampling))
+    sampling = batching.SubwordSampling(tok, 0.1, seed=3)
+    sampler = batching.TokenBatchSampler(*data.lengths(train), 200, seed=3)
+    expected = list(batching.make_batches(train, sampler, *ids, sampling=sampling))
+    got = list(batching.batch_loader(train, sampler, *ids, workers=2, sampling=sampling))
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert torch.equal(a.src_ids, b.src_ids) and torch.equal(a.tgt_out_ids, b.tgt_out_ids)
@@ -108,8 +108,8 @@ def test_sampling_from_a_split_without_text_is_one_clear_error(tmp_path):
     data_dir = load_config(None, overrides).data.dir
     train, tok = data.load_split(data_dir, "train"), Tokenizer.load(data_dir)
     ids = (tok.pad_id, tok.bos_id, tok.eos_id)
-    sampler = data.TokenBatchSampler(*data.lengths(train), 200)
-    sampling = data.SubwordSampling(tok, 0.1, seed=1)
+    sampler = batching.TokenBatchSampler(*data.lengths(train), 200)
+    sampling = batching.SubwordSampling(tok, 0.1, seed=1)
     for workers in (0, 2):  # raised when the loader is made, before any batch
         with pytest.raises(UsageError, match="data.sampling_alpha needs the text"):
-            data.batch_loader(train, sampler, *ids, workers=workers, sampling=sampling)
+            batching.batch_loader(train, sampler, *ids, workers=workers, sampling=sampling)

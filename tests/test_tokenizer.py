@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nmt.errors import DataError, UsageError
-from nmt.tokenizer import Tokenizer
+from nmt.tokenizer import Tokenizer, _fields, comparable_bytes
 
 SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SRC_WORDS = "a dog cat runs jumps over the red green small big house street man woman".split()
@@ -54,6 +54,25 @@ def test_joint_round_trip_and_special_ids(joint, corpus, tmp_path):
     assert joint.decode_tgt([]) == []
     assert (tmp_path / "tok" / "spm.model").is_file()
     assert not list((tmp_path / "tok").glob(".spm-*"))  # the temp folder is gone
+
+
+def test_comparable_bytes_drop_the_trainers_paths_alone(joint, corpus, tmp_path):
+    # the same text learned in another folder: other recorded paths, the same tokenizer
+    src_path, tgt_path, src, _ = corpus
+    again = Tokenizer.train([src_path], [tgt_path], tmp_path / "again", vocab_size=120)
+    raw, other = joint.to_bytes()["joint"], again.to_bytes()["joint"]
+    assert raw != other and joint.comparable() == again.comparable()
+    comparable = comparable_bytes(raw)
+    assert b".spm-" in raw and b".spm-" not in comparable  # the temporary folder's name
+    # every other field stays, the trainer spec's too (model type, normalization, ...)
+    spec = {n: p for n, _, p in _fields(raw)}[2]
+    kept = {n: p for n, _, p in _fields(comparable)}[2]
+    assert [r for n, r, _ in _fields(spec) if n not in (1, 2)] == [r for _, r, _ in _fields(kept)]
+    assert [r for n, r, _ in _fields(raw) if n != 2] == [
+        r for n, r, _ in _fields(comparable) if n != 2
+    ]
+    assert Tokenizer(comparable).encode_src(src) == joint.encode_src(src)
+    assert comparable_bytes(b"not a model") == b"not a model"
 
 
 def test_bytes_pickle_and_load_give_identical_ids(joint, corpus, tmp_path):

@@ -10,7 +10,7 @@ from helpers_training import tiny as _tiny
 from nmt import checkpoint
 from nmt.cli import main
 from nmt.config import load_config
-from nmt.training import Trainer, lr_factor
+from nmt.training import Stop, Trainer, TrainState, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,57 @@ def test_train_cli_writes_run_folder(prepared, tmp_path, capsys):
     kinds = {r["type"] for r in records}
     assert {"train", "valid"} <= kinds
     valid = [r for r in records if r["type"] == "valid"]
-    assert len(valid) == 2 and all("bleu" in r and r["ppl"] > 1 for r in valid)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["stop"] == "max_epochs" and summary["epoch"] == 2
+    assert [r["epoch"] for r in valid] == [1, 2] and valid[-1]["step"] == summary["step"]
     ckpt = checkpoint.load(out / "last.pt")
+    # the logged figures are those of the saved weights: the final validation, redone
+    assert _validate(ckpt["model"], out) == {k: pytest.approx(valid[-1][k]) for k in FIGURES}
     assert ckpt["config"]["train"]["out_dir"] == str(out)
     assert "train_state" in ckpt and "train_state" not in checkpoint.load(out / "best.pt")
+    assert set(ckpt["train_state"]) == {*PREVIOUS_KEYS, "validated_step", "init_from"}
+
+
+# the train_state keys of the checkpoints of the previous version (still resumed), besides
+# rng_by_rank (torchrun only)
+PREVIOUS_KEYS = ("step", "epoch", "best", "bad_validations", "optimizer", "scheduler", "scaler")
+PREVIOUS_KEYS += ("sampler", "rng", "train_seconds")
+
+
+def test_train_state_to_dict_and_from_dict_mirror_each_other():
+    import numpy as np
+
+    from nmt.batching import TokenBatchSampler
+
+    def sampler():
+        return TokenBatchSampler(np.arange(2, 60), np.arange(2, 60), 80, seed=3)
+
+    saving = sampler()
+    saving.set_epoch(2)
+    state = TrainState(7, 2, 3, best=1.5, bad_validations=1, train_seconds=10.0)
+    state.validated_step, state.init_from = 6, "a.pt"
+    saved = state.to_dict(saving)
+    assert saved["sampler"] == {"epoch": 2, "position": 3, "world_size": 1}
+    loading = sampler()
+    restored = TrainState.from_dict(saved, loading)
+    assert restored == TrainState(7, 2, 3, 1.5, 1, saved["train_seconds"], 6, "a.pt")
+    assert saved["train_seconds"] >= 10.0 and (loading.epoch, loading.position) == (2, 3)
+    previous = {k: saved[k] for k in ("step", "epoch", "best", "bad_validations", "sampler")}
+    assert TrainState.from_dict(previous, sampler()) == TrainState(7, 2, 3, 1.5, 1)
 
 
 def _weights(path):
     return checkpoint.load(path)["model"]
+
+
+FIGURES = ("loss", "ppl", "bleu")
+
+
+def _validate(weights: dict, out_dir) -> dict:
+    """The validation figures of `weights`, computed afresh for the run in `out_dir`."""
+    trainer = Trainer(load_config(str(out_dir / "config.yaml"), [f"train.out_dir={out_dir}/x"]))
+    trainer.model.load_state_dict(weights)
+    return trainer.validator(trainer.model)
 
 
 @pytest.mark.parametrize("data_fixture", ["prepared", "prepared_sampling"])
@@ -57,10 +98,10 @@ def test_resume_equals_uninterrupted_run(data_fixture, tmp_path, monkeypatch, re
     stop_at = steps_per_epoch + 2  # mid-way through the second epoch
     original = Trainer._optimizer_step
 
-    def stop_after(self, batches, window):
-        original(self, batches, window)
-        if self.step == stop_at:
-            self.stop_signal = "SIGTERM"
+    def stop_after(self, batches):
+        original(self, batches)
+        if self.state.step == stop_at:
+            self.signals.received = Stop.SIGTERM
 
     monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
     assert trainer.run()["stop"] == "SIGTERM"
@@ -68,7 +109,7 @@ def test_resume_equals_uninterrupted_run(data_fixture, tmp_path, monkeypatch, re
     assert checkpoint.load(cut / "last.pt")["train_state"]["step"] == stop_at
 
     resumed = Trainer(load_config(None, _tiny(prepared, cut)), resume=True)
-    assert resumed.step == stop_at
+    assert resumed.state.step == stop_at
     assert resumed.run()["stop"] == "max_epochs"
     a, b = _weights(full / "last.pt"), _weights(cut / "last.pt")
     assert a.keys() == b.keys()
@@ -126,7 +167,7 @@ def test_a_run_with_a_time_budget_decays_as_the_time_is_spent(prepared, tmp_path
     extra = ["train.max_minutes=1000", "train.decay_start=0.5", "train.decay_times=2"]
     extra += ["train.warmup_steps=0", "train.max_epochs=0", "train.max_steps=8"]
     trainer = Trainer(load_config(None, _tiny(prepared, tmp_path / "run", *extra)))
-    monkeypatch.setattr(Trainer, "_elapsed", lambda self: 0.9 * 60 * 1000)  # 90% spent
+    monkeypatch.setattr(TrainState, "seconds", lambda self: 0.9 * 60 * 1000)  # 90% spent
     assert trainer.run()["stop"] == "max_steps"  # 1000 minutes not reached: no time stop
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["type"] == "train"]
@@ -154,12 +195,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(prepared, tmp_path, monk
         load_config(None, _tiny(prepared, out, "train.max_epochs=3", "train.max_bad_steps=4")),
         resume=True,
     )
-    start = trainer.step
+    start = trainer.state.step
     with pytest.raises(NmtError, match="4 non-finite losses in a row: stopping"):
         trainer.run()
-    assert trainer.bad_steps_total == 5
+    assert trainer.health.total == 5
     # found at the log point (every 2 steps) that follows the 4th bad step in a row
-    assert start + 7 <= trainer.step <= start + 8
+    assert start + 7 <= trainer.state.step <= start + 8
     assert (out / "last.pt").read_bytes() == before  # the last good checkpoint is intact
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     bad = [r for r in records if r["type"] == "bad_step"]
@@ -237,15 +278,17 @@ def test_checkpoint_round_trip_gives_bit_identical_outputs(prepared, tmp_path):
     trainer = Trainer(load_config(None, _tiny(prepared, out, "train.max_epochs=1")))
     trainer.run()
     trainer.model.eval()
-    translator = Translator.from_checkpoint(out / "last.pt", device="cpu")
+    translator = Translator.from_checkpoint(out / "last.pt", device="cpu", dtype="float32")
     src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
     lens = torch.tensor([4, 3])
     tgt = torch.tensor([[2, 5, 6], [2, 7, 0]])
     with torch.no_grad():
         assert torch.equal(trainer.model(src, lens, tgt), translator.model(src, lens, tgt))
     lines = ["w1 w2 w3", "w4", ""]
-    again = Translator.from_checkpoint(out / "last.pt", device="cpu")
-    assert translator.translate(lines) == again.translate(lines)
+    in_memory = Translator(trainer.model, trainer.tokenizer, trainer.cfg, torch.device("cpu"))
+    hyps = translator.translate_nbest(lines, n_best=3, beam_size=3)  # texts and exact scores
+    assert hyps == in_memory.translate_nbest(lines, n_best=3, beam_size=3)
+    assert len({text for text, _ in hyps[0]}) == 3
 
 
 def _bf16_lstm_runs_here() -> bool:
@@ -288,7 +331,9 @@ def test_average_last_averages_the_final_checkpoints_and_validates_them(prepared
     (avg_record,) = [r for r in records if r["type"] == "average"]
     final_step = max(r["step"] for r in records)
     assert avg_record["of"][-1] == f"step_{final_step}.pt"  # the final weights are included
-    assert len(avg_record["of"]) == 3 and avg_record["bleu"] >= 0
+    assert len(avg_record["of"]) == 3
+    figures = _validate(checkpoint.load(out / "averaged.pt")["model"], out)
+    assert figures == {k: pytest.approx(avg_record[k]) for k in FIGURES}
     paths = [out / name for name in avg_record["of"]]
     expected = checkpoint.average(paths)["model"]
     averaged = checkpoint.load(out / "averaged.pt")

@@ -4,6 +4,7 @@ The tiny checkpoint has random weights: tests compare outputs with each other (o
 size, chunking, file vs list API), never with expected translations.
 """
 
+import gzip
 import io
 import random
 import re
@@ -135,6 +136,24 @@ def test_leading_bom_is_dropped(translator, tmp_path):
     assert _read_out(out) == translator.translate(["the cat", "w1 w2"])
 
 
+def test_a_crlf_file_translates_as_its_lf_copy(translator, tmp_path):
+    # the line rule of nmt.textio, the one training text is read by: "\r\n" ends a line, a
+    # lone "\r" stays inside it (one line in, one line out)
+    lines = ["the cat sat", "", "w1\rw2", "w3 w4 w5"]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes("".join(line + "\r\n" for line in lines).encode("utf-8"))
+    translate_stream(translator, str(crlf), str(tmp_path / "out.txt"))
+    assert _read_out(tmp_path / "out.txt") == translator.translate(lines)
+
+
+def test_a_gzip_input_is_read_through_gzip(translator, tmp_path):
+    lines = ["the cat sat", "", "w1 w2"]
+    src = tmp_path / "in.txt.gz"
+    src.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode("utf-8")))
+    assert translate_stream(translator, str(src), str(tmp_path / "out.txt")) == 3
+    assert _read_out(tmp_path / "out.txt") == translator.translate(lines)
+
+
 def test_invalid_utf8_names_file_and_line(translator, tmp_path, monkeypatch):
     src = tmp_path / "bad.txt"
     src.write_bytes(b"the cat\nw1 w2\nw3 \xff\xfe w4\nw5\n")
@@ -154,11 +173,11 @@ def test_output_is_atomic_when_translation_fails(translator, tmp_path, monkeypat
     calls = []
     real_run = Translator.run
 
-    def failing_run(self, lines, settings):
+    def failing_run(self, lines, settings, line_ids=None):
         calls.append(len(lines))
         if len(calls) == 3:
             raise RuntimeError("simulated failure mid-way")
-        return real_run(self, lines, settings)
+        return real_run(self, lines, settings, line_ids)
 
     monkeypatch.setattr(Translator, "run", failing_run)
     with pytest.raises(RuntimeError, match="mid-way"):
@@ -196,13 +215,18 @@ def test_overlong_lines_warn_once_each_then_summarise(translator, capsys):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"beam_size": 0}, "beam_size must be an integer >= 1"),
-        ({"n_best": 3, "beam_size": 2}, r"n_best \(3\) must be <= beam_size \(2\)"),
-        ({"n_best": 0}, "n_best must be an integer >= 1"),
+        ({"beam_size": 0}, "search.beam_size: must be >= 1, found 0"),
+        (
+            {"n_best": 3, "beam_size": 2},
+            r"search.n_best: must be <= search.beam_size \(2\), found 3",
+        ),
+        ({"n_best": 0}, "search.n_best: must be >= 1, found 0"),
         ({"batch_size": 0}, "batch_size"),
-        ({"alpha": -1.0}, "alpha must be a number >= 0"),
+        ({"alpha": -1.0}, "search.alpha: must be >= 0.0, found -1.0"),
+        ({"beam_size": "5"}, "search.beam_size: expected int, found str '5'"),
         ({"beam_size": 2, "chunk_lines": 0}, "chunk_lines"),
-        ({"bogus": 1}, "unknown search setting"),
+        ({"bogus": 1}, "search.bogus: unknown key; the keys are beam_size, n_best"),
+        ({"bogus": 1, "alpha": -1.0}, "(?s)2 config problems.*search.bogus.*search.alpha"),
     ],
 )
 def test_bad_search_settings_are_usage_errors(translator, tmp_path, kwargs, message):
@@ -226,7 +250,7 @@ def test_bad_device_and_missing_files(tiny_checkpoint, translator, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             Translator.from_checkpoint(tiny_checkpoint, device="cuda")
-    with pytest.raises(UsageError, match="input file not found"):
+    with pytest.raises(UsageError, match="nope.txt: file not found"):
         translate_stream(translator, str(tmp_path / "nope.txt"), None)
     src = _write(tmp_path / "in.txt", ["w1"])
     with pytest.raises(UsageError, match="does not exist"):
@@ -286,6 +310,7 @@ def test_cli_translate_in_process(tiny_checkpoint, tmp_path, capsys):
         ]
     )
     assert code == 0 and len(_read_out(out)) == 3
+    assert capsys.readouterr().err.startswith("precision: ")  # what the model computed in
     code = main(["translate", str(tiny_checkpoint), "-i", str(src), "--beam-size", "0"])
     assert code == 2
     err = capsys.readouterr().err

@@ -24,6 +24,7 @@ from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models import gnmt, tcn
 from nmt.models.base import EncoderOut, Seq2Seq
+from nmt.models.shortlisted import Shortlisted
 
 FAMILIES = {
     "gnmt": (gnmt.GNMTEncoder, gnmt.GNMTDecoder),
@@ -57,6 +58,14 @@ class EncoderDecoder(Seq2Seq):
 
     def reorder_state(self, state, index):
         return self.decoder.reorder_state(state, index)
+
+    def inspect_attention(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
+        return self.decoder.inspect_attention(tgt_in_ids, self.encode(src_ids, src_lens))
+
+    def shortlisted(self, tgt_ids: torch.Tensor, allowed: torch.Tensor | None = None):
+        """This model scoring only the target ids `tgt_ids` (sorted, unique), each sentence only
+        those of its own row of `allowed` (B, n): nmt.models.shortlisted.Shortlisted."""
+        return Shortlisted(self, tgt_ids, allowed)
 
 
 def build_model(

@@ -9,6 +9,12 @@ Owns: `EncoderOut` and the abstract `Seq2Seq` interface. Does not own any layer 
 - `reorder_state(state, index)` and `reorder_encoder_out(enc, index)`: select rows by `index`
   (a LongTensor of row numbers, possibly repeated or fewer than B). Beam search grows, reorders
   and shrinks the batch through these alone.
+- optional, `inspect_attention(src_ids, src_lens, tgt_in_ids) -> attn (B, T, S)`: the attention
+  a person reads (pictures, word alignments), by teacher forcing; search never calls it.
+- `target_log_probs(src_ids, src_lens, tgt_in_ids, tgt_out_ids) -> (B, T)` float32: the
+  log-prob `step` gives each `tgt_out_ids` token after the prefix `tgt_in_ids[:, :t+1]`, by
+  teacher forcing (forced decoding: scoring given translations). The base class derives it
+  from `forward`; an ensemble (nmt.models.ensemble) gives its own.
 
 Invariants, tested for every architecture: running `step` T times gives the log-softmax of
 `forward`'s logits (float tolerance), and a sentence's output does not depend on its batch-mates.
@@ -107,5 +113,17 @@ class Seq2Seq(nn.Module):
     def reorder_state(self, state, index: torch.Tensor):
         return select_rows(state, index)
 
+    def target_log_probs(self, src_ids, src_lens, tgt_in_ids, tgt_out_ids) -> torch.Tensor:
+        """(B, T) float32: log_softmax(forward)[b, t, tgt_out_ids[b, t]], as `step` would give
+        them (its log-softmax is float32 whatever the logits' precision)."""
+        logits = self(src_ids, src_lens, tgt_in_ids)  # (B, T, V)
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (B, T, V)
+        return log_probs.gather(2, tgt_out_ids.unsqueeze(2)).squeeze(2)  # (B, T)
+
     def reorder_encoder_out(self, enc: EncoderOut, index: torch.Tensor) -> EncoderOut:
         return enc.index_select(index)
+
+    def inspect_attention(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
+        """Optional: attention weights (B, T, S) over given targets (teacher forcing), for
+        pictures and word alignments; rows of padded target positions are meaningless."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention to show")

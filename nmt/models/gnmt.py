@@ -283,10 +283,19 @@ class GNMTDecoder(nn.Module):
         """Project the memory to attention keys once per sentence."""
         return replace(enc, keys=self.attention.project_keys(enc.memory))  # keys (B, S, A)
 
-    def _run(self, tgt_ids: torch.Tensor, positions: torch.Tensor, states: list, enc, feed=None):
+    def _run(
+        self,
+        tgt_ids: torch.Tensor,
+        positions: torch.Tensor,
+        states: list,
+        enc,
+        feed=None,
+        project=None,
+    ):
         """All layers over tgt_ids (B, T) at `positions` ((T,) or (B, 1)); `states` holds each
         layer's initial state (nn.LSTM form) or None; `feed` the previous context (B, D) when
-        input feeding. Returns logits (B, T, V), states, attn (B, T, S), last context (B, D)."""
+        input feeding; `project` the output projection (None: `self.out`; a shortlist's rows).
+        Returns logits (B, T, V), states, attn (B, T, S), last context (B, D)."""
         x = _embed(
             self.embed, tgt_ids, positions, self.emb_scale, self.positions, self.word_dropout
         )  # (B, T, E)
@@ -300,7 +309,7 @@ class GNMTDecoder(nn.Module):
             inputs = self.dropout(torch.cat((x, context), dim=-1))  # (B, T, H + D)
             out, states[i] = run_layer(self.layers[i], inputs, states[i])  # (B, T, H)
             x = out + x if i + 1 >= self.residual_start else out
-        return self.out(x), states, attn, context[:, -1]  # (B, T, V)
+        return (project or self.out)(x), states, attn, context[:, -1]  # (B, T, V)
 
     def _fed_first_layer(self, x, state, enc, feed):
         """Layer 1 and attention one step at a time, each step reading [x_t, context_{t-1}]
@@ -318,14 +327,22 @@ class GNMTDecoder(nn.Module):
             attns.append(attn)
         return torch.cat(outs, 1), torch.cat(contexts, 1), torch.cat(attns, 1), state
 
-    def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+    def _teacher_forced(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """`_run` over the whole of tgt_in_ids (B, T) from the initial state."""
         positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         if self.bridge is None:
             states = [None] * len(self.layers)
         else:
             states = self._hx(self.init_state(enc)["layers"])
         feed = self.init_state(enc).get("feed") if self.input_feeding else None
-        return self._run(tgt_in_ids, positions, states, enc, feed)[0]  # (B, T, V)
+        return self._run(tgt_in_ids, positions, states, enc, feed)
+
+    def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        return self._teacher_forced(tgt_in_ids, enc)[0]  # (B, T, V)
+
+    def inspect_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: the attention weights (B, T, S), the same as `step` returns."""
+        return self._teacher_forced(tgt_in_ids, enc)[2]  # (B, T, S)
 
     def init_state(self, enc: EncoderOut) -> dict:
         """{"layers": per layer (h, c) or h, each (B, H); "pos": (B,) next target position}."""
@@ -350,14 +367,16 @@ class GNMTDecoder(nn.Module):
             return [(h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()) for h, c in layers]
         return [h.unsqueeze(0).contiguous() for h in layers]
 
-    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
-        """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V)."""
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut, project=None):
+        """One decoding step with the same modules: tgt_ids_t (B,) -> logits (B, V); `project`:
+        the output projection to use (None: `self.out`; a shortlist's rows, V of them)."""
         logits, hx, attn, context = self._run(
             tgt_ids_t.unsqueeze(1),
             state["pos"].unsqueeze(1),
             self._hx(state["layers"]),
             enc,
             state.get("feed"),
+            project,
         )  # (B, 1, V)
         if self.is_lstm:
             layers = tuple((h[0], c[0]) for h, c in hx)  # (B, H) each

@@ -19,6 +19,7 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
   encoder memory (`prepare`), the context (a weighted sum of the same keys, as ConvS2S sums the
   encoder outputs it scored) projected back and added to the block output. `step` returns the
   mean of the blocks' attention weights (a distribution over the source, as coverage wants);
+  `inspect_attention` the last block's (pictures and word alignments);
 - both sides add sinusoidal position features (Vaswani et al. 2017) times a learned scalar
   (started at the RMS of the embedding initialisation) to the token embeddings. ConvS2S learns a
   position table instead; sinusoids need no maximum length. Convolutions only see relative order
@@ -189,6 +190,8 @@ def _last_column(conv: nn.Module, taps: torch.Tensor) -> torch.Tensor:
     (C_out, C_in, k) layout would want) make gathering them one contiguous copy per row.
     """
     batch = taps.size(0)
+    if not isinstance(conv, (nn.Conv1d, _SeparableConv)):
+        return conv.column(taps)  # a reduced-precision stand-in (models.inference.ConvColumns)
     if isinstance(conv, _SeparableConv):
         depthwise = conv.depthwise.weight.squeeze(1).t()  # (k, C_in)
         mixed = (taps.view(batch, depthwise.size(0), -1) * depthwise).sum(1)  # (B, C_in)
@@ -262,9 +265,7 @@ class TemporalBlock(nn.Module):
         for `history` to keep). Causal blocks only."""
         h = self._activate(_last_column(self.conv1, history.taps(convs[0], x_t)), dim=1)
         h_out = self._activate(_last_column(self.conv2, history.taps(convs[1], h)), dim=1)
-        res = x_t
-        if self.residual is not None:
-            res = F.linear(x_t, self.residual.weight.squeeze(2), self.residual.bias)  # (B, C_out)
+        res = x_t if self.residual is None else _last_column(self.residual, x_t)  # (B, C_out)
         return self._join(h_out, res), [x_t, h]
 
 
@@ -528,28 +529,38 @@ class TCNDecoder(nn.Module):
             return (h + context) * HALF_SQRT, attn
         return h + context, attn
 
-    def _output(self, h: torch.Tensor) -> torch.Tensor:
+    def _output(self, h: torch.Tensor, project=None) -> torch.Tensor:
         h = self.dropout(h)
         if self.bottleneck is not None:
             h = self.bottleneck(h)  # (..., E)
-        return self.out(h)  # (..., V)
+        return (project or self.out)(h)  # (..., V)
 
-    def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
-        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the attentions)."""
+    def _teacher_forced(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """The last block's output (B, T, C) and each attention's weights [(B, T, S)]."""
         positions = torch.arange(tgt_in_ids.size(1), device=tgt_in_ids.device)  # (T,)
         x = self.embed_pos(self.embed, tgt_in_ids, positions)  # (B, T, E)
         query_embed = None if self.query_embed is None else self.query_embed(x)  # (B, T, C)
         h = x.transpose(1, 2)  # (B, E, T)
-        attn_sum = 0.0
+        attns = []
         for level, block in enumerate(self.blocks):
             h = block(h)  # (B, C, T)
             if level >= self.first_attending:
                 i = level - self.first_attending
                 h, attn = self._attend(i, h.transpose(1, 2), enc, query_embed)  # (B,T,C), (B,T,S)
-                attn_sum = attn_sum + attn
+                attns.append(attn)
                 h = h.transpose(1, 2)  # (B, C, T)
-        attn = attn_sum / len(self.queries)  # (B, T, S)
-        return self._output(h.transpose(1, 2)), attn  # (B, T, V)
+        return h.transpose(1, 2), attns  # (B, T, C)
+
+    def forward_with_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut):
+        """Teacher forcing: (logits (B, T, V), attn (B, T, S) averaged over the attentions)."""
+        h, attns = self._teacher_forced(tgt_in_ids, enc)
+        return self._output(h), sum(attns) / len(attns)  # (B, T, V), (B, T, S)
+
+    def inspect_attention(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: the last attention's weights (B, T, S), the ones pictures and
+        word alignments show (`step` returns the attentions' mean, which the coverage penalty
+        reads: search results do not depend on this method)."""
+        return self._teacher_forced(tgt_in_ids, enc)[1][-1]  # (B, T, S)
 
     def forward(self, tgt_in_ids: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
         return self.forward_with_attention(tgt_in_ids, enc)[0]  # (B, T, V)
@@ -567,8 +578,9 @@ class TCNDecoder(nn.Module):
         pos = torch.zeros(batch, dtype=torch.long, device=like.device)
         return {"pos": pos, "rows": rows.contiguous(), "cols": cols}
 
-    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut):
-        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S))."""
+    def step(self, tgt_ids_t: torch.Tensor, state: dict, enc: EncoderOut, project=None):
+        """One column: tgt_ids_t (B,) -> (logits (B, V), state, attn (B, S)); `project`: the
+        output projection to use (None: `self.out`; a shortlist's rows, V of them)."""
         h = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
         query_embed = None if self.query_embed is None else self.query_embed(h).unsqueeze(1)
         history = _History(state, self.spans, self.dilations)
@@ -582,7 +594,7 @@ class TCNDecoder(nn.Module):
                 h, attn = self._attend(i, h.unsqueeze(1), enc, query_embed)  # (B, 1, C)
                 attn_sum = attn_sum + attn.squeeze(1)  # (B, S)
                 h = h.squeeze(1)  # (B, C)
-        logits = self._output(h)  # (B, V)
+        logits = self._output(h, project)  # (B, V)
         return logits, _History.advance(state, new_cols), attn_sum / len(self.queries)
 
     def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
