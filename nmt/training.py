@@ -32,7 +32,7 @@ import torch
 
 from nmt import batching, checkpoint, data, runlog, shortlist, validation
 from nmt.config import Config, to_yaml
-from nmt.devices import check_autocast, resolve_device, resolve_dtype
+from nmt.devices import check_autocast, probe, resolve_device, resolve_dtype
 from nmt.distributed import Distributed, launch
 from nmt.errors import NmtError, UsageError
 from nmt.models import build_model_for
@@ -102,11 +102,18 @@ def train_batches(cfg: Config, dist: Distributed, tok: Tokenizer, train_set):
     return sampler, loader
 
 
-def train_dtype(precision: str, dist: Distributed) -> torch.dtype:
-    """train.precision as a dtype; `auto` on a CPU asks the probe (nmt.devices), and under
-    torchrun every rank takes rank 0's answer, so that all ranks compute alike."""
+def train_dtype(precision: str, dist: Distributed, log: runlog.RunLog) -> torch.dtype:
+    """train.precision as a dtype, said in the log; `auto` on a CPU asks the probe
+    (nmt.devices), and under torchrun every rank takes rank 0's answer, so that all ranks
+    compute alike."""
     dtype = resolve_dtype(precision, dist.device)
-    return dist.broadcast(dtype) if precision == "auto" and dist.enabled else dtype
+    if precision == "auto" and dist.enabled:
+        dtype = dist.broadcast(dtype)
+    how = ""
+    if precision == "auto":
+        how = " (auto" + (f"; {probe().describe()})" if dist.device.type == "cpu" else ")")
+    log.say(f"training precision: {str(dtype).removeprefix('torch.')}{how}")
+    return dtype
 
 
 def learn_shortlist(train_set, tok: Tokenizer, dist: Distributed, log: runlog.RunLog):
@@ -236,12 +243,12 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.dist = dist or Distributed.single(resolve_device(t.device))
         self.device = self.dist.device
-        self.dtype = train_dtype(t.precision, self.dist)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.state = TrainState()
         main_dir = self.out_dir if self.dist.is_main else None
         self.log = runlog.RunLog(main_dir, lambda: self.state.seconds(), t.tensorboard)
+        self.dtype = train_dtype(t.precision, self.dist, self.log)
         self.window = runlog.Window()
         self.health = _StepHealth(cfg, self.log, lambda: (self._write("last"), self.state.step))
         self.signals = _Signals(self.dist, self.log)

@@ -312,6 +312,18 @@ def test_bf16_on_a_cpu_without_bf16_lstm_kernels_is_one_clear_error(prepared, tm
     assert not (out / "last.pt").exists()
 
 
+def test_auto_precision_says_what_it_chose(prepared, tmp_path, capsys):
+    """train.precision=auto trains in the probe's choice between float32 and bf16, and the run
+    says which (with the probe's figures), so a user can see what ran."""
+    from nmt.devices import probe
+
+    trainer = Trainer(load_config(None, _tiny(prepared, tmp_path, "train.precision=auto")))
+    chosen = probe().fastest(("float32", "bfloat16"))
+    assert trainer.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16}[chosen]
+    err = capsys.readouterr().err
+    assert f"training precision: {chosen} (auto; probe GFLOP/s" in err
+
+
 def test_accumulation_trains_on_the_epochs_last_shorter_group(prepared, tmp_path):
     batches = len(Trainer(load_config(None, _tiny(prepared, tmp_path / "probe"))).sampler)
     assert batches >= 3
