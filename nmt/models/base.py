@@ -22,12 +22,22 @@ Invariants, tested for every architecture: running `step` T times gives the log-
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def config_kwargs(cls: type, model_cfg, **fields_of: str) -> dict:
+    """The keyword-only arguments of `cls.__init__`, each read from the `model_cfg` field of
+    the same name, or of the name `fields_of` gives it (`num_layers="enc_layers"`). A
+    constructor argument with no such field is an AttributeError: a programming error."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    names = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return {name: getattr(model_cfg, fields_of.get(name, name)) for name in names}
 
 
 class WordDropout(nn.Module):

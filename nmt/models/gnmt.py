@@ -26,7 +26,13 @@ from torch import nn
 from nmt.config import ModelConfig
 from nmt.errors import ConfigError
 from nmt.models.attention import build_attention
-from nmt.models.base import EncoderOut, WordDropout, select_rows, sinusoid_positions
+from nmt.models.base import (
+    EncoderOut,
+    WordDropout,
+    config_kwargs,
+    select_rows,
+    sinusoid_positions,
+)
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
@@ -161,22 +167,7 @@ class GNMTEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int) -> GNMTEncoder:
-        m = model_cfg
-        return cls(
-            vocab_size,
-            pad_id,
-            emb_dim=m.emb_dim,
-            hidden=m.hidden,
-            bi_hidden=m.bi_hidden,
-            num_layers=m.enc_layers,
-            residual_start=m.residual_start,
-            cell=m.cell,
-            dropout=m.dropout,
-            word_dropout=m.word_dropout,
-            init_scale=m.init_scale,
-            emb_scale=m.emb_scale,
-            positions=m.positions,
-        )
+        return cls(vocab_size, pad_id, **config_kwargs(cls, model_cfg, num_layers="enc_layers"))
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         positions = torch.arange(src_ids.size(1), device=src_ids.device)
@@ -248,24 +239,8 @@ class GNMTDecoder(nn.Module):
     def from_config(
         cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int, memory_dim: int
     ) -> GNMTDecoder:
-        m = model_cfg
         return cls(
-            vocab_size,
-            pad_id,
-            memory_dim,
-            emb_dim=m.emb_dim,
-            hidden=m.hidden,
-            num_layers=m.dec_layers,
-            residual_start=m.residual_start,
-            cell=m.cell,
-            attention=m.attention,
-            dropout=m.dropout,
-            word_dropout=m.word_dropout,
-            init_scale=m.init_scale,
-            emb_scale=m.emb_scale,
-            positions=m.positions,
-            input_feeding=m.input_feeding,
-            bridge=m.bridge,
+            vocab_size, pad_id, memory_dim, **config_kwargs(cls, model_cfg, num_layers="dec_layers")
         )
 
     def tie_output(self) -> None:

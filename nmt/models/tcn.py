@@ -54,7 +54,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from nmt.config import ModelConfig, check_receptive_field, receptive_field  # noqa: F401
 from nmt.errors import ConfigError
-from nmt.models.base import EncoderOut, WordDropout, sinusoid_positions
+from nmt.models.base import EncoderOut, WordDropout, config_kwargs, sinusoid_positions
 
 HALF_SQRT = math.sqrt(0.5)
 
@@ -332,15 +332,6 @@ def _stack(in_dim, channels, kernel_size, levels, dropout, causal, options: dict
     )
 
 
-def _block_options(m: ModelConfig) -> dict:
-    return {
-        "glu": m.glu,
-        "scaled_residual": m.scaled_residual,
-        "separable": m.separable,
-        "conv_init": m.conv_init,
-    }
-
-
 class TCNEncoder(nn.Module):
     """Source embedding + positions, then a non-causal TCN stack. Owns its embedding and stack.
 
@@ -379,20 +370,7 @@ class TCNEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int) -> TCNEncoder:
-        m = model_cfg
-        return cls(
-            vocab_size,
-            pad_id,
-            emb_dim=m.emb_dim,
-            channels=m.channels,
-            kernel_size=m.kernel_size,
-            levels=m.levels,
-            dropout=m.dropout,
-            word_dropout=m.word_dropout,
-            init_scale=m.init_scale,
-            emb_scale=m.emb_scale,
-            **_block_options(m),
-        )
+        return cls(vocab_size, pad_id, **config_kwargs(cls, model_cfg))
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         S = src_ids.size(1)
@@ -474,24 +452,7 @@ class TCNDecoder(nn.Module):
     def from_config(
         cls, model_cfg: ModelConfig, vocab_size: int, pad_id: int, memory_dim: int
     ) -> TCNDecoder:
-        m = model_cfg
-        return cls(
-            vocab_size,
-            pad_id,
-            memory_dim,
-            emb_dim=m.emb_dim,
-            channels=m.channels,
-            kernel_size=m.kernel_size,
-            levels=m.levels,
-            dropout=m.dropout,
-            word_dropout=m.word_dropout,
-            init_scale=m.init_scale,
-            tie_embeddings=m.tie_embeddings,
-            emb_scale=m.emb_scale,
-            attention_blocks=m.attention_blocks,
-            attention_embeddings=m.attention_embeddings,
-            **_block_options(m),
-        )
+        return cls(vocab_size, pad_id, memory_dim, **config_kwargs(cls, model_cfg))
 
     def tie_output(self) -> None:
         """Share the output projection weight with `self.embed` (call after any sharing)."""
