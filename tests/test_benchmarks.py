@@ -116,3 +116,14 @@ def test_cpu_precision_times_every_offered_precision():
     layer |= {"nn.LSTM bf16 autocast"} if "bfloat16" in offered else set()
     assert set(figures["decoder layer step"]) == layer
     assert set(figures["output projection 256 -> 8000"]) == {"float32", *offered}
+
+
+def test_tcn_parts_times_each_part_against_what_it_replaces(tmp_path):
+    """The script checks each pair computes alike before timing, and writes every row."""
+    import json
+
+    out = tmp_path / "parts.json"
+    _load("tcn_parts").main(["--repeats", "1", "--batch", "8", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows][:2] == ["dropout p=0.2", "depthwise conv k=3 d=1"]
+    assert len(rows) == 6 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in rows)

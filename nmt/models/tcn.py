@@ -24,7 +24,25 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
   (started at the RMS of the embedding initialisation) to the token embeddings. ConvS2S learns a
   position table instead; sinusoids need no maximum length. Convolutions only see relative order
   and the sentence edges within their window; absolute positions make "attend to source position
-  n - t" (reordering) easy to learn.
+  n - t" (reordering) easy to learn;
+- dropout masks come from `torch.rand` (`_Dropout`: nn.Dropout's distribution, not its random
+  stream): nn.Dropout's element-by-element bernoulli_ is slower on a CPU (benchmarks/README.md).
+
+Options from ConvS2S and after (all off by default; `configs/tcn_small.yaml` turns on the three
+that paid). Measured on Multi30k, 164 steps of 3,000-token batches at lr 2e-3 and warm-up 50
+unless said, validation loss (lower is better; the Bai et al. block alone: 5.31):
+- `emb_scale` (embeddings times sqrt(emb_dim)) with `tie_embeddings` (the output projection is
+  the target embedding, through a bottleneck where channels != emb_dim): 4.98;
+- `attention_embeddings` (ConvS2S Sec. 3.3: the target embedding joins each attention query,
+  the source embeddings join the values, each sum times sqrt(0.5)): 5.22 alone, 4.73 with the
+  two above; with lr 3e-3 as well 4.48 (the preset; the GNMT small preset: 4.78 at step 163);
+- kept as options, they did not pay here: `glu` with `scaled_residual` and `conv_init=convs2s`
+  (ConvS2S's block and its variance-keeping initialisation) 5.67, `scaled_residual` alone 6.05,
+  `conv_init=convs2s` over tie and scaling 5.27 (against 4.98), `attention_blocks=2` (attend
+  after the last two blocks only) 5.05; `separable` (a dilated depthwise convolution then a
+  1x1 one: k times fewer products; its depthwise conv runs as k shifted multiply-adds with its
+  own backward, faster than torch's grouped conv backward with a dilation) was not screened
+  for quality.
 
 Initialisation: embeddings uniform(-init_scale, init_scale); convolutions and linear layers keep
 PyTorch's fan-in scaled defaults (a fixed uniform range would blow up or shrink a deep stack as
@@ -63,8 +81,8 @@ class _Dropout(nn.Module):
     """Dropout (Srivastava et al. 2014) with the mask drawn by `torch.rand`: zero with
     probability p, scale the rest by 1 / (1 - p), the identity in eval mode; the distribution
     of nn.Dropout, not its random stream. On a CPU nn.Dropout's bernoulli_ draws element by
-    element, and its ~20 calls took a sixth of a TCN training step; uniform draws are vectorised
-    (benchmarks/README.md, Models)."""
+    element; uniform draws are vectorised (`benchmarks/tcn_parts.py`; benchmarks/README.md,
+    TCN parts)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -111,9 +129,9 @@ class _DilatedDepthwise(torch.autograd.Function):
     """y[:, c, t] = sum_i w[c, i] * x[:, c, t + i*d]: a dilated depthwise convolution over an
     already padded x (B, C, T + (k-1)d) with weight w (C, k), as k shifted multiply-adds.
 
-    PyTorch's grouped conv1d does the same sums, but its CPU backward with a dilation ran 4-7
-    times slower than these multiply-adds (benchmarks/README.md, Models); the results are equal
-    and the gradients equal up to the order of the sums.
+    PyTorch's grouped conv1d does the same sums, but its CPU backward with a dilation ran
+    slower than these multiply-adds (`benchmarks/tcn_parts.py`; benchmarks/README.md, TCN
+    parts); the results are equal and the gradients equal up to the order of the sums.
     """
 
     @staticmethod
@@ -274,7 +292,8 @@ class _History:
     span_c columns (oldest first), and one row table for all convs.
 
     Beam search reorders the rows at every step. Copying every conv's last span_c columns (the
-    cache) per step cost more than the step's products (benchmarks/README.md, Models): instead
+    cache) per step moves sum(span_c) columns per row where the products read k - 1 per conv
+    (5 levels of k = 3: 124 against 20): instead
     `rows[:, W - m]` (W the longest span) says which row of the column written m steps ago holds
     each current row's input, so a reorder of the same size only selects rows of this (B, W)
     table, and a step gathers just the k - 1 columns each conv reads. A reorder that changes
