@@ -13,8 +13,9 @@ What is swapped, per decoder family (the encoder runs once per sentence and stay
 with int8 where bf16 pays, runs under bf16 autocast: `Bf16Encoder`):
 - GNMT: every decoder layer (`CellStep`), the attention's query projection (Bahdanau), the
   output projection;
-- TCN: both convs of every block and the 1x1 residual (`ConvColumns`, with weight norm folded
-  in once), the per-block query and context projections, the bottleneck and the output.
+- TCN: both convs of every block (dense ones; `separable` convs stay float32) and the 1x1
+  residual (`ConvColumns`, with weight norm folded in once), the per-block query and context
+  projections, the bottleneck and the output.
 
 int8 is dynamic quantization: weights per output channel, symmetric, once at load time;
 activations per row, symmetric, at every call; int32 sums scaled back to float32 with the bias
@@ -227,7 +228,7 @@ def reduce_decoder(model: nn.Module, precision: str) -> nn.Module:
         if isinstance(dec.attention, BahdanauAttention):
             dec.attention.query_proj = _linear(dec.attention.query_proj, product)
     elif isinstance(dec, TCNDecoder):
-        for block in dec.blocks:  # separable convs (mostly elementwise work) stay float32
+        for block in dec.blocks:  # separable convs stay float32 (no stand-in for them yet)
             if isinstance(block.conv1, nn.Conv1d):
                 block.conv1 = ConvColumns(block.conv1, product)
                 block.conv2 = ConvColumns(block.conv2, product)
