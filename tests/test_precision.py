@@ -239,11 +239,15 @@ def test_conv_columns_are_the_weight_normalised_conv(precision):
 
 
 @pytest.mark.parametrize("precision", REDUCED)
-@pytest.mark.parametrize("family", ["gnmt", "tcn"])
-def test_a_reduced_model_steps_as_it_teacher_forces(family, precision):
+@pytest.mark.parametrize(
+    "family, options",
+    [("gnmt", {}), ("tcn", {}), ("tcn", {"separable": True, "attention_embeddings": True})],
+    ids=["gnmt", "tcn", "tcn-separable"],
+)
+def test_a_reduced_model_steps_as_it_teacher_forces(family, options, precision):
     """The contract's invariant holds for the reduced models too: `step` T times gives
     `forward`'s log-probs (the same rows meet the same products)."""
-    model = prepare_model(tiny_model(family), precision, CPU)
+    model = prepare_model(tiny_model(family, **options), precision, CPU)
     src_ids, src_lens, tgt_in_ids = random_batch([5, 3], [4, 2], 23)
     with torch.no_grad(), search_autocast(CPU, TORCH_DTYPES[precision]):
         stepped, _ = run_steps(model, src_ids, src_lens, tgt_in_ids)
