@@ -36,19 +36,22 @@ def prepare_tiny(folder: Path, *extra: str, words=WORDS) -> list[str]:
     from nmt import data
     from nmt.config import load_config
 
-    train_src, train_tgt = write_corpus(folder, 300, 1, words)
-    valid_src, valid_tgt = write_corpus(folder, 20, 2, words)
-    overrides = [
-        f"data.train_src={train_src}",
-        f"data.train_tgt={train_tgt}",
-        f"data.valid_src={valid_src}",
-        f"data.valid_tgt={valid_tgt}",
-        f"data.dir={folder / 'data'}",
-        "tokenizer.vocab_size=120",
-        *extra,
-    ]
+    train, valid = write_corpus(folder, 300, 1, words), write_corpus(folder, 20, 2, words)
+    overrides = [*split_overrides(folder, train, valid), "tokenizer.vocab_size=120", *extra]
     data.prepare(load_config(None, overrides))
     return overrides
+
+
+def split_overrides(folder: Path, train: tuple, valid: tuple) -> list[str]:
+    """The `data.*` overrides of a train and a valid split, each a (src, tgt) pair of files,
+    with the prepared data in `folder / "data"`."""
+    return [
+        f"data.train_src={train[0]}",
+        f"data.train_tgt={train[1]}",
+        f"data.valid_src={valid[0]}",
+        f"data.valid_tgt={valid[1]}",
+        f"data.dir={folder / 'data'}",
+    ]
 
 
 def tiny(prepared: list[str], out_dir, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers_training import WORDS, prepare_tiny, tiny, write_corpus
+from helpers_training import WORDS, prepare_tiny, split_overrides, tiny, write_corpus
 
 from nmt import checkpoint
 from nmt.cli import main
@@ -20,15 +20,8 @@ from nmt.training import Trainer, lr_factor
 def _prepare_with_tokenizer_of(ckpt, folder, words) -> list[str]:
     """Half B's data folder, encoded with the checkpoint's own sentencepiece model
     (`nmt prepare --tokenizer-from CKPT`); returns its overrides."""
-    train_src, train_tgt = write_corpus(folder, 300, 1, words)
-    valid_src, valid_tgt = write_corpus(folder, 20, 2, words)
-    overrides = [
-        f"data.train_src={train_src}",
-        f"data.train_tgt={train_tgt}",
-        f"data.valid_src={valid_src}",
-        f"data.valid_tgt={valid_tgt}",
-        f"data.dir={folder / 'data'}",
-    ]
+    train, valid = write_corpus(folder, 300, 1, words), write_corpus(folder, 20, 2, words)
+    overrides = split_overrides(folder, train, valid)
     assert main(["prepare", "--tokenizer-from", str(ckpt), *overrides]) == 0
     return overrides
 

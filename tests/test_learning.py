@@ -12,6 +12,7 @@ stalls on this task for some seeds within 300 steps.
 import random
 
 import pytest
+from helpers_training import split_overrides
 
 from nmt import data
 from nmt.config import load_config
@@ -39,14 +40,10 @@ def _write(folder, n: int, seed: int) -> tuple:
 def copy_task(tmp_path_factory):
     """(data overrides, held-out source lines, their references)."""
     folder = tmp_path_factory.mktemp("copy")
-    train_src, train_tgt, _ = _write(folder, 2000, 1)
-    valid_src, valid_tgt, held_out = _write(folder, 100, 2)
+    *train, _ = _write(folder, 2000, 1)
+    *valid, held_out = _write(folder, 100, 2)
     overrides = [
-        f"data.train_src={train_src}",
-        f"data.train_tgt={train_tgt}",
-        f"data.valid_src={valid_src}",
-        f"data.valid_tgt={valid_tgt}",
-        f"data.dir={folder / 'data'}",
+        *split_overrides(folder, train, valid),
         "data.max_len=12",
         "tokenizer.vocab_size=30",
     ]
