@@ -8,17 +8,16 @@
 - the dilated depthwise convolution of `separable=true`: `_DilatedDepthwise` (k shifted
   multiply-adds, its own backward) against torch's grouped Conv1d with the same weights,
   forward and backward, at dilations 1-16.
-Prints medians in milliseconds and the ratio; the results of each pair are checked equal (the
-convolution) or of the same keep rate (dropout) first.
+Prints milliseconds per call (the minimum over --repeats rounds that alternate the two, as
+benchmarks/cpu_precision.py times) and the ratio; the results of each pair are checked equal
+(the convolution) or of the same keep rate (dropout) first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,20 +26,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cpu_precision import compare  # noqa: E402
 from benchmarks.decode_speed import machine  # noqa: E402
 from nmt.models.tcn import _DilatedDepthwise, _Dropout  # noqa: E402
 
 C, T, K = 256, 20, 3  # the preset's width and kernel; 20 target positions
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def time_dropout(B: int, repeats: int) -> dict:
@@ -52,8 +42,13 @@ def time_dropout(B: int, repeats: int) -> dict:
     def run(module):
         return lambda: module(x).sum().backward()
 
-    a, b = _median_ms(run(ours), repeats), _median_ms(run(theirs), repeats)
-    return {"part": "dropout p=0.2", "shape": [B, C, T], "ours_ms": a, "torch_ms": b}
+    ms = compare({"ours": run(ours), "torch": run(theirs)}, rounds=repeats, inner=1)
+    return {
+        "part": "dropout p=0.2",
+        "shape": [B, C, T],
+        "ours_ms": ms["ours"],
+        "torch_ms": ms["torch"],
+    }
 
 
 def time_depthwise(B: int, dilation: int, repeats: int) -> dict:
@@ -66,10 +61,13 @@ def time_depthwise(B: int, dilation: int, repeats: int) -> dict:
         atol=1e-4,
         rtol=0,
     )
-    ours = _median_ms(lambda: _DilatedDepthwise.apply(x, w, dilation).sum().backward(), repeats)
-    grouped = lambda: F.conv1d(x, conv_w, dilation=dilation, groups=C).sum().backward()  # noqa: E731
-    theirs = _median_ms(grouped, repeats)
-    return {"part": f"depthwise conv k={K} d={dilation}", "ours_ms": ours, "torch_ms": theirs}
+    fns = {
+        "ours": lambda: _DilatedDepthwise.apply(x, w, dilation).sum().backward(),
+        "torch": lambda: F.conv1d(x, conv_w, dilation=dilation, groups=C).sum().backward(),
+    }
+    ms = compare(fns, rounds=repeats, inner=1)
+    part = f"depthwise conv k={K} d={dilation}"
+    return {"part": part, "ours_ms": ms["ours"], "torch_ms": ms["torch"]}
 
 
 def main(argv=None) -> None:
