@@ -109,6 +109,7 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         flat, target, keep, lse = ctx.saved_tensors
         eps, v = ctx.smoothing, flat.size(1)
         scale = keep.float() * grad_loss  # (N,) 0 on padding rows
+        picked = (-(1.0 - eps) * scale)[:, None]  # (N, 1)
         grad = torch.empty_like(flat)  # (N, V)
         for r0, r1 in _row_chunks(flat):
             # float32 logits: the gradient is computed in its own rows, no copy
@@ -117,10 +118,11 @@ class _LabelSmoothedNLL(torch.autograd.Function):
             if eps:
                 chunk.sub_(eps / v)
             chunk.mul_(scale[r0:r1, None])  # softmax - eps / V, scaled; 0 on padding rows
+            # in float32 and in the chunk: a CPU's scatter_add_ into bf16 converts the whole
+            # (N, V) tensor to float32 and back (30 ms of a 3,000-token GNMT-small step)
+            chunk.scatter_add_(1, target[r0:r1, None], picked[r0:r1])
             if out is None:
                 grad[r0:r1] = chunk
-        picked = (-(1.0 - eps) * scale).to(grad.dtype)[:, None]  # (N, 1)
-        grad.scatter_add_(1, target[:, None], picked)
         return grad, None, None, None
 
 
@@ -135,8 +137,10 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
     t = cfg.train
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay}
-    if device.type == "cuda":
-        kwargs["fused"] = True  # one kernel for all parameters; skips on the device (GradScaler)
+    if device.type in ("cuda", "cpu"):
+        # one kernel for all parameters; on CUDA it skips on the device (GradScaler). On a CPU it
+        # took a third of the foreach step's time (TCN small, 90 tensors: 3.5 ms against 12.6)
+        kwargs["fused"] = True
     return cls(model.parameters(), **kwargs)
 
 
