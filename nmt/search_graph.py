@@ -307,7 +307,8 @@ def _select(model, carry: dict, enc, c: _Consts, keep: torch.Tensor, steps: int)
     """The carry, encoder output and constants of the sentences `keep` (n',) only."""
     keep = keep.to(c.sent_rows.device)
     rows = (keep[:, None] * c.k + torch.arange(c.k, device=keep.device)).view(-1)  # (n'*K,)
-    out = {"t": carry["t"].clone(), "state": _own(model.reorder_state(carry["state"], rows))}
+    state = model.compact_state(model.reorder_state(carry["state"], rows))  # fixed buffers
+    out = {"t": carry["t"].clone(), "state": _own(state)}
     for key in _PER_SENTENCE:
         out[key] = carry[key].index_select(0, keep)
     for key in _PER_ROW:

@@ -479,6 +479,9 @@ class EosDamped(Seq2Seq):
     def reorder_state(self, state, index):
         return self.model.reorder_state(state, index)
 
+    def compact_state(self, state):
+        return self.model.compact_state(state)
+
     def reorder_encoder_out(self, enc, index):
         return self.model.reorder_encoder_out(enc, index)
 

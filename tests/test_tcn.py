@@ -22,7 +22,9 @@ from nmt.models.tcn import (
     TemporalBlock,
     _DilatedDepthwise,
     _Dropout,
+    _History,
     check_receptive_field,
+    keep_mask,
     receptive_field,
 )
 
@@ -140,6 +142,43 @@ def test_block_computes_what_its_options_say(glu, scaled_residual, separable):
         torch.testing.assert_close(block(x), expected)
 
 
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("k", [2, 3])
+def test_taps_that_read_only_padding_are_left_out_exactly(k, causal, separable):
+    """Dilation 8, k = 3: a causal conv's oldest tap reads 16 back, a centered one's side taps 8
+    either way (k = 2, centered: 4 back and 4 ahead). Over sequences shorter than that those
+    taps read padding only; the block leaves them out and must give what the full convolutions
+    give (values and gradients)."""
+    torch.manual_seed(0)
+    block = TemporalBlock(
+        6, 6, k, 8, 0.0, causal, glu=False, scaled_residual=False, separable=separable,
+        conv_init="bai",
+    ).eval()  # fmt: skip
+    if (k, causal) == (3, True):
+        assert [block.reaching_taps(n) for n in (5, 9, 16, 17)] == [(2, 3), (1, 3), (1, 3), (0, 3)]
+    elif (k, causal) == (3, False):
+        assert [block.reaching_taps(n) for n in (5, 8, 9)] == [(1, 2), (1, 2), (0, 3)]
+    elif (k, causal) == (2, False):  # one tap is left, the one 4 ahead: padding alone
+        assert [block.reaching_taps(n) for n in (3, 4, 5)] == [(1, 2), (1, 2), (0, 2)]
+
+    def full(conv, h):
+        h = F.pad(h, block.padding)
+        if separable:
+            depthwise, pointwise = conv.depthwise, conv.pointwise
+            h = F.conv1d(h, depthwise.weight, depthwise.bias, dilation=8, groups=6)
+            return F.conv1d(h, pointwise.weight, pointwise.bias)
+        return F.conv1d(h, conv.weight, conv.bias, dilation=8)
+
+    for length in (3, 5, 12):
+        x = torch.randn(2, 6, length, requires_grad=True)
+        y = block(x)
+        expected = torch.relu(x + torch.relu(full(block.conv2, torch.relu(full(block.conv1, x)))))
+        torch.testing.assert_close(y, expected)
+        grad = torch.autograd.grad(y.square().sum(), x)[0]
+        torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+
+
 @pytest.mark.parametrize("k,dilation", [(1, 1), (2, 3), (3, 2)])
 def test_dilated_depthwise_gradients(k, dilation):
     """The separable conv's own depthwise function: its values equal a grouped conv1d, and its
@@ -156,15 +195,19 @@ def test_dilated_depthwise_gradients(k, dilation):
 
 @pytest.mark.parametrize("scaled_residual", [False, True])
 def test_attention_joins_its_context_as_the_residual_option_says(scaled_residual):
-    """h + context (Bai et al. add it plainly), or (h + context) * sqrt(0.5) (ConvS2S)."""
+    """h + context (Bai et al. add it plainly), or (h + context) * sqrt(0.5) (ConvS2S); the
+    context projected after the weighted sum, as written here (`prepare` projects the values
+    before it, which must come to the same)."""
     encoder, decoder = make_pair(scaled_residual=scaled_residual)
     src_ids, src_lens, _ = random_batch([5, 3], [1, 1], V, seed=2)
     h = torch.randn(2, 4, 24)  # (B, T, C)
     with torch.no_grad():
-        enc = decoder.prepare(encoder(src_ids, src_lens))
-        scores = decoder.queries[1](h) @ enc.keys.transpose(1, 2) / 24**0.5  # (B, T, S)
+        raw = encoder(src_ids, src_lens)
+        enc = decoder.prepare(raw)
+        keys = decoder.key_proj(raw.memory)  # (B, S, C)
+        scores = decoder.queries[1](h) @ keys.transpose(1, 2) / 24**0.5  # (B, T, S)
         scores = scores.masked_fill(~enc.src_mask[:, None, :], float("-inf"))
-        context = decoder.contexts[1](scores.softmax(-1) @ enc.keys)  # (B, T, C)
+        context = decoder.contexts[1](scores.softmax(-1) @ keys)  # (B, T, C)
         expected = (h + context) * 0.5**0.5 if scaled_residual else h + context
         torch.testing.assert_close(decoder._attend(1, h, enc, None)[0], expected)
 
@@ -176,13 +219,15 @@ def test_convs2s_attention_adds_the_embeddings():
     src_ids, src_lens, _ = random_batch([5, 3], [1, 1], V, seed=2)
     h, tgt_embedded = torch.randn(2, 4, 24), torch.randn(2, 4, 16)  # (B, T, C), (B, T, E)
     with torch.no_grad():
-        enc = decoder.prepare(encoder(src_ids, src_lens))
-        assert enc.embedded.shape == (2, 5, 16) and (enc.embedded[1, 3:] == 0).all()
-        values = (enc.keys + decoder.value_embed(enc.embedded)) * 0.5**0.5  # (B, S, C)
-        torch.testing.assert_close(enc.values, values)
+        raw = encoder(src_ids, src_lens)
+        assert raw.embedded.shape == (2, 5, 16) and (raw.embedded[1, 3:] == 0).all()
+        enc = decoder.prepare(raw)
+        assert enc.embedded is None  # in the values now: not copied for every beam row
+        keys = decoder.key_proj(raw.memory)  # (B, S, C)
+        values = (keys + decoder.value_embed(raw.embedded)) * 0.5**0.5  # (B, S, C)
         query_embed = decoder.query_embed(tgt_embedded)  # (B, T, C)
         query = (decoder.queries[0](h) + query_embed) * 0.5**0.5
-        scores = query @ enc.keys.transpose(1, 2) / 24**0.5  # (B, T, S)
+        scores = query @ keys.transpose(1, 2) / 24**0.5  # (B, T, S)
         scores = scores.masked_fill(~enc.src_mask[:, None, :], float("-inf"))
         expected = h + decoder.contexts[0](scores.softmax(-1) @ values)
         torch.testing.assert_close(decoder._attend(0, h, enc, query_embed)[0], expected)
@@ -198,6 +243,18 @@ def test_dropout_zeroes_p_and_scales_the_rest():
     torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(_Dropout(0.0).train()(x), x)
+
+
+def test_keep_mask_is_unbiased_in_every_lane():
+    """Four elements share one 64-bit draw, whose top bit `random_` leaves 0: each element's
+    16-bit lane must still keep with probability 1 - p (a mask that read the top bit would drop
+    nothing in every fourth element)."""
+    torch.manual_seed(0)
+    keep = keep_mask(torch.Size([100, 400]), 0.3, torch.float32, "cpu").flatten()
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    for lane in range(4):  # 10,000 draws each: a standard deviation of 0.005
+        assert abs(keep[lane::4].mean().item() - 0.7) < 0.02
+    assert keep_mask(torch.Size([7, 3]), 0.5, torch.bfloat16, "cpu").dtype == torch.bfloat16
 
 
 def test_emb_scale_multiplies_the_token_embeddings():
@@ -302,21 +359,82 @@ def test_reorders_at_every_step_equal_recompute(options):
             prefix = prefix[index]
 
 
-def test_same_size_reorder_copies_no_column():
-    """What makes the reorder cheap: at the same batch size it selects rows of the (B, W) table
-    only and keeps every column; at another size it gathers each column once."""
+def test_step_leaves_out_taps_before_the_sentence_start_exactly():
+    """On a CPU a step reads only the taps that reach position 0 or later (levels 3, k = 3: the
+    oldest tap of the last level is 8 back); a step that reads every tap (`pos` unknown, as on
+    a GPU) must give the same logits."""
     encoder, decoder = make_pair(kernel_size=3, levels=3)
-    src_ids, src_lens, tgt_ids = random_batch([7, 3, 5], [6] * 3, V, seed=4)
+    src_ids, src_lens, tgt_ids = random_batch([7, 3, 5], [10] * 3, V, seed=5)
+    block = decoder.blocks[-1]
+    with torch.no_grad():
+        enc = decoder.prepare(encoder(src_ids, src_lens))
+        state = decoder.init_state(enc)
+        for t in range(10):
+            h = decoder.embed_pos(decoder.embed, tgt_ids[:, t], state["pos"])  # (B, E)
+            history = _History(state, decoder.spans, decoder.dilations)
+            h = h.new_zeros(h.size(0), block.in_channels).normal_()
+            trimmed, _ = block.step(h, history, (4, 5), t)
+            full, _ = block.step(h, history, (4, 5), None)
+            torch.testing.assert_close(trimmed, full)
+            _, state, _ = decoder.step(tgt_ids[:, t], state, enc)
+
+
+def test_beam_rows_of_one_sentence_attend_in_one_product():
+    """`EncoderOut.index_select` notes when rows come in runs of one sentence (beam search's
+    start and its dropping of finished sentences) and nothing else; the decoder then scores a
+    run's queries together, which must give what row-by-row attention gives."""
+    encoder, decoder = make_pair(kernel_size=3, levels=3, attention_embeddings=True)
+    src_ids, src_lens, tgt_ids = random_batch([7, 3, 5], [6] * 3, V, seed=6)
+    with torch.no_grad():
+        enc = decoder.prepare(encoder(src_ids, src_lens))
+        beams = enc.index_select(torch.arange(3).repeat_interleave(4))  # 12 rows, runs of 4
+        assert beams.sentence_rows == 4 and torch.equal(beams.per_sentence[0], enc.per_sentence[0])
+        swapped = beams.index_select(torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))
+        assert swapped.sentence_rows == 4  # one row per sentence, in the new order
+        assert torch.equal(swapped.per_sentence[2], enc.per_sentence[2][[1, 0]])
+        mixed = beams.index_select(torch.tensor([0, 1, 2, 3, 5, 6, 7, 8]))
+        assert mixed.sentence_rows == 1  # one row per batch row again
+        assert torch.equal(mixed.per_sentence[1], enc.per_sentence[1][[0, 0, 0, 0, 1, 1, 1, 2]])
+        assert beams.index_select(torch.tensor([1, 0, 2, 3])).sentence_rows == 1
+        assert enc.index_select(torch.tensor([2, 2, 0, 0, 1, 1])).sentence_rows == 2
+        assert enc.index_select(torch.tensor([2, 2, 0, 1, 1, 1])).sentence_rows == 1
+        per_row = tuple(t.repeat_interleave(4, dim=0) for t in enc.per_sentence)  # (12, S, C)
+        rows = dataclasses.replace(beams, sentence_rows=1, per_sentence=per_row)
+        tgt = tgt_ids.repeat_interleave(4, dim=0)  # (12, T)
+        state_g, state_1 = decoder.init_state(beams), decoder.init_state(rows)
+        for t in range(tgt.size(1)):
+            logits_g, state_g, attn_g = decoder.step(tgt[:, t], state_g, beams)
+            logits_1, state_1, attn_1 = decoder.step(tgt[:, t], state_1, rows)
+            torch.testing.assert_close(logits_g, logits_1)
+            torch.testing.assert_close(attn_g, attn_1)
+
+
+def test_reorders_copy_no_column_and_compact_gathers_them():
+    """What makes the reorder cheap: at any batch size (beam search shrinks the batch whenever
+    a sentence finishes) it selects rows of the (B, W) table only and keeps every column;
+    `compact_state` (a CUDA graph's fixed buffers) gathers each column to the batch's rows and
+    changes no later step."""
+    encoder, decoder = make_pair(kernel_size=3, levels=3)
+    src_ids, src_lens, tgt_ids = random_batch([7, 3, 5], [8] * 3, V, seed=4)
     with torch.no_grad():
         enc = decoder.prepare(encoder(src_ids, src_lens))
         state = decoder.init_state(enc)
         for t in range(4):
             _, state, _ = decoder.step(tgt_ids[:, t], state, enc)
-        same = decoder.reorder_state(state, torch.tensor([2, 0, 0]))
-        assert all(a is b for c, d in zip(state["cols"], same["cols"]) for a, b in zip(c, d))
-        assert same["rows"].shape == state["rows"].shape == (3, 8)  # W = (k - 1) * 2**(L - 1)
-        bigger = decoder.reorder_state(state, torch.tensor([2, 0, 0, 1]))
-        assert all(col.shape[0] == 4 for c in bigger["cols"] for col in c)
+        for index in (torch.tensor([2, 0, 0]), torch.tensor([2, 0]), torch.tensor([2, 0, 0, 1])):
+            moved = decoder.reorder_state(state, index)
+            assert all(a is b for c, d in zip(state["cols"], moved["cols"]) for a, b in zip(c, d))
+            assert moved["rows"].shape == (index.numel(), 8)  # W = (k - 1) * 2**(L - 1)
+        index = torch.tensor([2, 0])
+        loose, compact = decoder.reorder_state(state, index), None
+        compact = decoder.compact_state(loose)
+        assert all(col.shape[0] == 2 for c in compact["cols"] for col in c)
+        assert torch.equal(compact["rows"], torch.arange(2)[:, None].expand(-1, 8))
+        sub = enc.index_select(index)
+        for t in range(4, 8):
+            a, loose, _ = decoder.step(tgt_ids[index, t], loose, sub)
+            b, compact, _ = decoder.step(tgt_ids[index, t], compact, sub)
+            torch.testing.assert_close(a, b)
 
 
 # ---- parameters ---------------------------------------------------------------------------

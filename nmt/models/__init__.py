@@ -59,6 +59,10 @@ class EncoderDecoder(Seq2Seq):
     def reorder_state(self, state, index):
         return self.decoder.reorder_state(state, index)
 
+    def compact_state(self, state):
+        compact = getattr(self.decoder, "compact_state", None)
+        return state if compact is None else compact(state)
+
     def inspect_attention(self, src_ids, src_lens, tgt_in_ids) -> torch.Tensor:
         return self.decoder.inspect_attention(tgt_in_ids, self.encode(src_ids, src_lens))
 

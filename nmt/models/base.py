@@ -9,6 +9,10 @@ Owns: `EncoderOut` and the abstract `Seq2Seq` interface. Does not own any layer 
 - `reorder_state(state, index)` and `reorder_encoder_out(enc, index)`: select rows by `index`
   (a LongTensor of row numbers, possibly repeated or fewer than B). Beam search grows, reorders
   and shrinks the batch through these alone.
+- `compact_state(state)`: the same state with every tensor's first dimension the batch (the
+  identity for most models). A state may keep rows that no hypothesis reads any more (the TCN's
+  columns after the batch shrank); a CUDA graph's fixed buffers cannot, and
+  nmt.search_graph calls this after it shrinks the batch.
 - optional, `inspect_attention(src_ids, src_lens, tgt_in_ids) -> attn (B, T, S)`: the attention
   a person reads (pictures, word alignments), by teacher forcing; search never calls it.
 - `target_log_probs(src_ids, src_lens, tgt_in_ids, tgt_out_ids) -> (B, T)` float32: the
@@ -78,15 +82,44 @@ class EncoderOut:
     keys: torch.Tensor | None = None  # (B, S, A) attention keys projected once, if the model does
     src_lens: torch.Tensor | None = None  # (B,)
     embedded: torch.Tensor | None = None  # (B, S, E) the encoder's input embeddings (TCN)
-    values: torch.Tensor | None = None  # (B, S, A) attention values, where they are not `keys`
+    # rows come in runs of this many copies of one sentence (a beam's hypotheses): attention
+    # may score a run's queries together, and `per_sentence` keeps one row per run
+    sentence_rows: int = 1
+    # tensors (B / sentence_rows, S, ...) that a decoder reads at every step, one row per
+    # sentence: batch row r reads row r // sentence_rows. Beam search repeats each sentence K
+    # times; a field per row would be copied K times over and read K times at every step.
+    per_sentence: tuple[torch.Tensor, ...] = ()
 
     def index_select(self, index: torch.Tensor) -> EncoderOut:
         changes = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and f.name != "per_sentence":
                 changes[f.name] = value.index_select(0, index)
-        return replace(self, **changes)
+        runs = _runs_after(index, self.sentence_rows)
+        if self.per_sentence:  # the sentence of each new run's first row
+            sentences = index[::runs] // self.sentence_rows  # (B' / runs,)
+            changes["per_sentence"] = tuple(t.index_select(0, sentences) for t in self.per_sentence)
+        return replace(self, sentence_rows=runs, **changes)
+
+
+def _runs_after(index: torch.Tensor, runs: int) -> int:
+    """`sentence_rows` of the rows `index` selects from rows in runs of `runs` copies: `runs`
+    again where `index` keeps whole runs in place (beam search dropping finished sentences),
+    k where it repeats each row k times in a row (beam search starting), else 1."""
+    n = index.numel()
+    if runs > 1 and n % runs == 0 and n:
+        starts = index.view(-1, runs)[:, :1]  # (n / runs, 1)
+        in_place = starts + torch.arange(runs, device=index.device)  # (n / runs, runs)
+        if bool((starts % runs == 0).all()) and torch.equal(index.view(-1, runs), in_place):
+            return runs
+    if n < 2:
+        return 1
+    copies = int((index == index[0]).sum())  # the first run's length, if runs are equal
+    if copies < 2 or n % copies:
+        return 1
+    rows = index.view(-1, copies)  # (n / copies, copies)
+    return copies if bool((rows == rows[:, :1]).all()) else 1
 
 
 def select_rows(state, index: torch.Tensor):
@@ -122,6 +155,9 @@ class Seq2Seq(nn.Module):
 
     def reorder_state(self, state, index: torch.Tensor):
         return select_rows(state, index)
+
+    def compact_state(self, state):
+        return state
 
     def target_log_probs(self, src_ids, src_lens, tgt_in_ids, tgt_out_ids) -> torch.Tensor:
         """(B, T) float32: log_softmax(forward)[b, t, tgt_out_ids[b, t]], as `step` would give

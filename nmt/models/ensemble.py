@@ -84,5 +84,8 @@ class Ensemble(Seq2Seq):
     def reorder_state(self, state: tuple, index: torch.Tensor) -> tuple:
         return tuple(m.reorder_state(st, index) for m, st in zip(self.members, state))
 
+    def compact_state(self, state: tuple) -> tuple:
+        return tuple(m.compact_state(st) for m, st in zip(self.members, state))
+
     def reorder_encoder_out(self, enc: tuple, index: torch.Tensor) -> tuple:
         return tuple(m.reorder_encoder_out(e, index) for m, e in zip(self.members, enc))

@@ -183,10 +183,15 @@ class ConvColumns(nn.Module):
         weight = conv.weight.detach().transpose(1, 2)  # (C_out, k, C_in); weight norm folded
         self.dilation, self.kernel_size = conv.dilation, conv.kernel_size
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.product = product(weight.reshape(weight.size(0), -1), conv.bias)
+        # products[i] reads taps i..k-1 (the decoder leaves out taps before the sentence start)
+        self.products = nn.ModuleList(
+            product(weight[:, first:].reshape(weight.size(0), -1), conv.bias)
+            for first in range(weight.size(1))
+        )
 
-    def column(self, taps: torch.Tensor) -> torch.Tensor:
-        return self.product(taps).float()  # (B, C_out)
+    def column(self, taps: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """taps (B, (k - first) * C_in), inputs first..k-1 side by side -> (B, C_out)."""
+        return self.products[first](taps).float()  # (B, C_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         span = (self.kernel_size[0] - 1) * self.dilation[0]

@@ -76,6 +76,9 @@ class Shortlisted(Seq2Seq):
     def reorder_state(self, state, index):
         return self.model.reorder_state(state, index)
 
+    def compact_state(self, state):
+        return self.model.compact_state(state)
+
     def reorder_encoder_out(self, enc: _Encoded, index) -> _Encoded:
         allowed = None if enc.allowed is None else enc.allowed.index_select(0, index)
         return _Encoded(self.model.reorder_encoder_out(enc.enc, index), allowed)

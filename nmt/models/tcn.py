@@ -77,12 +77,30 @@ from nmt.models.base import EncoderOut, WordDropout, config_kwargs, sinusoid_pos
 HALF_SQRT = math.sqrt(0.5)
 
 
+DROPOUT_BITS = 15  # a dropout mask's resolution: p is rounded to a multiple of 2**-15
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """A (shape) tensor of 1 (probability 1 - p) and 0 in `dtype`, from 15 random bits per
+    element: four elements share one 64-bit draw (`random_` fills an int64 with 63 random bits;
+    each 16-bit quarter's low 15 are used). Its top bit is 0 when the element is at or above the
+    threshold, so an arithmetic shift gives the mask with no comparison or bool conversion (both
+    run element by element on a CPU). Three times faster than a `torch.rand` mask on the 2-core
+    CPU (`benchmarks/tcn_parts.py`)."""
+    n = math.prod(shape)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    bits = draws.view(torch.int16)[:n].view(shape)  # (shape) 16-bit lanes of the draws
+    threshold = round(p * 2**DROPOUT_BITS)
+    dropped = bits.bitwise_and_(2**DROPOUT_BITS - 1).sub_(threshold).bitwise_right_shift_(15)
+    return dropped.add_(1).to(dtype)  # -1 (below the threshold) -> 0, 0 -> 1
+
+
 class _Dropout(nn.Module):
-    """Dropout (Srivastava et al. 2014) with the mask drawn by `torch.rand`: zero with
-    probability p, scale the rest by 1 / (1 - p), the identity in eval mode; the distribution
-    of nn.Dropout, not its random stream. On a CPU nn.Dropout's bernoulli_ draws element by
-    element; uniform draws are vectorised (`benchmarks/tcn_parts.py`; benchmarks/README.md,
-    TCN parts)."""
+    """Dropout (Srivastava et al. 2014) with the mask from `keep_mask`: zero with probability p
+    (rounded to a multiple of 2**-15), scale the rest by 1 / (1 - p), the identity in eval mode;
+    the distribution of nn.Dropout, not its random stream. On a CPU nn.Dropout's bernoulli_
+    draws element by element, several times slower (`benchmarks/tcn_parts.py`;
+    benchmarks/README.md, TCN parts)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -91,8 +109,7 @@ class _Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * keep.to(x.dtype)
+        return x * keep_mask(x.shape, self.p, x.dtype, x.device) * (1.0 / (1.0 - self.p))
 
 
 class _Embedding(nn.Module):
@@ -173,10 +190,10 @@ class _SeparableConv(nn.Module):
         )
         self.pointwise = nn.Conv1d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, T + (k-1)d), padded -> (B, C_out, T)."""
+    def forward(self, x: torch.Tensor, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """x (B, C_in, T + (last-first-1)d), padded -> (B, C_out, T): taps first..last-1 of k."""
         depthwise = self.depthwise
-        w = depthwise.weight.squeeze(1)  # (C_in, k)
+        w = depthwise.weight.squeeze(1)[:, first:last]  # (C_in, last - first)
         h = _DilatedDepthwise.apply(x, w, depthwise.dilation[0])  # (B, C_in, T)
         return self.pointwise(h + depthwise.bias[:, None])  # (B, C_out, T)
 
@@ -198,9 +215,10 @@ def _make_conv(c_in, c_out, kernel_size, dilation, separable, init, gain, dropou
     return weight_norm(conv)
 
 
-def _last_column(conv: nn.Module, taps: torch.Tensor) -> torch.Tensor:
-    """The one output of `conv` whose k dilated inputs are taps (B, k * C_in), oldest first,
-    -> (B, C_out).
+def _last_column(conv: nn.Module, taps: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The one output of `conv` whose dilated inputs first..k-1 are taps (B, (k-first) * C_in),
+    oldest first, -> (B, C_out); the inputs before `first` are zeros (the padding before the
+    sentence start) and add nothing.
 
     One matrix product over the k columns side by side (a depthwise weighted sum first for a
     separable conv): several times faster on CPU than a dilated conv call over the window, and
@@ -209,13 +227,13 @@ def _last_column(conv: nn.Module, taps: torch.Tensor) -> torch.Tensor:
     """
     batch = taps.size(0)
     if not isinstance(conv, (nn.Conv1d, _SeparableConv)):
-        return conv.column(taps)  # a reduced-precision stand-in (models.inference.ConvColumns)
+        return conv.column(taps, first)  # a reduced-precision stand-in (inference.ConvColumns)
     if isinstance(conv, _SeparableConv):
-        depthwise = conv.depthwise.weight.squeeze(1).t()  # (k, C_in)
+        depthwise = conv.depthwise.weight.squeeze(1).t()[first:]  # (k - first, C_in)
         mixed = (taps.view(batch, depthwise.size(0), -1) * depthwise).sum(1)  # (B, C_in)
         mixed = mixed + conv.depthwise.bias
         return F.linear(mixed, conv.pointwise.weight.squeeze(2), conv.pointwise.bias)
-    weight = conv.weight.transpose(1, 2)  # (C_out, k, C_in); weight norm recomputes it here
+    weight = conv.weight.transpose(1, 2)[:, first:]  # (C_out, k - first, C_in); weight norm
     return F.linear(taps, weight.reshape(weight.size(0), -1), conv.bias)  # (B, C_out)
 
 
@@ -261,6 +279,33 @@ class TemporalBlock(nn.Module):
                 _init_normal_(self.residual, 1.0, 0.0)
         self.dropout = _Dropout(dropout)
 
+    def reaching_taps(self, length: int) -> tuple[int, int]:
+        """Taps first..last-1 of each conv can read a position of a length-`length` sequence;
+        the others read padding only (the deep levels of short sentences: with dilation 16 the
+        decoder's oldest tap is 32 back) and are left out, which changes no result."""
+        k, d, left = self.kernel_size, self.dilation, self.padding[0]
+        first, last = 0, k
+        while first < k - 1 and left - first * d >= length:  # before position 0
+            first += 1
+        while last - 1 > first and (last - 1) * d - left >= length:  # after the last position
+            last -= 1
+        return first, last
+
+    def _conv(self, conv: nn.Module, x: torch.Tensor, taps: tuple[int, int]) -> torch.Tensor:
+        """conv over x (B, C_in, T) with its padding, through taps first..last-1 only."""
+        (first, last), k, d = taps, self.kernel_size, self.dilation
+        if not isinstance(conv, (nn.Conv1d, _SeparableConv)):
+            return conv(F.pad(x, self.padding))  # (B, C_out, T)
+        left, right = self.padding[0] - first * d, self.padding[1] - (k - last) * d
+        if left == right and left >= 0 and isinstance(conv, nn.Conv1d):  # no padded copy
+            return F.conv1d(x, conv.weight[:, :, first:last], conv.bias, padding=left, dilation=d)
+        x = F.pad(x, (max(left, 0), max(right, 0)))  # (B, C_in, T + left + right), padded ...
+        x = x[:, :, max(-left, 0) : x.size(2) - max(-right, 0)]  # ... then cut (even k: a
+        # centered conv's one remaining tap can read the padding alone, further than T away)
+        if isinstance(conv, _SeparableConv):
+            return conv(x, first, last)  # (B, C_out, T)
+        return F.conv1d(x, conv.weight[:, :, first:last], conv.bias, dilation=d)  # (B, C_out, T)
+
     def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
         return self.dropout(F.glu(h, dim=dim) if self.glu else F.relu(h))
 
@@ -271,18 +316,23 @@ class TemporalBlock(nn.Module):
         """x (B, C_in, T), mask (B, 1, T) float with 1 = real token, or None -> (B, C_out, T)."""
         if mask is not None:
             x = x * mask
-        h = self._activate(self.conv1(F.pad(x, self.padding)), dim=1)  # (B, C_out, T)
+        taps = self.reaching_taps(x.size(2))
+        h = self._activate(self._conv(self.conv1, x, taps), dim=1)  # (B, C_out, T)
         if mask is not None:
             h = h * mask
-        h = self._activate(self.conv2(F.pad(h, self.padding)), dim=1)  # (B, C_out, T)
+        h = self._activate(self._conv(self.conv2, h, taps), dim=1)  # (B, C_out, T)
         res = x if self.residual is None else self.residual(x)  # (B, C_out, T)
         return self._join(h, res)
 
-    def step(self, x_t: torch.Tensor, history: _History, convs: tuple[int, int]):
-        """x_t (B, C_in) -> (y_t (B, C_out), [x_t, h_t]: what conv1 and conv2 read at this step,
-        for `history` to keep). Causal blocks only."""
-        h = self._activate(_last_column(self.conv1, history.taps(convs[0], x_t)), dim=1)
-        h_out = self._activate(_last_column(self.conv2, history.taps(convs[1], h)), dim=1)
+    def step(self, x_t: torch.Tensor, history: _History, convs: tuple[int, int], pos: int):
+        """x_t (B, C_in) at position `pos` (at most; None: unknown) -> (y_t (B, C_out),
+        [x_t, h_t]: what conv1 and conv2 read at this step, for `history` to keep). Causal
+        blocks only; the taps before position 0 are left out as in `forward`."""
+        first = 0 if pos is None else self.reaching_taps(pos + 1)[0]
+        taps = history.taps(convs[0], x_t, first)
+        h = self._activate(_last_column(self.conv1, taps, first), dim=1)  # (B, C_out)
+        taps = history.taps(convs[1], h, first)
+        h_out = self._activate(_last_column(self.conv2, taps, first), dim=1)  # (B, C_out)
         res = x_t if self.residual is None else _last_column(self.residual, x_t)  # (B, C_out)
         return self._join(h_out, res), [x_t, h]
 
@@ -295,21 +345,24 @@ class _History:
     cache) per step moves sum(span_c) columns per row where the products read k - 1 per conv
     (5 levels of k = 3: 124 against 20): instead
     `rows[:, W - m]` (W the longest span) says which row of the column written m steps ago holds
-    each current row's input, so a reorder of the same size only selects rows of this (B, W)
-    table, and a step gathers just the k - 1 columns each conv reads. A reorder that changes
-    the batch size gathers every column (equal shapes leaf for leaf, as a CUDA graph needs).
+    each current row's input, so a reorder only selects rows of this (B, W) table, and a step
+    gathers just the k - 1 columns each conv reads. That holds when the batch shrinks too (beam
+    search drops a finished sentence at most steps of a large batch): the old columns keep the
+    rows nobody reads until they leave the window. `compact` gathers every column to the
+    batch's rows, for a CUDA graph's fixed buffers (nmt.search_graph).
     """
 
     def __init__(self, state: dict, spans: list[int], dilations: list[int]):
         self.cols, self.rows = state["cols"], state["rows"]
         self.spans, self.dilations = spans, dilations
 
-    def taps(self, conv: int, x_t: torch.Tensor) -> torch.Tensor:
-        """The k inputs conv `conv` reads at this step, oldest first: (B, k * C_in)."""
+    def taps(self, conv: int, x_t: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Inputs first..k-1 of those conv `conv` reads at this step, oldest first:
+        (B, (k - first) * C_in)."""
         span, d, width = self.spans[conv], self.dilations[conv], self.rows.size(1)
         cols = [
             self.cols[conv][span - m].index_select(0, self.rows[:, width - m])  # (B, C_in)
-            for m in range(span, 0, -d)
+            for m in range(span - first * d, 0, -d)
         ]
         return torch.cat([*cols, x_t], dim=1)  # (B, k * C_in)
 
@@ -324,16 +377,19 @@ class _History:
     @staticmethod
     def reorder(state: dict, index: torch.Tensor) -> dict:
         rows = state["rows"].index_select(0, index)  # (B', W)
-        pos = state["pos"].index_select(0, index)
-        if index.numel() == state["rows"].size(0):
-            return {"pos": pos, "rows": rows, "cols": state["cols"]}
-        width = rows.size(1)
+        return {"pos": state["pos"].index_select(0, index), "rows": rows, "cols": state["cols"]}
+
+    @staticmethod
+    def compact(state: dict) -> dict:
+        """Every column gathered to the batch's rows, the row table reset to each row's own."""
+        rows = state["rows"]  # (B, W)
+        batch, width = rows.shape
         cols = [
             [col.index_select(0, rows[:, width - len(c) + p]) for p, col in enumerate(c)]
             for c in state["cols"]
         ]
-        own = torch.arange(index.numel(), device=rows.device)[:, None].expand(-1, width)
-        return {"pos": pos, "rows": own.contiguous(), "cols": cols}
+        own = torch.arange(batch, device=rows.device)[:, None].expand(-1, width)
+        return {"pos": state["pos"], "rows": own.contiguous(), "cols": cols}
 
 
 def _stack(in_dim, channels, kernel_size, levels, dropout, causal, options: dict):
@@ -486,25 +542,51 @@ class TCNDecoder(nn.Module):
         self.out.weight = self.embed.weight
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:
-        """Project the attention keys (and values) once per sentence. The values add the
-        source embeddings where the encoder gives them (a TCN encoder), else they are the keys."""
+        """Project the attention keys and each attention's values once per sentence, into
+        `enc.per_sentence` (1 + A tensors (B, S, C)): the keys, then for attention i its values
+        already through its context projection (contexts[i] is linear and the weights of a
+        row sum to 1, so contexts[i](attn @ values) = attn @ contexts[i](values): one product
+        per source position instead of one per target position and beam row at every step).
+        The values add the source embeddings where the encoder gives them (a TCN encoder),
+        else they are the keys. The embeddings are not needed after this."""
         keys = self.key_proj(enc.memory)  # (B, S, C)
-        values = None
+        values = keys
         if self.value_embed is not None and enc.embedded is not None:
             values = (keys + self.value_embed(enc.embedded)) * HALF_SQRT  # (B, S, C)
-        return replace(enc, keys=keys, values=values)
+        projected = [context(values) for context in self.contexts]  # A x (B, S, C)
+        return replace(enc, per_sentence=(keys, *projected), sentence_rows=1, embedded=None)
+
+    def attention_keys(self, enc: EncoderOut) -> torch.Tensor:
+        """(B / g, S, C): the keys of every sentence (g = enc.sentence_rows)."""
+        return enc.per_sentence[0]
+
+    def attention_values(self, enc: EncoderOut, i: int) -> torch.Tensor:
+        """(B / g, S, C): attention i's values, through its context projection."""
+        return enc.per_sentence[1 + i]
 
     def _attend(self, i: int, h: torch.Tensor, enc: EncoderOut, query_embed):
         """Attention i: h (B, T, C), query_embed (B, T, C) or None -> (h joined with its context
-        (B, T, C), attn (B, T, S))."""
+        (B, T, C), attn (B, T, S)).
+
+        Rows in runs of g copies of one sentence (`enc.sentence_rows`: a beam's hypotheses)
+        are scored as one sentence's g*T queries against its keys: one (g*T, C) x (C, S)
+        product per sentence where one row's queries would make g products of T rows each
+        (at a decoding step T = 1: a matrix-vector product per hypothesis)."""
+        batch, steps, _ = h.shape
+        g = enc.sentence_rows
         query = self.queries[i](h)  # (B, T, C)
+        scale = 1.0 / math.sqrt(self.channels)  # the scaled dot product, folded into the query
         if query_embed is not None:
-            query = (query + query_embed) * HALF_SQRT
-        scores = torch.bmm(query, enc.keys.transpose(1, 2)) / math.sqrt(self.channels)  # (B,T,S)
-        scores = scores.masked_fill(~enc.src_mask.unsqueeze(1), float("-inf"))
-        attn = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (B, T, S)
-        values = enc.keys if enc.values is None else enc.values
-        context = self.contexts[i](torch.bmm(attn, values))  # (B, T, C)
+            query = (query + query_embed) * (HALF_SQRT * scale)
+        else:
+            query = query * scale
+        keys, values = self.attention_keys(enc), self.attention_values(enc, i)  # (B/g, S, C)
+        query = query.reshape(batch // g, g * steps, -1)  # (B/g, g*T, C)
+        scores = torch.bmm(query, keys.transpose(1, 2))  # (B/g, g*T, S)
+        scores = scores.masked_fill(~enc.src_mask[::g].unsqueeze(1), float("-inf"))
+        attn = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        context = torch.bmm(attn, values).view(batch, steps, -1)  # (B, T, C)
+        attn = attn.view(batch, steps, -1)  # (B, T, S)
         if self.scaled_residual:
             return (h + context) * HALF_SQRT, attn
         return h + context, attn
@@ -564,10 +646,13 @@ class TCNDecoder(nn.Module):
         h = self.embed_pos(self.embed, tgt_ids_t, state["pos"])  # (B, E)
         query_embed = None if self.query_embed is None else self.query_embed(h).unsqueeze(1)
         history = _History(state, self.spans, self.dilations)
+        # the furthest position of any row, read on a CPU only (a GPU would wait for it, and a
+        # CUDA graph needs the same taps at every step)
+        pos = int(state["pos"].max()) if state["pos"].device.type == "cpu" else None
         new_cols = []
         attn_sum = 0.0
         for level, block in enumerate(self.blocks):
-            h, inputs = block.step(h, history, (2 * level, 2 * level + 1))  # (B, C)
+            h, inputs = block.step(h, history, (2 * level, 2 * level + 1), pos)  # (B, C)
             new_cols.extend(inputs)
             if level >= self.first_attending:
                 i = level - self.first_attending
@@ -579,3 +664,6 @@ class TCNDecoder(nn.Module):
 
     def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
         return _History.reorder(state, index)
+
+    def compact_state(self, state: dict) -> dict:
+        return _History.compact(state)
