@@ -96,24 +96,38 @@ class RecomputePrefix(torch.nn.Module):
 
 class WorkCounter:
     """Passes every call on to `model` and counts the work of the search's passes: real source
-    tokens encoded, decoder row-steps and (row, real source position) pairs attended. Costs a
-    Python call per step, nothing per token."""
+    tokens encoded (and the sentences' lengths), decoder row-steps (and the rows run at each
+    position) and (row, real source position) pairs attended. Costs a Python call per step,
+    nothing per token."""
 
     def __init__(self, model):
         self.model = model
         self.src_tokens = self.row_steps = self.row_src_pairs = 0
+        self.src_lens, self.rows_at, self.position = [], {}, 0
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def encode(self, src_ids, src_lens):
         self.src_tokens += int(src_lens.sum())
+        self.src_lens += src_lens.tolist()
         return self.model.encode(src_ids, src_lens)
 
+    def init_state(self, enc):
+        self.position = 0
+        return self.model.init_state(enc)
+
     def step(self, tgt_ids_t, state, enc):
-        self.row_steps += tgt_ids_t.size(0)
+        rows = tgt_ids_t.size(0)
+        self.row_steps += rows
+        self.rows_at[self.position] = self.rows_at.get(self.position, 0) + rows
+        self.position += 1
         self.row_src_pairs += int(enc.src_lens.sum())
         return self.model.step(tgt_ids_t, state, enc)
+
+    def work(self) -> tuple:
+        """`decode_flops`' arguments after the model."""
+        return self.src_tokens, self.row_steps, self.row_src_pairs, self.rows_at, self.src_lens
 
 
 def run(translator, lines: list[str], beam: int, batch, repeats: int, peak=None, **search) -> dict:
@@ -164,7 +178,7 @@ def _figures(translator, lines, beam: int, batch, times: list[float], outputs) -
 
 
 def _work_figures(model, counter, n_lines: int, seconds: float, peak: float) -> dict:
-    flops = decode_flops(model, counter.src_tokens, counter.row_steps, counter.row_src_pairs)
+    flops = decode_flops(model, *counter.work())
     return {
         "row_steps": counter.row_steps,
         "model_gflop": flops / 1e9,

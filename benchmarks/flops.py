@@ -8,16 +8,24 @@ per weight). Forward FLOPs of a batch:
 - N_src, N_tgt: real (unpadded) source and target tokens of the batch; S_i, T_i: sentence i's;
 - W_src: weights applied once per source token: every encoder matrix (both directions' LSTM
   input and recurrent matrices, TCN convolutions k·C_in·C_out and 1×1 residual convolutions,
-  linear layers) and the attention key projection;
+  linear layers), the attention key projection and the TCN's context projections (run over
+  its values, `TCNDecoder.prepare`);
 - W_tgt: weights applied once per target token: the decoder's LSTM matrices or convolutions,
-  attention query and context projections, the output projection (tied or not, it is a product);
+  attention query projections (and GNMT's context side), the output projection (tied or not,
+  it is a product);
 - the last term is attention: a score (width A) and a context (width C) for every pair of a
   target and a real source position, L times (GNMT: once; TCN: after each of its L blocks).
+
+TCN convolution taps that read padding only are not computed (`TemporalBlock.reaching_taps`)
+and not counted: a sentence of length n skips, in each conv of a block, the taps that block
+leaves out for length n, k·C_in·C_out / k weights per tap and position (`_skipped`).
 
 Decoding (search) runs the encoder once per sentence and the decoder once per live hypothesis
 row and step, so the same formula holds with N_tgt = R, the row-steps (the sum over steps of
 the rows the decoder ran), and Σ S_i·T_i = P, the sum over those row-steps of the row's real
-source length (`decode_flops`). Search's own work (top-k, sorting) is left out like softmax.
+source length (`decode_flops`); a TCN step at position t leaves out the taps before position 0,
+so `decode_flops` takes the rows run at each position. Search's own work (top-k, sorting) is
+left out like softmax.
 
 Left out: biases, activations, gates' elementwise work, softmax, normalisation, dropout and
 embedding lookups (together a few percent of F at these sizes). Padding is not counted: what
@@ -55,11 +63,39 @@ def weights_per_token(model: nn.Module) -> tuple[int, int]:
         n = _matrix_weights(module)
         if name.endswith("bridge"):
             continue  # once per sentence, not per token
-        if name.startswith("encoder.") or name.endswith("key_proj"):
-            per_src += n  # the decoder's key projection runs over the source once
+        if name.startswith("encoder.") or name.endswith("key_proj") or _is_tcn_context(name):
+            per_src += n  # the decoder's key (and TCN context) projections run over the source
         elif name.startswith("decoder."):
             per_tgt += n
     return per_src, per_tgt
+
+
+def _is_tcn_context(name: str) -> bool:
+    return name.startswith("decoder.contexts.")
+
+
+def _skipped(stack, length: int, causal_position: int | None = None) -> int:
+    """Weights a TCN stack does not apply per position for a sequence of `length` (or, with
+    `causal_position`, at that one decoding position): taps outside `reaching_taps`."""
+    total = 0
+    for block in stack:
+        first, last = block.reaching_taps(
+            length if causal_position is None else causal_position + 1
+        )
+        if causal_position is not None:
+            last = block.kernel_size
+        for conv in (block.conv1, block.conv2):
+            if isinstance(conv, nn.Conv1d):  # dense convs (separable ones: counted in full)
+                total += (
+                    conv.weight.numel() // block.kernel_size * (block.kernel_size - last + first)
+                )
+    return total
+
+
+def _tcn_stacks(model: nn.Module):
+    """(encoder blocks or None, decoder blocks or None) of the TCN parts of `model`."""
+    enc, dec = getattr(model.encoder, "blocks", None), getattr(model.decoder, "blocks", None)
+    return enc, dec
 
 
 def attention_widths(model: nn.Module) -> tuple[int, int, int]:
@@ -82,16 +118,37 @@ def forward_flops(model: nn.Module, src_lens, tgt_lens) -> float:
     src = [int(n) for n in src_lens]
     tgt = [int(n) for n in tgt_lens]
     pairs = sum(s * t for s, t in zip(src, tgt))
-    return 2.0 * (w_src * sum(src) + w_tgt * sum(tgt)) + 2.0 * levels * (score + context) * pairs
+    skipped = 0
+    enc_blocks, dec_blocks = _tcn_stacks(model)
+    if enc_blocks is not None:
+        skipped += sum(_skipped(enc_blocks, n) * n for n in src)
+    if dec_blocks is not None:
+        skipped += sum(_skipped(dec_blocks, n) * n for n in tgt)
+    products = w_src * sum(src) + w_tgt * sum(tgt) - skipped
+    return 2.0 * products + 2.0 * levels * (score + context) * pairs
 
 
-def decode_flops(model: nn.Module, src_tokens: int, row_steps: int, row_src_pairs: int) -> float:
-    """F of a search: the encoder over `src_tokens` real source tokens, the decoder over
-    `row_steps` hypothesis rows, attending over `row_src_pairs` (row, real source position)."""
+def decode_flops(
+    model: nn.Module,
+    src_tokens: int,
+    row_steps: int,
+    row_src_pairs: int,
+    rows_at: dict | None = None,
+    src_lens=(),
+) -> float:
+    """F of a search: the encoder over `src_tokens` real source tokens (sentences of `src_lens`),
+    the decoder over `row_steps` hypothesis rows, attending over `row_src_pairs` (row, real
+    source position); `rows_at` {position: rows run there} for a TCN decoder's skipped taps."""
     w_src, w_tgt = weights_per_token(model)
     levels, score, context = attention_widths(model)
+    skipped = 0
+    enc_blocks, dec_blocks = _tcn_stacks(model)
+    if enc_blocks is not None:
+        skipped += sum(_skipped(enc_blocks, int(n)) * int(n) for n in src_lens)
+    if dec_blocks is not None:
+        skipped += sum(_skipped(dec_blocks, 0, t) * rows for t, rows in (rows_at or {}).items())
     return (
-        2.0 * (w_src * src_tokens + w_tgt * row_steps)
+        2.0 * (w_src * src_tokens + w_tgt * row_steps - skipped)
         + 2.0 * levels * (score + context) * row_src_pairs
     )
 

@@ -40,16 +40,18 @@ def test_gnmt_count_worked_out_by_hand():
     assert forward_flops(model, [3, 2], [4, 1]) == 24640 + 448
 
 
-def test_tcn_count_equals_torch_flop_counter_on_an_unpadded_sentence():
+@pytest.mark.parametrize("src_len, tgt_len", [(7, 5), (2, 3)])
+def test_tcn_count_equals_torch_flop_counter_on_an_unpadded_sentence(src_len, tgt_len):
     # every TCN product is a conv, linear or bmm, which torch's counter sees; with one sentence
-    # nothing is padding, so the two counts must agree exactly
-    model = tiny_model("tcn", emb_dim=12, channels=16, levels=2)
-    src = torch.randint(4, 23, (1, 7))
-    tgt = torch.randint(4, 23, (1, 5))
+    # nothing is padding, so the two counts must agree exactly; 3 levels read up to 8 back, so
+    # the short sentence leaves taps out, which must not be counted
+    model = tiny_model("tcn", emb_dim=12, channels=16, levels=3)
+    src = torch.randint(4, 23, (1, src_len))
+    tgt = torch.randint(4, 23, (1, tgt_len))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(src, torch.tensor([7]), tgt)
-    assert forward_flops(model, [7], [5]) == counter.get_total_flops()
+        model(src, torch.tensor([src_len]), tgt)
+    assert forward_flops(model, [src_len], [tgt_len]) == counter.get_total_flops()
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
@@ -68,8 +70,7 @@ def test_tcn_decode_count_equals_torch_flop_counter_over_a_search(beam_size):
         beam_search(counted, src, torch.tensor([7]), s)
     assert counted.src_tokens == 7
     assert counted.row_steps >= beam_size * 2  # the beam ran a few steps
-    work = (counted.src_tokens, counted.row_steps, counted.row_src_pairs)
-    assert decode_flops(model, *work) == counter.get_total_flops()
+    assert decode_flops(model, *counted.work()) == counter.get_total_flops()
 
 
 def test_decode_speed_times_settings_side_by_side_with_bleu_and_the_peer(tiny_checkpoint, tmp_path):
