@@ -88,6 +88,22 @@ MUTANTS = (
         ("tests/test_models.py", "tests/test_gnmt.py"),
     ),
     Mutant(
+        "tcn-tap-trimmed-too-soon",
+        "the TCN leaves out a conv tap that still reads position 0 (one position too soon)",
+        "nmt/models/tcn.py",
+        "        while first < k - 1 and left - first * d >= length:  # before position 0",
+        "        while first < k - 1 and left - first * d >= length - 1:  # MUTANT",
+        ("tests/test_tcn.py",),
+    ),
+    Mutant(
+        "beam-rows-read-the-wrong-sentence",
+        "after a reorder, a run of beam rows reads the per-sentence keys of another sentence",
+        "nmt/models/base.py",
+        "            sentences = index[::runs] // self.sentence_rows  # (B' / runs,)",
+        "            sentences = index[::runs] // runs  # MUTANT",
+        ("tests/test_tcn.py", "tests/test_search.py"),
+    ),
+    Mutant(
         "atomic-write-not-renamed",
         "the atomic writer of checkpoints (and every file) never renames: left at the temp name",
         "nmt/textio.py",

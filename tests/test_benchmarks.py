@@ -126,5 +126,25 @@ def test_tcn_parts_times_each_part_against_what_it_replaces(tmp_path):
     out = tmp_path / "parts.json"
     _load("tcn_parts").main(["--repeats", "1", "--batch", "8", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["part"] for r in rows][:2] == ["dropout p=0.2", "depthwise conv k=3 d=1"]
-    assert len(rows) == 6 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    parts = [r["part"] for r in rows][:3]
+    assert parts == [
+        "dropout p=0.2 (nn.Dropout)",
+        "dropout p=0.2 (torch.rand)",
+        "depthwise conv k=3 d=1",
+    ]
+    assert len(rows) == 7 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+
+
+def test_train_parts_times_each_part_against_what_it_replaced(tmp_path):
+    """The script checks each pair computes alike before timing, and writes every row."""
+    import json
+
+    out = tmp_path / "parts.json"
+    _load("train_parts").main(["--repeats", "1", "--threads", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"].split(",")[0] for r in rows] == [
+        "loss target scatter",
+        "Adam step",
+        "Adam step",
+    ]
+    assert all(r["ours_ms"] > 0 and r["before_ms"] > 0 for r in rows)

@@ -17,7 +17,9 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
   as in ConvS2S (Gehring et al. 2017, Sec. 3.3, "multi-step attention"): a per-block query
   projection of the decoder state, scaled dot product against keys projected once from the
   encoder memory (`prepare`), the context (a weighted sum of the same keys, as ConvS2S sums the
-  encoder outputs it scored) projected back and added to the block output. `step` returns the
+  encoder outputs it scored) projected back and added to the block output. The projection is
+  applied to the keys (values) before the weighted sum, once per source position in `prepare`
+  (the same function: it is linear and the weights sum to 1). `step` returns the
   mean of the blocks' attention weights (a distribution over the source, as coverage wants);
   `inspect_attention` the last block's (pictures and word alignments);
 - both sides add sinusoidal position features (Vaswani et al. 2017) times a learned scalar
@@ -25,8 +27,10 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
   position table instead; sinusoids need no maximum length. Convolutions only see relative order
   and the sentence edges within their window; absolute positions make "attend to source position
   n - t" (reordering) easy to learn;
-- dropout masks come from `torch.rand` (`_Dropout`: nn.Dropout's distribution, not its random
-  stream): nn.Dropout's element-by-element bernoulli_ is slower on a CPU (benchmarks/README.md).
+- dropout masks come from 15 random bits per element, four elements to one int64 draw
+  (`keep_mask`: nn.Dropout's distribution with p rounded to a multiple of 2**-15, not its
+  random stream): nn.Dropout's element-by-element bernoulli_, and a torch.rand mask, are
+  several times slower on a CPU (benchmarks/README.md, TCN parts).
 
 Options from ConvS2S and after (all off by default; `configs/tcn_small.yaml` turns on the three
 that paid). Measured on Multi30k, 164 steps of 3,000-token batches at lr 2e-3 and warm-up 50
@@ -55,6 +59,18 @@ inputs of that conv; one `step` runs each conv on that window plus the new colum
 costs O(levels * k) column products instead of recomputing the prefix (the uncached path, the
 whole prefix through `forward_with_attention` at every step, lives only in tests and in
 `benchmarks/decode_speed.py --recompute`).
+
+Work left out, none of it changing a result (README, "TCN against GNMT", has the figures):
+- a conv tap that reads only padding (deep levels over short sentences: with dilation 16 the
+  decoder's oldest tap is 32 back, and Multi30k sentences are ~20 pieces) is not computed, in
+  training (`reaching_taps` of the batch's length) and at each decoding step (the taps before
+  position 0, read on a CPU: a GPU would wait for the position, and a CUDA graph needs the
+  same taps at every step);
+- a beam's hypotheses share their sentence: the keys and projected values are kept once per
+  sentence (`EncoderOut.per_sentence`, not copied for every beam row) and a sentence's K query
+  rows are scored in one product (`EncoderOut.sentence_rows`);
+- a reorder selects rows of the history's row table only, whatever the batch size
+  (`_History`); `compact_state` gathers the columns for a CUDA graph's fixed buffers.
 
 Interfaces are batch-first; only the inside of the stacks transposes to (B, C, T).
 The `hidden` setting is a GNMT size and is not used here: every TCN width is `channels`.
@@ -85,8 +101,9 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.
     element: four elements share one 64-bit draw (`random_` fills an int64 with 63 random bits;
     each 16-bit quarter's low 15 are used). Its top bit is 0 when the element is at or above the
     threshold, so an arithmetic shift gives the mask with no comparison or bool conversion (both
-    run element by element on a CPU). Three times faster than a `torch.rand` mask on the 2-core
-    CPU (`benchmarks/tcn_parts.py`)."""
+    run element by element on a CPU). Dropout with it, forward and backward, took 1.76 ms
+    against 2.21 with a `torch.rand` mask and 5.72 with nn.Dropout on the 2-core CPU
+    (`benchmarks/tcn_parts.py`; benchmarks/README.md, TCN parts)."""
     n = math.prod(shape)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     bits = draws.view(torch.int16)[:n].view(shape)  # (shape) 16-bit lanes of the draws
@@ -99,7 +116,7 @@ class _Dropout(nn.Module):
     """Dropout (Srivastava et al. 2014) with the mask from `keep_mask`: zero with probability p
     (rounded to a multiple of 2**-15), scale the rest by 1 / (1 - p), the identity in eval mode;
     the distribution of nn.Dropout, not its random stream. On a CPU nn.Dropout's bernoulli_
-    draws element by element, several times slower (`benchmarks/tcn_parts.py`;
+    draws element by element, three times slower (`benchmarks/tcn_parts.py`;
     benchmarks/README.md, TCN parts)."""
 
     def __init__(self, p: float):
