@@ -88,14 +88,21 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     rows = time_dropout(args.batch, args.repeats)
     rows += [time_depthwise(args.batch, d, args.repeats) for d in (1, 2, 4, 8, 16)]
+    report(rows, "torch", args.json)
+
+
+def report(rows: list[dict], other: str, json_path: str | None) -> None:
+    """Print each row's pair (`ours_ms` against `{other}_ms`) and their ratio; write the rows
+    with the machine to `json_path` when given."""
+    width = max(len(r["part"]) for r in rows)
     for r in rows:
-        ratio = r["torch_ms"] / r["ours_ms"]
+        ratio = r[f"{other}_ms"] / r["ours_ms"]
         print(
-            f"{r['part']:<28} ours {r['ours_ms']:7.2f} ms   torch {r['torch_ms']:7.2f} ms   "
-            f"torch / ours {ratio:5.2f}"
+            f"{r['part']:<{width}} ours {r['ours_ms']:7.2f} ms   {other} {r[f'{other}_ms']:7.2f} ms"
+            f"   {other} / ours {ratio:5.2f}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": machine(), "rows": rows}))
 
 
 if __name__ == "__main__":

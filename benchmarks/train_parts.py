@@ -15,7 +15,6 @@ benchmarks/cpu_precision.py times) and the ratio; each pair's results are checke
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cpu_precision import compare  # noqa: E402
-from benchmarks.decode_speed import machine  # noqa: E402
+from benchmarks.tcn_parts import report  # noqa: E402
 from nmt.config import load_config  # noqa: E402
 from nmt.models import build_model  # noqa: E402
 
@@ -89,14 +88,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     rows = [time_scatter(args.repeats)]
     rows += [time_adam(c, args.repeats) for c in ("gnmt_small", "tcn_small")]
-    for r in rows:
-        ratio = r["before_ms"] / r["ours_ms"]
-        print(
-            f"{r['part']:<40} ours {r['ours_ms']:7.2f} ms   before {r['before_ms']:7.2f} ms   "
-            f"before / ours {ratio:5.2f}"
-        )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}))
+    report(rows, "before", args.json)
 
 
 if __name__ == "__main__":
