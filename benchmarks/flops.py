@@ -74,16 +74,12 @@ def _is_tcn_context(name: str) -> bool:
     return name.startswith("decoder.contexts.")
 
 
-def _skipped(stack, length: int, causal_position: int | None = None) -> int:
-    """Weights a TCN stack does not apply per position for a sequence of `length` (or, with
-    `causal_position`, at that one decoding position): taps outside `reaching_taps`."""
+def _skipped(stack, length: int) -> int:
+    """Weights a TCN stack does not apply per position of a sequence of `length`: the taps
+    outside `reaching_taps` (a causal stack at decoding position t: `length` t + 1)."""
     total = 0
     for block in stack:
-        first, last = block.reaching_taps(
-            length if causal_position is None else causal_position + 1
-        )
-        if causal_position is not None:
-            last = block.kernel_size
+        first, last = block.reaching_taps(length)
         for conv in (block.conv1, block.conv2):
             if isinstance(conv, nn.Conv1d):  # dense convs (separable ones: counted in full)
                 total += (
@@ -92,10 +88,19 @@ def _skipped(stack, length: int, causal_position: int | None = None) -> int:
     return total
 
 
-def _tcn_stacks(model: nn.Module):
-    """(encoder blocks or None, decoder blocks or None) of the TCN parts of `model`."""
-    enc, dec = getattr(model.encoder, "blocks", None), getattr(model.decoder, "blocks", None)
-    return enc, dec
+def _skipped_products(model: nn.Module, src_lens, tgt_positions) -> int:
+    """Weights left out by the TCN stacks of `model`: its encoder over sentences of `src_lens`,
+    its decoder over `tgt_positions`, pairs (length, positions run at that length)."""
+    total = 0
+    enc_blocks, dec_blocks = (
+        getattr(model.encoder, "blocks", None),
+        getattr(model.decoder, "blocks", None),
+    )
+    if enc_blocks is not None:
+        total += sum(_skipped(enc_blocks, n) * n for n in src_lens)
+    if dec_blocks is not None:
+        total += sum(_skipped(dec_blocks, n) * count for n, count in tgt_positions)
+    return total
 
 
 def attention_widths(model: nn.Module) -> tuple[int, int, int]:
@@ -118,12 +123,7 @@ def forward_flops(model: nn.Module, src_lens, tgt_lens) -> float:
     src = [int(n) for n in src_lens]
     tgt = [int(n) for n in tgt_lens]
     pairs = sum(s * t for s, t in zip(src, tgt))
-    skipped = 0
-    enc_blocks, dec_blocks = _tcn_stacks(model)
-    if enc_blocks is not None:
-        skipped += sum(_skipped(enc_blocks, n) * n for n in src)
-    if dec_blocks is not None:
-        skipped += sum(_skipped(dec_blocks, n) * n for n in tgt)
+    skipped = _skipped_products(model, src, [(n, n) for n in tgt])  # n positions of length n
     products = w_src * sum(src) + w_tgt * sum(tgt) - skipped
     return 2.0 * products + 2.0 * levels * (score + context) * pairs
 
@@ -141,12 +141,8 @@ def decode_flops(
     source position); `rows_at` {position: rows run there} for a TCN decoder's skipped taps."""
     w_src, w_tgt = weights_per_token(model)
     levels, score, context = attention_widths(model)
-    skipped = 0
-    enc_blocks, dec_blocks = _tcn_stacks(model)
-    if enc_blocks is not None:
-        skipped += sum(_skipped(enc_blocks, int(n)) * int(n) for n in src_lens)
-    if dec_blocks is not None:
-        skipped += sum(_skipped(dec_blocks, 0, t) * rows for t, rows in (rows_at or {}).items())
+    positions = [(t + 1, rows) for t, rows in (rows_at or {}).items()]  # step t reads t + 1
+    skipped = _skipped_products(model, [int(n) for n in src_lens], positions)
     return (
         2.0 * (w_src * src_tokens + w_tgt * row_steps - skipped)
         + 2.0 * levels * (score + context) * row_src_pairs

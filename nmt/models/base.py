@@ -94,7 +94,7 @@ class EncoderOut:
         changes = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor) and f.name != "per_sentence":
+            if isinstance(value, torch.Tensor):  # not `per_sentence`, a tuple: below
                 changes[f.name] = value.index_select(0, index)
         runs = _runs_after(index, self.sentence_rows)
         if self.per_sentence:  # the sentence of each new run's first row
