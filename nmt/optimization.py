@@ -75,6 +75,15 @@ def _row_chunks(flat: torch.Tensor):
     return [(r0, min(r0 + rows, flat.size(0))) for r0 in range(0, flat.size(0), rows)]
 
 
+def _chunk_buffer(flat: torch.Tensor, chunks) -> torch.Tensor:
+    """One float32 buffer for every chunk of a call. A fresh (n, V) tensor per chunk is a fresh
+    multi-MB allocation that glibc can map from the kernel and fault in page by page: profiled
+    in a bf16 TCN-small step, a 131 x 8000 chunk's `.float()` took 0.9 ms on average, where a
+    copy into memory in use takes 0.07 ms. The buffer made the TCN-small step 2-3% faster."""
+    rows = max(r1 - r0 for r0, r1 in chunks)
+    return torch.empty(rows, flat.size(1), dtype=torch.float32, device=flat.device)
+
+
 class _LabelSmoothedNLL(torch.autograd.Function):
     """Summed label-smoothed cross-entropy of logits (N, V) and, not differentiable, the summed
     NLL, over the rows `keep` (N,); the same values as F.cross_entropy(label_smoothing=eps):
@@ -90,8 +99,10 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         n, v = flat.shape
         lse = torch.empty(n, dtype=torch.float32, device=flat.device)  # (N,)
         mean = torch.empty(n, dtype=torch.float32, device=flat.device)  # (N,)
-        for r0, r1 in _row_chunks(flat):
-            x = flat[r0:r1].float()  # (n, V), in the cache
+        chunks = _row_chunks(flat)
+        buf = None if flat.dtype == torch.float32 else _chunk_buffer(flat, chunks)
+        for r0, r1 in chunks:
+            x = flat[r0:r1] if buf is None else buf[: r1 - r0].copy_(flat[r0:r1])  # (n, V) fp32
             torch.logsumexp(x, dim=1, out=lse[r0:r1])
             torch.mean(x, dim=1, out=mean[r0:r1])
         picked = flat.gather(1, target[:, None]).squeeze(1).float()  # (N,)
@@ -111,17 +122,19 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         scale = keep.float() * grad_loss  # (N,) 0 on padding rows
         picked = (-(1.0 - eps) * scale)[:, None]  # (N, 1)
         grad = torch.empty_like(flat)  # (N, V)
-        for r0, r1 in _row_chunks(flat):
+        chunks = _row_chunks(flat)
+        buf = None if grad.dtype == torch.float32 else _chunk_buffer(flat, chunks)
+        for r0, r1 in chunks:
             # float32 logits: the gradient is computed in its own rows, no copy
-            out = grad[r0:r1] if grad.dtype == torch.float32 else None
-            chunk = torch.sub(flat[r0:r1].float(), lse[r0:r1, None], out=out).exp_()  # (n, V)
+            out = grad[r0:r1] if buf is None else buf[: r1 - r0]
+            chunk = torch.sub(flat[r0:r1], lse[r0:r1, None], out=out).exp_()  # (n, V)
             if eps:
                 chunk.sub_(eps / v)
             chunk.mul_(scale[r0:r1, None])  # softmax - eps / V, scaled; 0 on padding rows
             # in float32 and in the chunk: a CPU's scatter_add_ into bf16 converts the whole
             # (N, V) tensor to float32 and back (30 ms of a 3,000-token GNMT-small step)
             chunk.scatter_add_(1, target[r0:r1, None], picked[r0:r1])
-            if out is None:
+            if buf is not None:
                 grad[r0:r1] = chunk
         return grad, None, None, None
 

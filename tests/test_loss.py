@@ -45,7 +45,9 @@ def test_loss_and_gradient_equal_cross_entropy(monkeypatch, chunk, smoothing):
     assert mine.grad[3, 1:].abs().max() == 0  # padding rows get nothing
 
 
-def test_bf16_logits_give_a_bf16_gradient_of_the_float32_loss():
+@pytest.mark.parametrize("chunk", [2**18, 50 * 3])  # chunks share one float32 buffer
+def test_bf16_logits_give_a_bf16_gradient_of_the_float32_loss(monkeypatch, chunk):
+    monkeypatch.setattr(optimization, "LOSS_CHUNK_ELEMENTS_CPU", chunk)
     logits, tgt = batch(torch.bfloat16, seed=1)
     mine = logits.clone().requires_grad_()
     theirs = logits.clone().requires_grad_()
