@@ -96,8 +96,10 @@ HALF_SQRT = math.sqrt(0.5)
 DROPOUT_BITS = 15  # a dropout mask's resolution: p is rounded to a multiple of 2**-15
 
 
-def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """A (shape) tensor of 1 (probability 1 - p) and 0 in `dtype`, from 15 random bits per
+def keep_mask(
+    shape: torch.Size, p: float, dtype: torch.dtype, device, keep: float = 1.0
+) -> torch.Tensor:
+    """A (shape) tensor of `keep` (probability 1 - p) and 0 in `dtype`, from 15 random bits per
     element: four elements share one 64-bit draw (`random_` fills an int64 with 63 random bits;
     each 16-bit quarter's low 15 are used). Its top bit is 0 when the element is at or above the
     threshold, so an arithmetic shift gives the mask with no comparison or bool conversion (both
@@ -109,7 +111,8 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.
     bits = draws.view(torch.int16)[:n].view(shape)  # (shape) 16-bit lanes of the draws
     threshold = round(p * 2**DROPOUT_BITS)
     dropped = bits.bitwise_and_(2**DROPOUT_BITS - 1).sub_(threshold).bitwise_right_shift_(15)
-    return dropped.add_(1).to(dtype)  # -1 (below the threshold) -> 0, 0 -> 1
+    mask = dropped.add_(1).to(dtype)  # -1 (below the threshold) -> 0, 0 -> 1
+    return mask if keep == 1.0 else mask.mul_(keep)
 
 
 class _Dropout(nn.Module):
@@ -126,7 +129,8 @@ class _Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return x * keep_mask(x.shape, self.p, x.dtype, x.device) * (1.0 / (1.0 - self.p))
+        # the scale rides on the mask: one product over x, forward and backward
+        return x * keep_mask(x.shape, self.p, x.dtype, x.device, 1.0 / (1.0 - self.p))
 
 
 class _Embedding(nn.Module):
@@ -324,7 +328,8 @@ class TemporalBlock(nn.Module):
         return F.conv1d(x, conv.weight[:, :, first:last], conv.bias, dilation=d)  # (B, C_out, T)
 
     def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
-        return self.dropout(F.glu(h, dim=dim) if self.glu else F.relu(h))
+        # h is a fresh conv output that its conv's backward does not read: ReLU in place
+        return self.dropout(F.glu(h, dim=dim) if self.glu else F.relu(h, inplace=True))
 
     def _join(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
         return (h + res) * HALF_SQRT if self.scaled_residual else F.relu(h + res)
