@@ -341,7 +341,9 @@ class TemporalBlock(nn.Module):
         taps = self.reaching_taps(x.size(2))
         h = self._activate(self._conv(self.conv1, x, taps), dim=1)  # (B, C_out, T)
         if mask is not None:
-            h = h * mask
+            # in h's dtype: a float32 mask would promote a bf16 h to float32 under autocast, and
+            # conv2 would cast it back (a copy forward and backward for the same values)
+            h = h * mask.to(h.dtype)
         h = self._activate(self._conv(self.conv2, h, taps), dim=1)  # (B, C_out, T)
         res = x if self.residual is None else self.residual(x)  # (B, C_out, T)
         return self._join(h, res)
