@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 from nmt import batching, data, metrics, search
 from nmt.config import Config
@@ -44,6 +45,12 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict:
+        # weights behind a parametrization (the TCN's weight norm) computed once for the whole
+        # validation, not at every conv call of every greedy step
+        with parametrize.cached():
+            return self._validate(model)
+
+    def _validate(self, model: torch.nn.Module) -> dict:
         model.eval()
         tok = self.tokenizer
         sums = [0.0, 0.0, 0]  # summed loss, summed NLL, target tokens
