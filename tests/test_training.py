@@ -379,3 +379,33 @@ def test_average_last_needs_numbered_checkpoints():
         load_config(None, ["train.average_last=3"])
     with pytest.raises(ConfigError, match="average_last <= train.keep_last"):
         load_config(None, ["train.average_last=3", "train.save_every=10", "train.keep_last=2"])
+
+
+def test_validation_computes_each_weight_norm_once(prepared, tmp_path):
+    """A TCN's convs are weight-normalised (a parametrization: g * v / ||v|| on every read of
+    `.weight`). A validation reads them at every conv call of every greedy step; it computes
+    each one once (`parametrize.cached`), and after it training reads fresh weights again."""
+    from torch.nn.utils import parametrize
+
+    from nmt import validation
+    from nmt.models import build_model_for
+    from nmt.tokenizer import Tokenizer
+
+    overrides = _tiny(
+        prepared, tmp_path / "run", "model.arch=tcn", "model.levels=2", "model.channels=16"
+    )
+    overrides.append("data.max_len=12")  # the receptive field of 2 levels covers 13
+    cfg = load_config(None, overrides)
+    tok = Tokenizer.load(cfg.data.dir)
+    model = build_model_for(cfg.model, tok)
+    validator = validation.Validator.of(cfg.data.dir, tok, cfg, torch.device("cpu"))
+    calls = []
+    norms = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
+    assert len(norms) == 8  # 2 convs in each of 2 blocks, encoder and decoder
+    for module in norms:
+        module.parametrizations.weight.register_forward_hook(lambda *_: calls.append(1))
+    result = validator(model)
+    assert "bleu" in result and len(calls) == len(norms)  # greedy ran; one norm each
+    conv = model.decoder.blocks[0].conv1
+    first, second = conv.weight, conv.weight  # outside a validation: computed at each read
+    assert len(calls) == len(norms) + 2 and first is not second
