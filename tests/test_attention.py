@@ -197,7 +197,7 @@ def _copy_corpus(path, n: int, seed: int) -> list[str]:
 def test_a_model_trained_to_copy_aligns_each_word_with_itself(tmp_path):
     """A tiny TCN (its last decoder block's attention) trained here, through the product's
     prepare and Trainer, for one epoch of 8,000 copy pairs (about 160 steps): output = input.
-    Then at least 40% of 40 new lines are copied exactly (it took about 65% here), and the
+    Then at least 40% of 40 new lines are copied exactly (78% in float32 on a Zen 4), and the
     alignment is the diagonal i-i for at least 95% of the words of those lines (it was 99-100%)
     and for at least 75% of all words (88-93%)."""
     from nmt import data, training
@@ -231,6 +231,9 @@ def test_a_model_trained_to_copy_aligns_each_word_with_itself(tmp_path):
             "train.valid_bleu=false",
             "train.best_metric=loss",
             "train.device=cpu",
+            # not auto, the machine's choice: trained in bf16 this model copied 19 of the 40
+            # lines (Zen 4), close to the bound below; in float32 it copied 31
+            "train.precision=fp32",
         ],
     )
     data.prepare(cfg)

@@ -245,6 +245,26 @@ def test_dropout_zeroes_p_and_scales_the_rest():
     assert torch.equal(_Dropout(0.0).train()(x), x)
 
 
+def test_under_bf16_autocast_a_blocks_second_conv_reads_bf16(monkeypatch):
+    """What train.precision=bf16 runs on a CPU: autocast. A block's first conv reads the float32
+    residual stream (autocast casts it), and its second conv reads the first one's bf16 output:
+    the padding mask multiplies it in its own dtype (a float32 mask would promote it to float32
+    and autocast would cast it back, a copy forward and backward). The encoding stays within
+    bf16 rounding of float32's."""
+    encoder, _ = make_pair()
+    src_ids, src_lens, _ = random_batch([7, 4, 2], [3, 3, 3], V)
+    with torch.no_grad():
+        reference = encoder(src_ids, src_lens).memory
+    read = []
+    conv1d = F.conv1d
+    monkeypatch.setattr(F, "conv1d", lambda x, *a, **k: read.append(x.dtype) or conv1d(x, *a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = encoder(src_ids, src_lens).memory
+    # per block: conv1 (float32), conv2 (bf16), and block 0's 1x1 residual (float32, 16 -> 24)
+    assert read.count(torch.bfloat16) == len(encoder.blocks) and len(read) == 7
+    torch.testing.assert_close(memory.float(), reference, atol=0.05, rtol=0.05)
+
+
 def test_keep_mask_is_unbiased_in_every_lane():
     """Four elements share one 64-bit draw, whose top bit `random_` leaves 0: each element's
     16-bit lane must still keep with probability 1 - p (a mask that read the top bit would drop
