@@ -3,10 +3,11 @@
 
     python benchmarks/tcn_parts.py [--threads 1] [--repeats 20] [--batch 160] [--json OUT]
 
-- dropout: `nmt.models.tcn._Dropout` (`keep_mask`: 15 random bits per element, four to an
-  int64 draw) against nn.Dropout (bernoulli_) and against a mask from torch.rand (what
-  `_Dropout` drew before), forward and backward over a (B, C, T) activation of a 3,000-token
-  batch;
+- dropout: `nmt.models.tcn._Dropout` (`keep_mask`: 7 random bits per element, eight to an
+  int64 draw) against nn.Dropout (bernoulli_), a mask from torch.rand (what `_Dropout` drew
+  until 2026-12-02) and the 15-bit mask it drew until 2026-12-03 (four elements to a draw),
+  forward and backward over a (B, C, T) activation of a 3,000-token batch, in float32 and in
+  bf16 (what autocast hands it on a CPU with native bf16);
 - the dilated depthwise convolution of `separable=true`: `_DilatedDepthwise` (k shifted
   multiply-adds, its own backward) against torch's grouped Conv1d with the same weights,
   forward and backward, at dilations 1-16.
@@ -40,8 +41,16 @@ def _rand_mask_dropout(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
     return x * keep.to(x.dtype)
 
 
-def time_dropout(B: int, repeats: int) -> list[dict]:
-    x = torch.randn(B, C, T, requires_grad=True)
+def _mask15_dropout(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    lanes = draws.view(torch.int16)[:n].view(x.shape)  # 16-bit lanes, the low 15 bits used
+    dropped = lanes.bitwise_and_(2**15 - 1).sub_(round(p * 2**15)).bitwise_right_shift_(15)
+    return x * dropped.add_(1).to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+def time_dropout(B: int, repeats: int, dtype: torch.dtype) -> list[dict]:
+    x = torch.randn(B, C, T, dtype=dtype, requires_grad=True)
     ours, theirs = _Dropout(0.2).train(), nn.Dropout(0.2).train()
     kept = (ours(x) != 0).float().mean().item()
     assert abs(kept - 0.8) < 0.01, kept
@@ -49,12 +58,13 @@ def time_dropout(B: int, repeats: int) -> list[dict]:
     def run(module):
         return lambda: module(x).sum().backward()
 
-    fns = {"ours": run(ours), "torch": run(theirs), "rand": run(_rand_mask_dropout)}
+    others = {"nn.Dropout": theirs, "torch.rand": _rand_mask_dropout, "15 bits": _mask15_dropout}
+    fns = {"ours": run(ours), **{name: run(f) for name, f in others.items()}}
     ms = compare(fns, rounds=repeats, inner=1)
-    row = {"shape": [B, C, T], "ours_ms": ms["ours"]}
+    row = {"shape": [B, C, T], "dtype": str(dtype).removeprefix("torch."), "ours_ms": ms["ours"]}
     return [
-        {"part": "dropout p=0.2 (nn.Dropout)", **row, "torch_ms": ms["torch"]},
-        {"part": "dropout p=0.2 (torch.rand)", **row, "torch_ms": ms["rand"]},
+        {"part": f"dropout p=0.2 {row['dtype']} ({name})", **row, "torch_ms": ms[name]}
+        for name in others
     ]
 
 
@@ -86,7 +96,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = time_dropout(args.batch, args.repeats)
+    rows = [
+        r
+        for dt in (torch.float32, torch.bfloat16)
+        for r in time_dropout(args.batch, args.repeats, dt)
+    ]
     rows += [time_depthwise(args.batch, d, args.repeats) for d in (1, 2, 4, 8, 16)]
     report(rows, "torch", args.json)
 

@@ -26,6 +26,7 @@ from nmt.models.tcn import (
     check_receptive_field,
     keep_mask,
     receptive_field,
+    rounded_p,
 )
 
 V = 20
@@ -266,15 +267,20 @@ def test_under_bf16_autocast_a_blocks_second_conv_reads_bf16(monkeypatch):
 
 
 def test_keep_mask_is_unbiased_in_every_lane():
-    """Four elements share one 64-bit draw, whose top bit `random_` leaves 0: each element's
-    16-bit lane must still keep with probability 1 - p (a mask that read the top bit would drop
-    nothing in every fourth element)."""
+    """Eight elements share one 64-bit draw, whose top bit `random_` leaves 0: each element's
+    byte must still keep with probability 1 - p', p' = p rounded to a multiple of 2**-7 (a mask
+    that read the top bit would drop nothing in every eighth element)."""
     torch.manual_seed(0)
-    keep = keep_mask(torch.Size([100, 400]), 0.3, torch.float32, "cpu").flatten()
+    assert rounded_p(0.3) == 38 / 128
+    keep = keep_mask(torch.Size([200, 400]), 0.3, torch.float32, "cpu").flatten()
     assert set(keep.unique().tolist()) == {0.0, 1.0}
-    for lane in range(4):  # 10,000 draws each: a standard deviation of 0.005
-        assert abs(keep[lane::4].mean().item() - 0.7) < 0.02
-    assert keep_mask(torch.Size([7, 3]), 0.5, torch.bfloat16, "cpu").dtype == torch.bfloat16
+    for lane in range(8):  # 10,000 draws each: a standard deviation of 0.005
+        assert abs(keep[lane::8].mean().item() - 90 / 128) < 0.02
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        mask = keep_mask(torch.Size([70, 30]), 0.5, dtype, "cpu", 2.0)
+        assert mask.dtype == dtype and set(mask.unique().tolist()) == {0.0, 2.0}
+    assert keep_mask(torch.Size([5]), 0.001, torch.float32, "cpu", 1.5).tolist() == [1.5] * 5
+    assert keep_mask(torch.Size([5]), 0.999, torch.float32, "cpu").tolist() == [0.0] * 5
 
 
 def test_emb_scale_multiplies_the_token_embeddings():

@@ -27,10 +27,11 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
   position table instead; sinusoids need no maximum length. Convolutions only see relative order
   and the sentence edges within their window; absolute positions make "attend to source position
   n - t" (reordering) easy to learn;
-- dropout masks come from 15 random bits per element, four elements to one int64 draw
-  (`keep_mask`: nn.Dropout's distribution with p rounded to a multiple of 2**-15, not its
-  random stream): nn.Dropout's element-by-element bernoulli_, and a torch.rand mask, are
-  several times slower on a CPU (benchmarks/README.md, TCN parts).
+- dropout masks come from 7 random bits per element, eight elements to one int64 draw
+  (`keep_mask`: nn.Dropout's distribution with p rounded to a multiple of 2**-7, 0.2 -> 0.203,
+  not its random stream): nn.Dropout's element-by-element bernoulli_, and a torch.rand mask,
+  are several times slower on a CPU, and a 15-bit mask 1.6 times (benchmarks/README.md, TCN
+  parts).
 
 Options from ConvS2S and after (all off by default; `configs/tcn_small.yaml` turns on the three
 that paid). Measured on Multi30k, 164 steps of 3,000-token batches at lr 2e-3 and warm-up 50
@@ -93,34 +94,53 @@ from nmt.models.base import EncoderOut, WordDropout, config_kwargs, sinusoid_pos
 HALF_SQRT = math.sqrt(0.5)
 
 
-DROPOUT_BITS = 15  # a dropout mask's resolution: p is rounded to a multiple of 2**-15
+DROPOUT_BITS = 7  # a dropout mask's resolution: p is rounded to a multiple of 2**-7
+_SAME_WIDTH_INT = {  # a float dtype -> the int dtype whose bits it reinterprets
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def rounded_p(p: float) -> float:
+    """The dropout probability `keep_mask` draws with: p rounded to a multiple of 2**-7."""
+    return round(p * 2**DROPOUT_BITS) / 2**DROPOUT_BITS
 
 
 def keep_mask(
     shape: torch.Size, p: float, dtype: torch.dtype, device, keep: float = 1.0
 ) -> torch.Tensor:
-    """A (shape) tensor of `keep` (probability 1 - p) and 0 in `dtype`, from 15 random bits per
-    element: four elements share one 64-bit draw (`random_` fills an int64 with 63 random bits;
-    each 16-bit quarter's low 15 are used). Its top bit is 0 when the element is at or above the
-    threshold, so an arithmetic shift gives the mask with no comparison or bool conversion (both
-    run element by element on a CPU). Dropout with it, forward and backward, took 1.76 ms
-    against 2.21 with a `torch.rand` mask and 5.72 with nn.Dropout on the 2-core CPU
+    """A (shape) tensor of `keep` (probability 1 - rounded_p(p)) and 0 in `dtype`, from 7 random
+    bits per element: eight elements share one 64-bit draw (`random_` fills an int64 with 63
+    random bits; each byte's low 7 are used). Adding 2**7 - threshold to those 7 bits sets the
+    byte's top bit exactly when they are at or above the threshold; an arithmetic shift
+    spreads that bit over the byte, a sign-extending cast over the width of `dtype`, and an AND
+    with the bits of `keep` leaves `keep` or 0.0: no comparison, no bool and no int-to-float
+    conversion (each runs element by element on a CPU); and random_, the bulk of the cost,
+    draws half the bits of the 15-bit mask used before. Dropout with it over a (160, 256, 20)
+    bf16 activation, forward and backward, took 1.00 ms against 1.61 with the 15-bit mask,
+    3.22 with a `torch.rand` mask and 7.02 with nn.Dropout on the 2-core Zen 4
     (`benchmarks/tcn_parts.py`; benchmarks/README.md, TCN parts)."""
-    n = math.prod(shape)
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-    bits = draws.view(torch.int16)[:n].view(shape)  # (shape) 16-bit lanes of the draws
     threshold = round(p * 2**DROPOUT_BITS)
-    dropped = bits.bitwise_and_(2**DROPOUT_BITS - 1).sub_(threshold).bitwise_right_shift_(15)
-    mask = dropped.add_(1).to(dtype)  # -1 (below the threshold) -> 0, 0 -> 1
-    return mask if keep == 1.0 else mask.mul_(keep)
+    if threshold in (0, 2**DROPOUT_BITS):  # p rounds to 0 or 1: keep all, or nothing
+        return torch.full(shape, keep if threshold == 0 else 0.0, dtype=dtype, device=device)
+    n = math.prod(shape)
+    draws = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_()
+    lanes = draws.view(torch.int8)[:n].view(shape)  # (shape) bytes of the draws
+    kept = lanes.bitwise_and_(2**DROPOUT_BITS - 1).add_(2**DROPOUT_BITS - threshold)
+    kept = kept.bitwise_right_shift_(DROPOUT_BITS)  # (shape) int8: -1 (all ones) kept, 0 dropped
+    int_type = _SAME_WIDTH_INT[dtype]
+    keep_bits = torch.tensor(keep, dtype=dtype).view(int_type).item()
+    return kept.to(int_type).bitwise_and_(keep_bits).view(dtype)
 
 
 class _Dropout(nn.Module):
-    """Dropout (Srivastava et al. 2014) with the mask from `keep_mask`: zero with probability p
-    (rounded to a multiple of 2**-15), scale the rest by 1 / (1 - p), the identity in eval mode;
-    the distribution of nn.Dropout, not its random stream. On a CPU nn.Dropout's bernoulli_
-    draws element by element, three times slower (`benchmarks/tcn_parts.py`;
-    benchmarks/README.md, TCN parts)."""
+    """Dropout (Srivastava et al. 2014) with the mask from `keep_mask`: zero with probability
+    p' = `rounded_p(p)` (p rounded to a multiple of 2**-7: 0.2 -> 0.203), scale the rest by
+    1 / (1 - p'), the identity in eval mode; the distribution of nn.Dropout(p'), not its random
+    stream. On a CPU nn.Dropout's bernoulli_ draws element by element, several times slower
+    (`benchmarks/tcn_parts.py`; benchmarks/README.md, TCN parts)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -130,7 +150,8 @@ class _Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         # the scale rides on the mask: one product over x, forward and backward
-        return x * keep_mask(x.shape, self.p, x.dtype, x.device, 1.0 / (1.0 - self.p))
+        keep = 1.0 / max(1.0 - rounded_p(self.p), 2**-DROPOUT_BITS)
+        return x * keep_mask(x.shape, self.p, x.dtype, x.device, keep)
 
 
 class _Embedding(nn.Module):
