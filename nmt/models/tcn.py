@@ -79,6 +79,7 @@ The `hidden` setting is a GNMT size and is not used here: every TCN width is `ch
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -131,8 +132,13 @@ def keep_mask(
     kept = lanes.bitwise_and_(2**DROPOUT_BITS - 1).add_(2**DROPOUT_BITS - threshold)
     kept = kept.bitwise_right_shift_(DROPOUT_BITS)  # (shape) int8: -1 (all ones) kept, 0 dropped
     int_type = _SAME_WIDTH_INT[dtype]
-    keep_bits = torch.tensor(keep, dtype=dtype).view(int_type).item()
-    return kept.to(int_type).bitwise_and_(keep_bits).view(dtype)
+    return kept.to(int_type).bitwise_and_(_bits_of(keep, dtype)).view(dtype)
+
+
+@functools.cache
+def _bits_of(value: float, dtype: torch.dtype) -> int:
+    """The bits of `value` in float `dtype`, read as the signed int of the same width."""
+    return torch.tensor(value, dtype=dtype).view(_SAME_WIDTH_INT[dtype]).item()
 
 
 class _Dropout(nn.Module):
