@@ -244,6 +244,11 @@ def test_dropout_zeroes_p_and_scales_the_rest():
     torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(_Dropout(0.0).train()(x), x)
+    # p = 0.2 draws with p' = 26/128 = 0.203: the rest scaled by 1 / (1 - p'), unbiased
+    y = _Dropout(0.2).train()(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - 26 / 128))
+    assert abs((y.sum() / x.sum()).item() - 1.0) < 0.01
 
 
 def test_under_bf16_autocast_a_blocks_second_conv_reads_bf16(monkeypatch):

@@ -30,7 +30,7 @@ dropout; a residual connection (1x1 conv where the widths differ) and a final Re
 - dropout masks come from 7 random bits per element, eight elements to one int64 draw
   (`keep_mask`: nn.Dropout's distribution with p rounded to a multiple of 2**-7, 0.2 -> 0.203,
   not its random stream): nn.Dropout's element-by-element bernoulli_, and a torch.rand mask,
-  are several times slower on a CPU, and a 15-bit mask 1.6 times (benchmarks/README.md, TCN
+  are several times slower on a CPU, and a 15-bit mask about 1.5 times (benchmarks/README.md, TCN
   parts).
 
 Options from ConvS2S and after (all off by default; `configs/tcn_small.yaml` turns on the three
@@ -120,8 +120,8 @@ def keep_mask(
     with the bits of `keep` leaves `keep` or 0.0: no comparison, no bool and no int-to-float
     conversion (each runs element by element on a CPU); and random_, the bulk of the cost,
     draws half the bits of the 15-bit mask used before. Dropout with it over a (160, 256, 20)
-    bf16 activation, forward and backward, took 1.00 ms against 1.61 with the 15-bit mask,
-    3.22 with a `torch.rand` mask and 7.02 with nn.Dropout on the 2-core Zen 4
+    bf16 activation, forward and backward, took 1.04 ms against 1.53 with the 15-bit mask,
+    3.23 with a `torch.rand` mask and 7.13 with nn.Dropout on the 2-core Zen 4
     (`benchmarks/tcn_parts.py`; benchmarks/README.md, TCN parts)."""
     threshold = round(p * 2**DROPOUT_BITS)
     if threshold in (0, 2**DROPOUT_BITS):  # p rounds to 0 or 1: keep all, or nothing
