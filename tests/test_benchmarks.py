@@ -126,13 +126,15 @@ def test_tcn_parts_times_each_part_against_what_it_replaces(tmp_path):
     out = tmp_path / "parts.json"
     _load("tcn_parts").main(["--repeats", "1", "--batch", "8", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    parts = [r["part"] for r in rows][:3]
-    assert parts == [
-        "dropout p=0.2 (nn.Dropout)",
-        "dropout p=0.2 (torch.rand)",
-        "depthwise conv k=3 d=1",
+    parts = [r["part"] for r in rows]
+    assert parts[:4] == [
+        "dropout p=0.2 float32 (nn.Dropout)",
+        "dropout p=0.2 float32 (torch.rand)",
+        "dropout p=0.2 float32 (15 bits)",
+        "dropout p=0.2 bfloat16 (nn.Dropout)",
     ]
-    assert len(rows) == 7 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    assert parts[6] == "depthwise conv k=3 d=1"
+    assert len(rows) == 11 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
 
 
 def test_train_parts_times_each_part_against_what_it_replaced(tmp_path):
