@@ -11,7 +11,9 @@ nmt.errors only.
 `time` (unix seconds) and `train_seconds` (seconds of training, counted across resumes), so a
 reader draws one continuous curve of a stopped and resumed run against steps or against time.
 `train`: loss (label-smoothed, per target token), ppl, lr, grad_norm, tgt_tok_s,
-src_tgt_tok_s, epoch (1-based), loss_scale (fp16). `valid`: loss, ppl, bleu (greedy), best,
+src_tgt_tok_s (tokens per second of training: the time of validations and checkpoint writes in
+the window is left out, so the figure does not depend on where they fall), epoch (1-based),
+loss_scale (fp16). `valid`: loss, ppl, bleu (greedy), best,
 seconds, epoch (epochs done). `average`: the same figures for `averaged.pt`, with `of`,
 `best_before`, `became_best`. `init`: where a fine-tuned run's weights came from.
 TensorBoard gets every number of the `train`, `valid` and `average` records as the scalar
@@ -20,11 +22,12 @@ TensorBoard gets every number of the `train`, `valid` and `average` records as t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,10 +44,13 @@ class Window:
     `add(step, result)` takes a step's result (`figures`: a (3,) device tensor of summed loss,
     summed NLL and gradient norm; `tgt_tokens`, `src_tokens`: counts of all ranks). The figures
     stay on the device until `drain`, which copies them all to the host in one transfer and
-    folds the finite ones into the window's sums.
+    folds the finite ones into the window's sums. Time spent inside `paused()` (validations,
+    checkpoint writes) does not count towards the throughput. `clock` is for tests.
     """
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self._pausing = False
         self.pending: list[tuple[int, object]] = []
         self.reset()
 
@@ -52,7 +58,21 @@ class Window:
         self.loss = self.nll = self.norm = 0.0  # this rank's sums over the good steps
         self.good_steps = self.good_tgt = 0  # good_tgt: target tokens of all ranks
         self.tgt = self.src = 0  # tokens of all ranks over every step, for the throughput
-        self.time = time.perf_counter()
+        self.time = self.clock()
+        self.paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time of the `with` body out of the throughput (nested use counts once)."""
+        if self._pausing:
+            yield
+            return
+        self._pausing, start = True, self.clock()
+        try:
+            yield
+        finally:
+            self.paused_seconds += self.clock() - start
+            self._pausing = False
 
     def add(self, step: int, result) -> None:
         self.pending.append((step, result))
@@ -77,7 +97,7 @@ class Window:
     def record(self, step: int, epoch: int, loss: float, nll: float, lr: float, scale) -> dict:
         """The window's `train` record, from the loss and NLL sums of every rank (`scale`: the
         fp16 loss scale, or None)."""
-        elapsed = max(time.perf_counter() - self.time, 1e-9)
+        elapsed = max(self.clock() - self.time - self.paused_seconds, 1e-9)
         tgt = max(self.good_tgt, 1)
         record = {
             "type": "train",

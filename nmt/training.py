@@ -409,8 +409,9 @@ class Trainer:
         if step % t.log_every == 0:
             self._log_train(progress)
         if t.save_every and step % t.save_every == 0:
-            self._save_numbered()
-            self.save("last")
+            with self.window.paused():
+                self._save_numbered()
+                self.save("last")
         stop = self._validate_and_save() if self._validation_due("step") else None
         return stop or self.signals.agreed() or self._budget_stop()
 
@@ -469,12 +470,13 @@ class Trainer:
         return rank 0's verdict (Stop.PATIENCE or None) on every rank."""
         self._check_steps()
         self.state.validated_step = self.state.step
-        if self.validator is None:  # no validation split: `last` only
-            self.save("last")
-            return None
-        stop = self._validate_on_main() if self.dist.is_main else None
-        self.save("last")  # the other ranks wait here while rank 0 validates
-        return self.dist.broadcast(stop)
+        with self.window.paused():
+            if self.validator is None:  # no validation split: `last` only
+                self.save("last")
+                return None
+            stop = self._validate_on_main() if self.dist.is_main else None
+            self.save("last")  # the other ranks wait here while rank 0 validates
+            return self.dist.broadcast(stop)
 
     def _validate_on_main(self) -> Stop | None:
         t, s = self.cfg.train, self.state

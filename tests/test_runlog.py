@@ -2,12 +2,16 @@
 
 import json
 import sys
+import time
 
 import pytest
+import torch
 from helpers_training import prepare_tiny, tiny
 
 from nmt.cli import main
 from nmt.config import load_config
+from nmt.optimization import StepResult
+from nmt.runlog import Window
 from nmt.training import Stop, Trainer
 
 
@@ -47,6 +51,56 @@ def test_a_resumed_run_logs_one_continuous_curve(prepared, tmp_path, monkeypatch
         assert steps == sorted(set(steps)) and seconds == sorted(seconds), kind
     first_after = _records(out)[before]
     assert first_after["train_seconds"] >= max(r["train_seconds"] for r in records[:before])
+
+
+def test_the_throughput_leaves_out_the_time_spent_paused():
+    now = [0.0]
+    window = Window(clock=lambda: now[0])
+    figures = torch.tensor([30.0, 20.0, 1.0])
+    window.add(1, StepResult(figures, tgt_tokens=300, src_tokens=200))
+    now[0] += 1.0  # the step
+    with window.paused():  # a validation, with a checkpoint write inside it
+        now[0] += 50.0
+        with window.paused():
+            now[0] += 20.0
+    window.add(2, StepResult(figures, tgt_tokens=300, src_tokens=200))
+    now[0] += 1.0
+    window.drain()
+    record = window.record(2, 1, 60.0, 40.0, 1e-3, None)
+    assert record["tgt_tok_s"] == pytest.approx(600 / 2.0)  # not 600 / 72
+    assert record["src_tgt_tok_s"] == pytest.approx(1000 / 2.0)
+    window.reset()  # the next window starts with nothing paused
+    window.add(3, StepResult(figures, tgt_tokens=300, src_tokens=200))
+    now[0] += 3.0
+    window.drain()
+    assert window.record(3, 1, 30.0, 20.0, 1e-3, None)["tgt_tok_s"] == pytest.approx(100.0)
+
+
+def test_validations_and_checkpoint_writes_do_not_count_as_training_time(prepared, tmp_path):
+    """Each validation and checkpoint write here takes 1,000 s by the window's clock: a window
+    holding one would log fewer than one token a second if they counted."""
+    out = tmp_path / "run"
+    extra = ("train.valid_every=3", "train.save_every=2", "train.log_every=1")
+    trainer = Trainer(load_config(None, tiny(prepared, out, *extra)))
+    late = [0.0]
+    trainer.window.clock = lambda: time.perf_counter() + late[0]
+    trainer.window.reset()
+    validate, save = trainer.validator, trainer.save
+
+    def slow(work):
+        def run(*args, **kwargs):
+            late[0] += 1000.0
+            return work(*args, **kwargs)
+
+        return run
+
+    trainer.validator, trainer.save = slow(validate), slow(save)
+    trainer.run()
+    records = _records(out)
+    assert any(r["type"] == "valid" for r in records)
+    train = [r for r in records if r["type"] == "train"]
+    assert len(train) > 6
+    assert min(r["tgt_tok_s"] for r in train) > 10, train
 
 
 def test_tensorboard_gets_the_scalars_of_the_log(prepared, tmp_path):
