@@ -14,6 +14,16 @@ median window and the spread (min-max): target and source+target tokens/s, paddi
 model FLOPs utilisation (benchmarks/flops.py gives the formula; the peak is a 2048³ matrix
 product at the same precision, measured in the same run), and peak RSS. Prints the machine with
 the figures. Benchmark on a quiet machine: a busy core slows two threads several times.
+
+    python benchmarks/train_speed.py configs/tcn_small.yaml --against configs/gnmt_small.yaml \
+        --data-dir ... --threads 2 --windows 10 --steps 6
+
+compares two configs in one process over the same batches: each batch is one step of each
+model, the order alternating from batch to batch, so a change in the machine's load between
+two runs (on a shared 2-core host, 0.8-1.2x from one process to the next) falls on both alike.
+It adds `paired`: each window's ratio of target tokens/s (CONFIG over --against), their median
+and range, and the ratio of the totals. The two configs must make the same batches (the same
+train.max_tokens and vocabulary).
 """
 
 from __future__ import annotations
@@ -64,7 +74,8 @@ def synthetic_batches(cfg, n: int):
     return batches, build_model(cfg.model, vocab, vocab, SYNTHETIC_PAD, True), SYNTHETIC_PAD
 
 
-def measure(cfg, args, threads: int) -> dict:
+def _setup(cfg, args, threads: int):
+    """(batches, model, updater, dtype) of `cfg`: the model built and trained from its seed."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cpu")
@@ -78,28 +89,28 @@ def measure(cfg, args, threads: int) -> dict:
     dtype = resolve_dtype(cfg.train.precision, device)
     updater = Updater(cfg, model, Distributed.single(device), dtype, pad_id, total_steps=10**6)
     model.train()
-    for batch in batches[: args.warmup]:
-        updater.step([batch])
-    windows = []
+    return batches, model, updater, dtype
+
+
+def _windows(batches, args) -> list[list]:
     timed = batches[args.warmup :]
-    for w in range(args.windows):
-        chunk = timed[w * args.steps : (w + 1) * args.steps]
-        start = time.perf_counter()
-        for batch in chunk:
-            updater.step([batch])
-        seconds = time.perf_counter() - start
+    return [timed[w * args.steps : (w + 1) * args.steps] for w in range(args.windows)]
+
+
+def _figures(model, dtype, threads, args, windows, seconds, peak) -> dict:
+    """The row of one model: `seconds[w]` is the time its steps over `windows[w]` took."""
+    rates = []
+    for chunk, secs in zip(windows, seconds):
         tgt = sum(b.num_tgt_tokens for b in chunk)
         src = sum(b.num_src_tokens for b in chunk)
         flops = 3 * sum(forward_flops(model, b.src_lens, b.tgt_lens) for b in chunk)
-        windows.append(
-            {"tgt": tgt / seconds, "all": (tgt + src) / seconds, "flops": flops / seconds}
-        )
-    peak = matmul_peak(dtype, device)
+        rates.append({"tgt": tgt / secs, "all": (tgt + src) / secs, "flops": flops / secs})
+    timed = [b for chunk in windows for b in chunk]
     real = sum(b.num_src_tokens + b.num_tgt_tokens for b in timed)
     padded = sum(b.src_ids.numel() + b.tgt_out_ids.numel() for b in timed)
 
     def median_and_spread(key):
-        values = [w[key] for w in windows]
+        values = [r[key] for r in rates]
         return statistics.median(values), [min(values), max(values)]
 
     tgt, tgt_spread = median_and_spread("tgt")
@@ -121,9 +132,66 @@ def measure(cfg, args, threads: int) -> dict:
     }
 
 
+def measure(cfg, args, threads: int) -> dict:
+    batches, model, updater, dtype = _setup(cfg, args, threads)
+    for batch in batches[: args.warmup]:
+        updater.step([batch])
+    windows, seconds = _windows(batches, args), []
+    for chunk in windows:
+        start = time.perf_counter()
+        for batch in chunk:
+            updater.step([batch])
+        seconds.append(time.perf_counter() - start)
+    peak = matmul_peak(dtype, torch.device("cpu"))
+    return _figures(model, dtype, threads, args, windows, seconds, peak)
+
+
+def measure_paired(cfgs: list, args, threads: int) -> dict:
+    """Both configs over the same batches in this process, a step of each per batch (the order
+    alternating): their rows and `paired`, the per-window ratios of the first to the second."""
+    runs = [_setup(cfg, args, threads) for cfg in cfgs]
+    shapes = [[(b.src_ids.shape, b.tgt_out_ids.shape) for b in run[0]] for run in runs]
+    if shapes[0] != shapes[1]:
+        raise SystemExit(
+            "--against: the two configs make different batches; give them the same "
+            "train.max_tokens and tokenizer"
+        )
+    batches = runs[0][0]
+    for batch in batches[: args.warmup]:
+        for run in runs:
+            run[2].step([batch])
+    windows, seconds, turn = _windows(batches, args), [[], []], 0
+    for chunk in windows:
+        spent = [0.0, 0.0]
+        for batch in chunk:
+            for k in (turn, 1 - turn):
+                start = time.perf_counter()
+                runs[k][2].step([batch])
+                spent[k] += time.perf_counter() - start
+            turn = 1 - turn
+        for k in (0, 1):
+            seconds[k].append(spent[k])
+    peaks = {dtype: matmul_peak(dtype, torch.device("cpu")) for *_, dtype in runs}
+    rows = [
+        _figures(model, dtype, threads, args, windows, seconds[k], peaks[dtype])
+        for k, (_, model, _, dtype) in enumerate(runs)
+    ]
+    ratios = [b / a for a, b in zip(*seconds)]  # tok/s of the first over the second's
+    rows[0]["paired"] = {
+        "tgt_tok_per_s_ratio": sum(seconds[1]) / sum(seconds[0]),
+        "window_ratio_median": statistics.median(ratios),
+        "window_ratio_spread": [min(ratios), max(ratios)],
+        "window_ratios": ratios,
+    }
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
+    p.add_argument(
+        "--against", help="a second config, timed in the same process over the same batches"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", help="a folder made by `nmt prepare`")
     source.add_argument("--synthetic", action="store_true", help="random ids, WMT-like lengths")
@@ -135,10 +203,17 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    rows = [measure(cfg, args, t) for t in args.threads]
+    if args.against:
+        against = load_config(args.against, args.overrides)
+        rows = [row for t in args.threads for row in measure_paired([cfg, against], args, t)]
+        for row, name in zip(rows, [args.config, args.against] * len(args.threads)):
+            row["config"] = name
+    else:
+        rows = [measure(cfg, args, t) for t in args.threads]
     info = {
         "machine": machine(),
         "config": args.config,
+        "against": args.against,
         "data": "synthetic (WMT-like lengths)" if args.synthetic else args.data_dir,
         "overrides": args.overrides,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,6 +1,8 @@
 """The analytic FLOP counts that benchmarks/train_speed.py and decode_speed.py turn into MFU."""
 
 import importlib.util
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ def _load(name: str):
 
 flops = _load("flops")
 decode_speed = _load("decode_speed")
+train_speed = _load("train_speed")
 attention_widths, forward_flops = flops.attention_widths, flops.forward_flops
 weights_per_token, decode_flops = flops.weights_per_token, flops.decode_flops
 
@@ -150,3 +153,49 @@ def test_train_parts_times_each_part_against_what_it_replaced(tmp_path):
         "Adam step",
     ]
     assert all(r["ours_ms"] > 0 and r["before_ms"] > 0 for r in rows)
+
+
+_TINY_TRAIN = ["model.channels=16", "model.emb_dim=16", "model.hidden=16", "model.bi_hidden=8"]
+_TINY_TRAIN += ["model.levels=2", "data.max_len=12", "train.max_tokens=200"]
+_TINY_TRAIN += ["tokenizer.vocab_size=300"]
+
+
+def test_train_speed_against_steps_both_models_on_each_batch_in_turn(tmp_path, monkeypatch):
+    """--against: every batch is one step of each model, the first model first on even batches
+    and second on odd ones, so the machine's drift falls on both alike."""
+    from nmt.optimization import Updater
+
+    order, step = [], Updater.step
+
+    def recorded(self, batches):
+        order.append((self.cfg.model.arch, id(batches[0])))
+        return step(self, batches)
+
+    monkeypatch.setattr(Updater, "step", recorded)
+    out = tmp_path / "paired.json"
+    args = ["configs/tcn_small.yaml", "--against", "configs/gnmt_small.yaml", "--synthetic"]
+    args += ["--threads", "1", "--windows", "2", "--steps", "2", "--warmup", "1"]
+    assert train_speed.main([*args, "--json", str(out), *_TINY_TRAIN]) == 0
+    batches = [order[i][1] for i in range(0, len(order), 2)]
+    assert len(order) == 2 * 5 and len(set(batches)) == 5
+    assert [b for _, b in order] == [b for b in batches for _ in (0, 1)]  # each batch twice
+    timed = [arch for arch, _ in order[2:]]
+    assert timed == ["tcn", "gnmt", "gnmt", "tcn", "tcn", "gnmt", "gnmt", "tcn"]
+    result = json.loads(out.read_text())
+    tcn, gnmt = result["results"]
+    assert (tcn["config"], gnmt["config"]) == ("configs/tcn_small.yaml", "configs/gnmt_small.yaml")
+    paired = tcn["paired"]
+    assert len(paired["window_ratios"]) == 2
+    ratios = paired["window_ratios"]
+    assert paired["window_ratio_median"] == pytest.approx(statistics.median(ratios))
+    assert paired["window_ratio_spread"] == [min(ratios), max(ratios)]
+
+
+def test_train_speed_against_needs_the_same_batches(tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text("model:\n  arch: gnmt\ntrain:\n  max_tokens: 150\n")
+    args = ["configs/tcn_small.yaml", "--against", str(other), "--synthetic"]
+    args += ["--threads", "1", "--windows", "1", "--steps", "1", "--warmup", "0", *_TINY_TRAIN]
+    args.remove("train.max_tokens=200")
+    with pytest.raises(SystemExit, match="different batches"):
+        train_speed.main(args)
