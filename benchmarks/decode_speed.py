@@ -198,7 +198,9 @@ def run_settings(settings: list[dict], lines, beam: int, batch, repeats: int, pe
     for i in range(repeats):
         for s in settings:
             t = s["translator"]
-            count = bool(peak) and i == 0 and t.precision == "float32" and not s["search"]
+            count = (
+                bool(peak) and i == 0 and t.precision == "float32" and not s["search"]["shortlist"]
+            )
             seconds, outputs[s["name"]], counter = _one_pass(
                 t, lines, beam, batch, count, s["search"]
             )
@@ -286,7 +288,7 @@ def _settings(args) -> list[dict]:
         translator = Translator.from_checkpoint(args.checkpoint, device="cpu", dtype=dtype)
         name = translator.precision if dtype != "auto" else f"auto={translator.precision}"
         for k in args.shortlist:
-            search = {"shortlist": k} if k else {}
+            search = {"shortlist": k}  # 0: off, whatever the checkpoint's search.shortlist
             settings.append(
                 {
                     "name": name + (f" shortlist {k}" if k else ""),
@@ -345,7 +347,9 @@ def main(argv=None) -> int:
     lines = read_lines(args.src)
     refs = read_lines(args.ref) if args.ref else None
     peer = json.loads(Path(args.peer).read_text()) if args.peer else None
-    counted = any(s["translator"].precision == "float32" and not s["search"] for s in settings)
+    counted = any(
+        s["translator"].precision == "float32" and not s["search"]["shortlist"] for s in settings
+    )
     peak = matmul_peak(torch.float32, torch.device("cpu")) if counted else None
     results = _run_all(args, settings, lines, peak)
     _compare(results, refs, peer)

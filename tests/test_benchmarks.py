@@ -199,3 +199,34 @@ def test_train_speed_against_needs_the_same_batches(tmp_path):
     args.remove("train.max_tokens=200")
     with pytest.raises(SystemExit, match="different batches"):
         train_speed.main(args)
+
+
+def test_decode_speed_shortlist_0_is_off_even_when_the_checkpoint_has_one(tmp_path):
+    """--shortlist 0 times the full output layer (and counts its work), not the checkpoint's
+    search.shortlist: the presets store 20, and `0` used to fall back to it."""
+    import json
+
+    from conftest import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path, shortlist=3)
+    src = tmp_path / "src.txt"
+    src.write_text("the cat sat\nw1 w2 w3\na dog\n", encoding="utf-8")
+    out = tmp_path / "figures.json"
+    args = [
+        str(ckpt),
+        "--src",
+        str(src),
+        "--ref",
+        str(src),
+        "--dtype",
+        "float32",
+        "--shortlist",
+        "0",
+    ]
+    decode_speed.main([*args, "--beam-sizes", "2", "--repeats", "1", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["shortlist"] == 0 and row["model_gflop"] > 0
+    full = Translator.from_checkpoint(ckpt, device="cpu", dtype="float32")
+    lines = src.read_text().splitlines()
+    hyps = full.translate(lines, beam_size=2, shortlist=0)
+    assert row["bleu"] == round(metrics.bleu(hyps, [lines]).score, 2)
