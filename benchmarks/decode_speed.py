@@ -188,6 +188,11 @@ def _work_figures(model, counter, n_lines: int, seconds: float, peak: float) -> 
     }
 
 
+def _counts_work(setting: dict) -> bool:
+    """Whether `decode_flops` can count this setting's work: float32 over the full vocabulary."""
+    return setting["translator"].precision == "float32" and not setting["search"]["shortlist"]
+
+
 def run_settings(settings: list[dict], lines, beam: int, batch, repeats: int, peak=None):
     """Each setting ({"name", "translator", "search"}) timed over `repeats` rounds that run
     every setting in turn (the same minute for all); their figures, in `settings`' order. With
@@ -197,12 +202,9 @@ def run_settings(settings: list[dict], lines, beam: int, batch, repeats: int, pe
     outputs, counters = {}, {}
     for i in range(repeats):
         for s in settings:
-            t = s["translator"]
-            count = (
-                bool(peak) and i == 0 and t.precision == "float32" and not s["search"]["shortlist"]
-            )
+            count = bool(peak) and i == 0 and _counts_work(s)
             seconds, outputs[s["name"]], counter = _one_pass(
-                t, lines, beam, batch, count, s["search"]
+                s["translator"], lines, beam, batch, count, s["search"]
             )
             times[s["name"]].append(seconds)
             counters[s["name"]] = counter or counters.get(s["name"])
@@ -347,9 +349,7 @@ def main(argv=None) -> int:
     lines = read_lines(args.src)
     refs = read_lines(args.ref) if args.ref else None
     peer = json.loads(Path(args.peer).read_text()) if args.peer else None
-    counted = any(
-        s["translator"].precision == "float32" and not s["search"]["shortlist"] for s in settings
-    )
+    counted = any(_counts_work(s) for s in settings)
     peak = matmul_peak(torch.float32, torch.device("cpu")) if counted else None
     results = _run_all(args, settings, lines, peak)
     _compare(results, refs, peer)
