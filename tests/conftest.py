@@ -9,7 +9,9 @@ so tests using it assert alignment, order and format invariants, never translati
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,28 @@ import torch
 # Tests use one torch thread: tiny models gain nothing from two, and with the other core busy
 # (CI, a parallel job) two threads run several times slower than one.
 torch.set_num_threads(1)
+
+
+def _started_mirror() -> Path:
+    """The local corpus mirror: NMT_MIRROR as the suite was started, when it names a folder (the
+    Makefile exports ../shared/corpora when one sits beside the checkout; CI may run a clone
+    elsewhere), else ../shared/corpora beside the checkout. It may not exist."""
+    started = os.environ.get("NMT_MIRROR", "").strip()
+    if started and Path(started).is_dir():
+        return Path(started).resolve()
+    return Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+
+# Read once, at import: tests and their fixtures change NMT_MIRROR (a local HTTP server, none).
+SHARED_CORPORA = _started_mirror()
+
+
+def mirror_holding(*folders: str) -> Path | None:
+    """SHARED_CORPORA if it holds every folder named, else None (the caller skips)."""
+    if all((SHARED_CORPORA / folder).is_dir() for folder in folders):
+        return SHARED_CORPORA
+    return None
+
 
 WORDS = [f"w{i}" for i in range(30)] + ["the", "cat", "sat", "on", "mat", "a", "dog"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_CORPORA, mirror_holding
 from helpers_http import closed_port, serve_folder
 
 from nmt import corpora
@@ -17,7 +17,6 @@ from nmt.corpora import Corpus, FileSpec
 from nmt.errors import DownloadError, NmtError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TEXT = {
     ("train", "en"): "a dog runs .\ntwo men talk .\na red car\n",
     ("train", "de"): "ein hund rennt .\nzwei männer reden .\nein rotes auto\n",
@@ -357,21 +356,11 @@ def test_iwslt14_test_sets_from_the_mirror(tmp_path, monkeypatch, form):
         assert files["test"]["en"].read_text(encoding="utf-8").startswith("You know, one of")
 
 
-_STARTED_WITH_MIRROR = os.environ.get(corpora.MIRROR_ENV, "").strip()
 TATOEBA_PAIRS = 17_565  # v2021-08-07 (the mirror README)
 
 
-def _mirror_holding(folder: str) -> Path | None:
-    """The corpus mirror holding `folder`: NMT_MIRROR as the suite was started (the autouse
-    fixture hides it from the tests), else ../shared/corpora beside the checkout, else None."""
-    for place in (_STARTED_WITH_MIRROR, SHARED_CORPORA):
-        if place and (Path(place) / folder).is_dir():
-            return Path(place).resolve()
-    return None
-
-
 def test_tatoeba_definitions_match_the_mirror_files():
-    mirror = _mirror_holding("tatoeba_test_de_en")
+    mirror = mirror_holding("tatoeba_test_de_en")
     if mirror is None:
         pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
     folder = mirror / "tatoeba_test_de_en"
@@ -389,7 +378,7 @@ def test_tatoeba_definitions_match_the_mirror_files():
 
 
 def test_tatoeba_from_the_mirror_over_http(tmp_path, monkeypatch):
-    mirror = _mirror_holding("tatoeba_test_de_en")
+    mirror = mirror_holding("tatoeba_test_de_en")
     if mirror is None:
         pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
     out = tmp_path / "out"

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import mirror_holding
 
 from nmt import checkpoint
 from nmt.errors import UsageError
@@ -123,12 +123,11 @@ def test_split_refuses_files_of_different_lengths(tmp_path):
 @pytest.fixture
 def mirror(monkeypatch, tmp_path) -> Path:
     """The corpus mirror holding tatoeba_test_de_en/ and multi30k/ (skipped without one)."""
-    for place in (os.environ.get("NMT_MIRROR", ""), ROOT.parent / "shared" / "corpora"):
-        folder = Path(place) if place else None
-        if folder and all((folder / f).is_dir() for f in ("tatoeba_test_de_en", "multi30k")):
-            monkeypatch.setenv("NMT_MIRROR", str(folder.resolve()))
-            monkeypatch.setenv("NMT_CACHE", str(tmp_path / "cache"))
-            return folder.resolve()
+    folder = mirror_holding("tatoeba_test_de_en", "multi30k")
+    if folder is not None:
+        monkeypatch.setenv("NMT_MIRROR", str(folder))
+        monkeypatch.setenv("NMT_CACHE", str(tmp_path / "cache"))
+        return folder
     pytest.skip("no corpus mirror with tatoeba_test_de_en/ and multi30k/: set NMT_MIRROR")
 
 

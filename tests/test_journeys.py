@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import mirror_holding
 
 from nmt import checkpoint, data
 from nmt.cli import main
@@ -54,9 +55,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def mirror() -> Path:
     """The corpus mirror holding multi30k/ (the test is skipped without one)."""
-    for place in (os.environ.get("NMT_MIRROR", ""), ROOT.parent / "shared" / "corpora"):
-        if place and (Path(place) / "multi30k").is_dir():
-            return Path(place).resolve()
+    found = mirror_holding("multi30k")
+    if found is not None:
+        return found
     pytest.skip("no corpus mirror with multi30k/: set NMT_MIRROR (e.g. ../shared/corpora)")
 
 

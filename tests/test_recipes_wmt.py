@@ -15,14 +15,13 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import WORDS
+from conftest import SHARED_CORPORA, WORDS
 from helpers_pictures import assert_picture
 from test_hub_data import make_hub_folder, use_local_hub
 
 from nmt import corpora, data
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CORPORA = REPO.parent / "shared" / "corpora"
 TINY = """
 tokenizer: {vocab_size: 100, input_sentence_size: 0}
 model: {emb_dim: 16, hidden: 16, bi_hidden: 8, enc_layers: 1, dec_layers: 2}

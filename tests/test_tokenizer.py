@@ -8,11 +8,11 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_CORPORA
 
 from nmt.errors import DataError, UsageError
 from nmt.tokenizer import Tokenizer, _fields, comparable_bytes
 
-SHARED_CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SRC_WORDS = "a dog cat runs jumps over the red green small big house street man woman".split()
 TGT_WORDS = "ein hund katze rennt springt über das rote grüne kleine große haus straße".split()
 
