@@ -35,11 +35,12 @@ def _started_mirror() -> Path:
 SHARED_CORPORA = _started_mirror()
 
 
-def mirror_holding(*folders: str) -> Path | None:
-    """SHARED_CORPORA if it holds every folder named, else None (the caller skips)."""
-    if all((SHARED_CORPORA / folder).is_dir() for folder in folders):
-        return SHARED_CORPORA
-    return None
+def need_mirror(*folders: str) -> Path:
+    """SHARED_CORPORA when it holds every folder named; else the calling test is skipped."""
+    missing = [f"{folder}/" for folder in folders if not (SHARED_CORPORA / folder).is_dir()]
+    if missing:
+        pytest.skip(f"{SHARED_CORPORA} lacks {', '.join(missing)}: set NMT_MIRROR to a mirror")
+    return SHARED_CORPORA
 
 
 WORDS = [f"w{i}" for i in range(30)] + ["the", "cat", "sat", "on", "mat", "a", "dog"]

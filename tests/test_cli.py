@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED_CORPORA, mirror_holding
+from conftest import need_mirror
 
 from nmt.cli import main
 from nmt.errors import DataError, DownloadError, NmtError, UsageError, exit_code
@@ -55,9 +55,8 @@ def test_unknown_subcommand_and_flag_exit_2(capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.skipif(mirror_holding("multi30k") is None, reason="no local corpus mirror")
 def test_download_from_the_mirror(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("NMT_MIRROR", str(SHARED_CORPORA))
+    monkeypatch.setenv("NMT_MIRROR", str(need_mirror("multi30k")))
     args = ["download", "multi30k", "--langs", "en", "de", "--out", str(tmp_path)]
     assert main([*args, "--splits", "test_2017_mscoco"]) == 0
     out = capsys.readouterr().out.splitlines()

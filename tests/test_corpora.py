@@ -8,7 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_CORPORA, mirror_holding
+from conftest import SHARED_CORPORA, need_mirror
 from helpers_http import closed_port, serve_folder
 
 from nmt import corpora
@@ -287,8 +287,7 @@ def test_data_script_entry_point(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_real_multi30k_and_wmt_from_the_mirror(tmp_path, monkeypatch):
-    if not (SHARED_CORPORA / "multi30k").is_dir():
-        pytest.skip(f"{SHARED_CORPORA} not present")
+    need_mirror("multi30k")
     monkeypatch.setenv(corpora.MIRROR_ENV, str(SHARED_CORPORA))
     splits = ["val", "test_2016_flickr", "test_2017_flickr", "test_2017_mscoco"]
     files = corpora.download("multi30k", ["en", "de"], tmp_path / "m30k", splits=splits)
@@ -309,9 +308,7 @@ def test_real_multi30k_and_wmt_from_the_mirror(tmp_path, monkeypatch):
 
 
 def test_iwslt14_definitions_match_the_mirror_files():
-    folder = SHARED_CORPORA / "iwslt14_de_en"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not present")
+    folder = need_mirror("iwslt14_de_en") / "iwslt14_de_en"
     corpus = corpora.CORPORA["iwslt14"]
     assert corpus.mirror_dir == "iwslt14_de_en"
     raw = {str(p.relative_to(folder)) for p in (folder / "raw").glob("*.gz")}
@@ -331,8 +328,7 @@ def test_a_mirror_only_corpus_needs_the_mirror(tmp_path):
 
 @pytest.mark.parametrize("form", ["path", "http_url"])
 def test_iwslt14_test_sets_from_the_mirror(tmp_path, monkeypatch, form):
-    if not (SHARED_CORPORA / "iwslt14_de_en").is_dir():
-        pytest.skip(f"{SHARED_CORPORA} not present")
+    need_mirror("iwslt14_de_en")
     out = tmp_path / "out"
     if form == "http_url":
         with serve_folder(SHARED_CORPORA) as (url, requests):
@@ -360,9 +356,7 @@ TATOEBA_PAIRS = 17_565  # v2021-08-07 (the mirror README)
 
 
 def test_tatoeba_definitions_match_the_mirror_files():
-    mirror = mirror_holding("tatoeba_test_de_en")
-    if mirror is None:
-        pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
+    mirror = need_mirror("tatoeba_test_de_en")
     folder = mirror / "tatoeba_test_de_en"
     corpus = corpora.CORPORA["tatoeba"]
     assert (corpus.mirror_dir, corpus.base_url, corpus.default_splits) == (
@@ -378,9 +372,7 @@ def test_tatoeba_definitions_match_the_mirror_files():
 
 
 def test_tatoeba_from_the_mirror_over_http(tmp_path, monkeypatch):
-    mirror = mirror_holding("tatoeba_test_de_en")
-    if mirror is None:
-        pytest.skip("no corpus mirror with tatoeba_test_de_en/: set NMT_MIRROR")
+    mirror = need_mirror("tatoeba_test_de_en")
     out = tmp_path / "out"
     with serve_folder(mirror) as (url, requests):
         monkeypatch.setenv(corpora.MIRROR_ENV, url)

@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import SHARED_CORPORA, mirror_holding
+from conftest import need_mirror
 
 from nmt import batching, checkpoint, data
 from nmt.batching import TokenBatchSampler
@@ -143,9 +143,7 @@ def test_make_batches_rebuild_the_dataset(tmp_path):
 def test_prepare_real_multi30k(tmp_path, monkeypatch):
     from nmt import corpora
 
-    mirror = mirror_holding("multi30k")
-    if mirror is None:
-        pytest.skip(f"{SHARED_CORPORA} holds no multi30k/")
+    mirror = need_mirror("multi30k")
     monkeypatch.setenv(corpora.MIRROR_ENV, str(mirror))
     train_src, train_tgt = corpora.split_files("multi30k", "train", "en", "de", tmp_path / "raw")
     valid_src, valid_tgt = corpora.split_files("multi30k", "val", "en", "de", tmp_path / "raw")

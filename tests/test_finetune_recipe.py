@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mirror_holding
+from conftest import need_mirror
 
 from nmt import checkpoint
 from nmt.errors import UsageError
@@ -123,12 +123,10 @@ def test_split_refuses_files_of_different_lengths(tmp_path):
 @pytest.fixture
 def mirror(monkeypatch, tmp_path) -> Path:
     """The corpus mirror holding tatoeba_test_de_en/ and multi30k/ (skipped without one)."""
-    folder = mirror_holding("tatoeba_test_de_en", "multi30k")
-    if folder is not None:
-        monkeypatch.setenv("NMT_MIRROR", str(folder))
-        monkeypatch.setenv("NMT_CACHE", str(tmp_path / "cache"))
-        return folder
-    pytest.skip("no corpus mirror with tatoeba_test_de_en/ and multi30k/: set NMT_MIRROR")
+    folder = need_mirror("tatoeba_test_de_en", "multi30k")
+    monkeypatch.setenv("NMT_MIRROR", str(folder))
+    monkeypatch.setenv("NMT_CACHE", str(tmp_path / "cache"))
+    return folder
 
 
 def _tiny_checkpoint(mirror: Path, folder: Path) -> Path:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mirror_holding
+from conftest import need_mirror
 
 from nmt import checkpoint, data
 from nmt.cli import main
@@ -55,10 +55,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def mirror() -> Path:
     """The corpus mirror holding multi30k/ (the test is skipped without one)."""
-    found = mirror_holding("multi30k")
-    if found is not None:
-        return found
-    pytest.skip("no corpus mirror with multi30k/: set NMT_MIRROR (e.g. ../shared/corpora)")
+    return need_mirror("multi30k")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import SHARED_CORPORA, WORDS
+from conftest import SHARED_CORPORA, WORDS, need_mirror
 from helpers_pictures import assert_picture
 from test_hub_data import make_hub_folder, use_local_hub
 
@@ -42,9 +42,7 @@ def _offline(monkeypatch, tmp_path):
 @pytest.fixture
 def mirror():
     """Skips a test that reads corpus files when the shared mirror is absent."""
-    for folder in ("opus-mt-testsets", "multi30k", "iwslt14_de_en"):
-        if not (SHARED_CORPORA / folder).is_dir():
-            pytest.skip(f"{SHARED_CORPORA / folder} not present")
+    need_mirror("opus-mt-testsets", "multi30k", "iwslt14_de_en")
 
 
 def recipe(name: str):

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_CORPORA
+from conftest import need_mirror
 
 from nmt.errors import DataError, UsageError
 from nmt.tokenizer import Tokenizer, _fields, comparable_bytes
@@ -144,9 +144,7 @@ def test_errors_name_the_file(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_real_multi30k_lines(tmp_path):
-    raw = SHARED_CORPORA / "multi30k" / "data" / "task1" / "raw"
-    if not raw.is_dir():
-        pytest.skip(f"{raw} not present")
+    raw = need_mirror("multi30k/data/task1/raw") / "multi30k" / "data" / "task1" / "raw"
     tok = Tokenizer.train([raw / "train.en.gz"], [raw / "train.de.gz"], tmp_path, vocab_size=8000)
     assert tok.src_vocab_size == 8000
     with gzip.open(raw / "val.de.gz", "rt", encoding="utf-8") as f:
